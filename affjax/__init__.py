@@ -1,0 +1,39 @@
+"""affjax: the affinity score and non-linearity signatures of deep networks, in JAX.
+
+Implements Bouniot et al., "From Alexnet to Transformers: Measuring the
+Non-linearity of Deep Neural Networks with Affine Optimal Transport", CVPR 2025.
+"""
+
+from affjax.covariance import empirical_covariance
+from affjax.covariance import ledoit_wolf_covariance
+from affjax.covariance import ledoit_wolf_shrinkage
+from affjax.linalg import psd_inv_sqrt
+from affjax.linalg import psd_sqrt
+from affjax.score import AffinityResult
+from affjax.score import affinity
+from affjax.score import affinity_score
+from affjax.transport import bures_map
+from affjax.transport import bures_w2
+from affjax.transport import exact_w2
+from affjax.transport import optimal_permutation
+from affjax.transport import sinkhorn_w2_squared
+from affjax.transport import w2_squared
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AffinityResult",
+    "affinity",
+    "affinity_score",
+    "bures_map",
+    "bures_w2",
+    "empirical_covariance",
+    "exact_w2",
+    "ledoit_wolf_covariance",
+    "ledoit_wolf_shrinkage",
+    "optimal_permutation",
+    "psd_inv_sqrt",
+    "psd_sqrt",
+    "sinkhorn_w2_squared",
+    "w2_squared",
+]

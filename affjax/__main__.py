@@ -1,0 +1,5 @@
+import sys
+
+from affjax.cli import main
+
+sys.exit(main())

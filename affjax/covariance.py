@@ -1,0 +1,147 @@
+"""Covariance estimators with a ridge, as the affinity score uses them.
+
+Every estimator here has the form ``C = alpha * Xc^T Xc + c * I`` with ``Xc``
+the centred samples. The score relies on that form: it lets wide layers
+(``d > n``) be handled in the span of the samples (see ``affjax.score``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+CovarianceName = Literal["empirical", "ledoit_wolf"]
+COVARIANCES: tuple[str, ...] = ("empirical", "ledoit_wolf")
+
+
+class LowRankPlusIdentity(NamedTuple):
+    """A covariance ``alpha * centered^T centered + shift * I``.
+
+    Attributes:
+      centered: the centred samples, shape ``(n, d)``.
+      mean: the sample mean, shape ``(d,)``.
+      alpha: scalar weight of the sample term.
+      shift: scalar multiple of the identity (ridge, plus shrinkage target).
+    """
+
+    centered: jax.Array
+    mean: jax.Array
+    alpha: jax.Array
+    shift: jax.Array
+
+    def dense(self) -> jax.Array:
+        """The ``(d, d)`` matrix."""
+        d = self.centered.shape[-1]
+        gram = self.centered.T @ self.centered
+        return self.alpha * gram + self.shift * jnp.eye(d, dtype=gram.dtype)
+
+    def trace(self) -> jax.Array:
+        """Trace of the matrix, without forming it."""
+        d = self.centered.shape[-1]
+        return self.alpha * jnp.sum(self.centered**2) + self.shift * d
+
+
+def _center(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    mean = jnp.mean(x, axis=0)
+    return x - mean, mean
+
+
+def ledoit_wolf_shrinkage(x: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    r"""Ledoit-Wolf shrinkage intensity and target scale.
+
+    The same estimator as ``sklearn.covariance.ledoit_wolf_shrinkage`` on
+    centred data: the shrunk covariance is ``(1 - s) S + s * mu * I`` with
+    ``S = Xc^T Xc / n`` and ``mu = trace(S) / d``.
+
+    Args:
+      x: samples in rows, shape ``(n, d)``, float.
+
+    Returns:
+      ``(s, mu)``, scalars of the input dtype. ``s = 0`` when ``d == 1``.
+
+    Cost is ``O(n d min(n, d))``: the squared Frobenius norm of ``Xc^T Xc``
+    is taken from the smaller of the two Gram matrices.
+
+    Reference: O. Ledoit and M. Wolf, "A well-conditioned estimator for
+    large-dimensional covariance matrices", J. Multivar. Anal. 88 (2004).
+    """
+    xc, _ = _center(jnp.asarray(x))
+    n, d = xc.shape
+    total = jnp.sum(xc**2) / n  # trace of S
+    mu = total / d
+    if d == 1:
+        return jnp.zeros((), xc.dtype), mu
+    gram = xc @ xc.T if n < d else xc.T @ xc
+    delta_ = jnp.sum(gram**2) / n**2  # ||S||_F^2
+    beta_ = jnp.sum(jnp.sum(xc**2, axis=1) ** 2)
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * total + d * mu**2) / d
+    beta = jnp.minimum(beta, delta)
+    shrinkage = jnp.where(beta == 0, 0.0, beta / jnp.where(delta == 0, 1.0, delta))
+    return shrinkage.astype(xc.dtype), mu
+
+
+def covariance_parts(
+    x: ArrayLike, *, covariance: str = "empirical", ridge: float = 1e-6
+) -> LowRankPlusIdentity:
+    """The covariance estimate of ``x`` in low-rank-plus-identity form.
+
+    Args:
+      x: samples in rows, shape ``(n, d)``, float.
+      covariance: ``"empirical"`` (unbiased, divides by ``n - 1``) or
+        ``"ledoit_wolf"`` (scikit-learn's ``LedoitWolf``, divides by ``n``).
+      ridge: added to the diagonal.
+
+    Returns:
+      A :class:`LowRankPlusIdentity`; ``.dense()`` forms the matrix.
+    """
+    xc, mean = _center(jnp.asarray(x))
+    n = xc.shape[0]
+    dtype = xc.dtype
+    if covariance == "empirical":
+        alpha = jnp.asarray(1.0 / (n - 1), dtype)
+        shift = jnp.asarray(ridge, dtype)
+    elif covariance == "ledoit_wolf":
+        s, mu = ledoit_wolf_shrinkage(xc)
+        alpha = (1.0 - s) / n
+        shift = s * mu + ridge
+    else:
+        raise ValueError(f"unknown covariance {covariance!r}; expected one of {COVARIANCES}")
+    return LowRankPlusIdentity(xc, mean, alpha.astype(dtype), shift.astype(dtype))
+
+
+def empirical_covariance(x: ArrayLike, *, ridge: float = 1e-6) -> jax.Array:
+    """Unbiased sample covariance plus ``ridge * I``.
+
+    Args:
+      x: samples in rows, shape ``(n, d)``, float.
+      ridge: added to the diagonal.
+
+    Returns:
+      Array ``(d, d)`` in the dtype of ``x``; equals ``np.cov(x.T) + ridge * I``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> empirical_covariance(jnp.array([[0.0], [2.0]]), ridge=0.0)
+      Array([[2.]], dtype=float32)
+    """
+    return covariance_parts(x, covariance="empirical", ridge=ridge).dense()
+
+
+def ledoit_wolf_covariance(x: ArrayLike, *, ridge: float = 1e-6) -> jax.Array:
+    """Ledoit-Wolf shrunk covariance plus ``ridge * I``.
+
+    Matches ``sklearn.covariance.LedoitWolf().fit(x).covariance_ + ridge * I``.
+
+    Args:
+      x: samples in rows, shape ``(n, d)``, float.
+      ridge: added to the diagonal.
+
+    Returns:
+      Array ``(d, d)`` in the dtype of ``x``.
+    """
+    return covariance_parts(x, covariance="ledoit_wolf", ridge=ridge).dense()

@@ -1,0 +1,136 @@
+"""Covariances, PSD square roots, Bures map and exact W2 against NumPy/SciPy/scikit-learn/POT."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ot
+import pytest
+import scipy.linalg
+from reference import bures_map as reference_bures_map
+from reference import sqrtm_psd
+from sklearn.covariance import LedoitWolf
+from sklearn.covariance import ledoit_wolf_shrinkage
+
+import affjax
+
+SHAPES = [(50, 1), (40, 6), (20, 35), (300, 17)]
+
+
+def _data(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)
+
+
+@pytest.mark.parametrize("n, d", SHAPES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_empirical_covariance(n, d, jit):
+    x = _data(n, d)
+    f = jax.jit(affjax.empirical_covariance) if jit else affjax.empirical_covariance
+    np.testing.assert_allclose(np.asarray(f(x)), np.atleast_2d(np.cov(x.T)) + 1e-6 * np.eye(d),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, d", SHAPES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_ledoit_wolf_matches_sklearn(n, d, jit):
+    x = _data(n, d)
+    f = jax.jit(affjax.ledoit_wolf_covariance) if jit else affjax.ledoit_wolf_covariance
+    expected = LedoitWolf().fit(x).covariance_ + 1e-6 * np.eye(d)
+    np.testing.assert_allclose(np.asarray(f(x)), expected, rtol=1e-9, atol=1e-12)
+    s, _ = affjax.ledoit_wolf_shrinkage(x)
+    assert abs(float(s) - ledoit_wolf_shrinkage(x)) < 1e-10
+
+
+def test_ledoit_wolf_float32_and_degenerate():
+    x = _data(100, 8).astype(np.float32)
+    expected = LedoitWolf().fit(x.astype(np.float64)).covariance_ + 1e-6 * np.eye(8)
+    got = affjax.ledoit_wolf_covariance(x)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-5)
+    # Constant data: sklearn's shrinkage is 0 and the estimate is the ridge alone.
+    const = np.ones((10, 3))
+    np.testing.assert_allclose(np.asarray(affjax.ledoit_wolf_covariance(const)),
+                               1e-6 * np.eye(3), atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+def test_psd_sqrt_and_inv_sqrt(dtype, tol):
+    rng = np.random.default_rng(1)
+    b = rng.normal(size=(6, 6))
+    m = (b @ b.T + 0.1 * np.eye(6)).astype(dtype)
+    s = np.asarray(affjax.psd_sqrt(m))
+    assert s.dtype == dtype
+    np.testing.assert_allclose(s, scipy.linalg.sqrtm(m.astype(np.float64)).real, rtol=tol,
+                               atol=tol)
+    np.testing.assert_allclose(np.asarray(affjax.psd_inv_sqrt(m)) @ s, np.eye(6), atol=10 * tol)
+    # Batched over a leading axis and under vmap.
+    stack = np.stack([m, 2 * m])
+    np.testing.assert_allclose(np.asarray(affjax.psd_sqrt(stack))[1], np.sqrt(2) * s, rtol=tol)
+    np.testing.assert_allclose(np.asarray(jax.vmap(affjax.psd_sqrt)(stack))[1], np.sqrt(2) * s,
+                               rtol=tol)
+
+
+def test_psd_inv_sqrt_is_a_pseudo_inverse():
+    v = np.linalg.qr(np.random.default_rng(2).normal(size=(4, 4)))[0]
+    m = (v * np.array([4.0, 1.0, 1e-20, 0.0])) @ v.T
+    expected = (v * np.array([0.5, 1.0, 0.0, 0.0])) @ v.T
+    np.testing.assert_allclose(np.asarray(affjax.psd_inv_sqrt(m)), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 3, 12])
+def test_bures_map_and_distance(d):
+    rng = np.random.default_rng(d)
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    cx, cy = a @ a.T + 0.1 * np.eye(d), b @ b.T + 0.1 * np.eye(d)
+    mx, my = rng.normal(size=d), rng.normal(size=d)
+    big_a = np.asarray(affjax.bures_map(cx, cy))
+    np.testing.assert_allclose(big_a, reference_bures_map(cx, cy), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(big_a @ cx @ big_a, cy, rtol=1e-8, atol=1e-10)
+    assert np.linalg.eigvalsh(big_a).min() > 0
+    half = sqrtm_psd(cy)
+    expected = np.sqrt(np.sum((mx - my) ** 2) + np.trace(cx) + np.trace(cy)
+                       - 2 * np.trace(sqrtm_psd(half @ cx @ half)))
+    assert abs(float(affjax.bures_w2(mx, cx, my, cy)) - expected) < 1e-8
+
+
+@pytest.mark.parametrize("solver", ["auto", "scipy", "hungarian"])
+@pytest.mark.parametrize("n, d", [(2, 2), (37, 3), (120, 10)])
+def test_exact_w2_matches_emd2(n, d, solver):
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(n, d)), rng.normal(size=(n, d)) + 0.5
+    w = ot.unif(n)
+    expected = ot.emd2(w, w, ot.dist(x, y), numItermax=10_000_000)
+    assert abs(float(affjax.exact_w2(x, y, solver=solver)) ** 2 - expected) < 1e-10
+    perm = np.asarray(affjax.optimal_permutation(x, y, solver=solver))
+    assert sorted(perm) == list(range(n))
+    assert abs(np.mean(np.sum((x - y[perm]) ** 2, 1)) - expected) < 1e-10
+
+
+def test_exact_w2_one_dimensional_sort():
+    rng = np.random.default_rng(0)
+    x, y = rng.exponential(size=500), rng.normal(size=500)
+    expected = np.mean((np.sort(x) - np.sort(y)) ** 2)
+    assert abs(float(affjax.exact_w2(x, y)) ** 2 - expected) < 1e-12
+    assert abs(float(affjax.exact_w2(x, y, solver="scipy")) ** 2 - expected) < 1e-10
+    with pytest.raises(ValueError, match="exact solver"):
+        affjax.exact_w2(x, y, solver="sinkhorn")
+
+
+def test_exact_w2_jit_and_vmap():
+    rng = np.random.default_rng(1)
+    xs, ys = rng.normal(size=(4, 30, 2)), rng.normal(size=(4, 30, 2))
+    loop = [float(affjax.exact_w2(a, b)) for a, b in zip(xs, ys, strict=True)]
+    for solver in ("scipy", "hungarian"):
+        f = jax.jit(jax.vmap(lambda a, b, s=solver: affjax.exact_w2(a, b, solver=s)))
+        np.testing.assert_allclose(np.asarray(f(xs, ys)), loop, rtol=1e-12)
+
+
+def test_sinkhorn_bias_is_small_and_positive():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(200, 2)), rng.normal(size=(200, 2)) * 2
+    exact = float(affjax.w2_squared(x, y))
+    for eps in (1e-2, 1e-3):
+        entropic = float(affjax.w2_squared(x, y, solver="sinkhorn", sinkhorn_epsilon=eps))
+        assert exact <= entropic < exact * (1 + 10 * eps)

@@ -1,0 +1,210 @@
+"""affinity / affinity_score against the float64 reference, in float64 and float32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ot
+import pytest
+from cases import KINDS
+from cases import make_case
+from reference import affinity_score_reference
+
+import affjax
+
+SHAPES = [(300, 1), (400, 7), (256, 64), (100, 150), (40, 300)]  # includes d > n, d > 2n
+
+
+@pytest.mark.parametrize("covariance", ["empirical", "ledoit_wolf"])
+@pytest.mark.parametrize("n, d", SHAPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_float64_matches_reference(kind, n, d, covariance):
+    x, y = make_case(kind, n, d, seed=n + d)
+    ref = affinity_score_reference(x, y, covariance=covariance, w2="lsa")
+    res = affjax.affinity(x, y, covariance=covariance)
+    assert res.score.dtype == jnp.float64
+    assert abs(float(res.score) - ref["score"]) < 1e-5
+    assert abs(float(res.w2) ** 2 - ref["w2_squared"]) < 1e-5 * max(1.0, ref["w2_squared"])
+    assert abs(float(res.trace_cov_y) - ref["trace_cov_y"]) < 1e-8 * ref["trace_cov_y"]
+    assert bool(res.dead) == ref["dead"]
+    np.testing.assert_allclose(float(res.bures_w2), ref["bures_w2"], rtol=1e-5, atol=1e-6)
+    if kind not in ("constant_input_cols", "low_rank") and d <= n:
+        # A is unique where C_x is well conditioned; elsewhere only A's action on the data is.
+        np.testing.assert_allclose(np.asarray(res.A), ref["A"], atol=1e-6 * np.abs(ref["A"]).max())
+    mapped = x @ np.asarray(res.A) + np.asarray(res.b)
+    np.testing.assert_allclose(mapped, x @ ref["A"] + ref["b"], atol=1e-5 * (1 + np.abs(y).max()))
+
+
+@pytest.mark.parametrize("covariance", ["empirical", "ledoit_wolf"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n, d", [(300, 1), (512, 64), (600, 300)])
+def test_float32_within_1e3_when_n_at_least_2d(kind, n, d, covariance):
+    x, y = make_case(kind, n, d, seed=7, scale=10.0)
+    ref = affinity_score_reference(x, y, covariance=covariance, w2="lsa")
+    score = affjax.affinity_score(x.astype(np.float32), y.astype(np.float32),
+                                  covariance=covariance)
+    assert score.dtype == jnp.float32
+    assert abs(float(score) - ref["score"]) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["relu", "dead_units", "low_rank"])
+def test_float32_wide_layers_measured(kind):
+    # d > n: no bound is promised in float32, docs/numerics.md records the measured error;
+    # this keeps it from regressing (measured at most a few 1e-6).
+    x, y = make_case(kind, 48, 640, seed=3, scale=10.0)
+    ref = affinity_score_reference(x, y, w2="lsa")
+    score = affjax.affinity_score(x.astype(np.float32), y.astype(np.float32))
+    assert abs(float(score) - ref["score"]) < 1e-4
+
+
+def test_large_float64_and_float32():
+    # The top of the promised range: n = 4096, d = 2048 (float32 bound applies, n >= 2d).
+    x, y = make_case("relu", 4096, 2048, seed=11)
+    ref = affinity_score_reference(x, y, w2="lsa")
+    assert abs(float(affjax.affinity_score(x, y)) - ref["score"]) < 1e-5
+    s32 = affjax.affinity_score(x.astype(np.float32), y.astype(np.float32))
+    assert abs(float(s32) - ref["score"]) < 1e-3
+
+
+def test_w2_matches_pot_emd2():
+    x, y = make_case("tanh", 200, 5, seed=1)
+    res = affjax.affinity(x, y)
+    mapped = x @ np.asarray(res.A) + np.asarray(res.b)
+    w = ot.unif(200)
+    emd = ot.emd2(w, w, ot.dist(mapped, y), numItermax=10_000_000)
+    assert abs(float(res.w2) ** 2 - emd) < 1e-9 * max(1.0, emd)
+    assert abs(float(affjax.exact_w2(mapped, y)) ** 2 - emd) < 1e-9 * max(1.0, emd)
+
+
+@pytest.mark.parametrize("covariance", ["empirical", "ledoit_wolf"])
+@pytest.mark.parametrize("kind", ["relu", "dead_units", "psd_affine", "low_rank", "all_dead"])
+@pytest.mark.parametrize("n, d", [(30, 100), (50, 101), (64, 128)])
+def test_span_path_equals_dense_path(kind, n, d, covariance):
+    x, y = make_case(kind, n, d, seed=5)
+    dense = affjax.affinity(x, y, covariance=covariance, path="dense")
+    span = affjax.affinity(x, y, covariance=covariance, path="span")
+    assert abs(float(dense.score) - float(span.score)) < 1e-8
+    assert abs(float(dense.bures_w2) - float(span.bures_w2)) < 1e-6 * (1 + float(dense.bures_w2))
+    # Same map on the data (A itself may differ outside the span of the samples).
+    np.testing.assert_allclose(x @ np.asarray(span.A), x @ np.asarray(dense.A),
+                               atol=1e-6 * (1 + np.abs(y).max()))
+
+
+def test_ridge_zero_wide_uses_pseudo_inverse():
+    # METHOD.md: with d > n and no ridge the inner matrix is singular; the pseudo-inverse gives
+    # a score in [0, 1] (an inverse would give a large negative one).
+    x, y = make_case("relu", 40, 90, seed=2)
+    ref = affinity_score_reference(x, y, ridge=0.0, w2="lsa")
+    for path in ("dense", "span"):
+        score = float(affjax.affinity_score(x, y, ridge=0.0, path=path))
+        assert 0.0 <= score <= 1.0
+        assert abs(score - ref["score"]) < 1e-5
+
+
+def test_psd_affine_map_scores_one_and_recovers_the_map():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 5))
+    p = rng.normal(size=(5, 5))
+    p = p @ p.T + 0.5 * np.eye(5)
+    res = affjax.affinity(x, x @ p + 2.0, ridge=0.0)
+    assert abs(float(res.score) - 1.0) < 1e-9
+    np.testing.assert_allclose(np.asarray(res.A), p, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(res.b), 2.0, atol=1e-9)
+    np.testing.assert_array_equal(np.asarray(res.permutation), np.arange(500))
+
+
+@pytest.mark.parametrize("solver", ["scipy", "hungarian"])
+def test_exact_solvers_agree(solver):
+    x, y = make_case("tanh", 128, 3, seed=4)
+    base = affjax.affinity(x, y, solver="scipy")
+    res = affjax.affinity(x, y, solver=solver)
+    assert abs(float(res.score) - float(base.score)) < 1e-12
+    sort_x, sort_y = x[:, :1], y[:, :1]
+    one_d = [float(affjax.affinity_score(sort_x, sort_y, solver=s))
+             for s in ("sort", "scipy", "hungarian")]
+    np.testing.assert_allclose(one_d, one_d[0], atol=1e-12)
+
+
+def test_sinkhorn_is_close_and_biased_low():
+    x, y = make_case("relu", 256, 8, seed=6)
+    exact = float(affjax.affinity_score(x, y))
+    entropic = float(affjax.affinity_score(x, y, solver="sinkhorn"))
+    # Entropic plans cost more than the optimal one: the score can only drop.
+    assert entropic <= exact + 1e-9
+    assert exact - entropic < 0.05
+
+
+def test_jit_and_vmap():
+    xs = np.stack([make_case("relu", 64, 4, seed=s)[0] for s in range(3)])
+    ys = np.maximum(xs, 0)
+    loop = np.array([float(affjax.affinity_score(a, b)) for a, b in zip(xs, ys, strict=True)])
+    for solver in ("scipy", "hungarian"):
+        f = jax.vmap(lambda a, b, s=solver: affjax.affinity_score(a, b, solver=s))
+        np.testing.assert_allclose(np.asarray(f(xs, ys)), loop, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(jax.jit(f)(xs, ys)), loop, atol=1e-12)
+    results = jax.vmap(affjax.affinity)(xs, ys)
+    assert results.A.shape == (3, 4, 4)
+    np.testing.assert_allclose(np.asarray(results.score), loop, atol=1e-12)
+
+
+def test_nan_input_gives_nan_and_check_raises():
+    x, y = make_case("relu", 50, 3)
+    x[7, 1] = np.nan
+    assert np.isnan(float(affjax.affinity_score(x, y)))
+    assert np.isnan(float(affjax.affinity_score(x[:, 1], y[:, 1])))
+    with pytest.raises(ValueError, match=r"x has 1 non-finite values.*row 7"):
+        affjax.affinity_score(x, y, check=True)
+    y[3, 0] = np.inf
+    with pytest.raises(ValueError, match="y has 1 non-finite"):
+        affjax.affinity_score(np.nan_to_num(x), y, check=True)
+
+
+def test_check_under_jit_explains():
+    x, y = make_case("relu", 20, 2)
+    with pytest.raises(ValueError, match="needs concrete arrays"):
+        jax.jit(lambda a, b: affjax.affinity_score(a, b, check=True))(x, y)
+
+
+@pytest.mark.parametrize(
+    "x, y, error, match",
+    [
+        (np.zeros((5, 2)), np.zeros((5, 3)), ValueError, r"same shape.*\(5, 2\).*\(5, 3\)"),
+        (np.zeros((5, 2)), np.zeros((6, 2)), ValueError, r"same shape.*\(6, 2\)"),
+        (np.zeros((1, 2)), np.zeros((1, 2)), ValueError, "at least 2 samples"),
+        (np.zeros((4, 2, 2)), np.zeros((4, 2, 2)), ValueError, r"shape \(n, d\).*\(4, 2, 2\)"),
+        (np.zeros(()), np.zeros(()), ValueError, r"shape \(n, d\)"),
+        (np.zeros((5, 2), np.int32), np.zeros((5, 2)), TypeError, "x must be a floating.*int32"),
+        (np.zeros((5, 2)), np.zeros((5, 2), bool), TypeError, "y must be a floating.*bool"),
+    ],
+)
+def test_bad_input(x, y, error, match):
+    with pytest.raises(error, match=match):
+        affjax.affinity_score(x, y)
+    with pytest.raises(error, match=match):
+        affjax.affinity(x, y)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"covariance": "shrunk"}, "unknown covariance 'shrunk'"),
+        ({"solver": "lp"}, "unknown solver 'lp'"),
+        ({"solver": "sort"}, "'sort' needs 1-D points, got d=2"),
+        ({"path": "sparse"}, "unknown path 'sparse'"),
+        ({"ridge": -1.0}, "ridge must be >= 0"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    x, y = make_case("relu", 10, 2)
+    with pytest.raises(ValueError, match=match):
+        affjax.affinity_score(x, y, **kwargs)
+
+
+def test_dtypes():
+    x, y = make_case("relu", 50, 3)
+    assert affjax.affinity_score(x.astype(np.float32), y.astype(np.float32)).dtype == jnp.float32
+    assert affjax.affinity_score(x, y).dtype == jnp.float64
+    half = affjax.affinity_score(x.astype(np.float16), y.astype(np.float16))
+    assert half.dtype == jnp.float32
+    assert abs(float(half) - float(affjax.affinity_score(x, y))) < 5e-3
