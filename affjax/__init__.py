@@ -4,6 +4,8 @@ Implements Bouniot et al., "From Alexnet to Transformers: Measuring the
 Non-linearity of Deep Neural Networks with Affine Optimal Transport", CVPR 2025.
 """
 
+from affjax.capture import Activation
+from affjax.capture import NnxActivation
 from affjax.covariance import empirical_covariance
 from affjax.covariance import ledoit_wolf_covariance
 from affjax.covariance import ledoit_wolf_shrinkage
@@ -12,6 +14,10 @@ from affjax.linalg import psd_sqrt
 from affjax.score import AffinityResult
 from affjax.score import affinity
 from affjax.score import affinity_score
+from affjax.signature import Signature
+from affjax.signature import signature
+from affjax.signature import signature_over_batches
+from affjax.signature import signature_scores
 from affjax.transport import bures_map
 from affjax.transport import bures_w2
 from affjax.transport import exact_w2
@@ -22,7 +28,10 @@ from affjax.transport import w2_squared
 __version__ = "0.1.0"
 
 __all__ = [
+    "Activation",
     "AffinityResult",
+    "NnxActivation",
+    "Signature",
     "affinity",
     "affinity_score",
     "bures_map",
@@ -34,6 +43,9 @@ __all__ = [
     "optimal_permutation",
     "psd_inv_sqrt",
     "psd_sqrt",
+    "signature",
+    "signature_over_batches",
+    "signature_scores",
     "sinkhorn_w2_squared",
     "w2_squared",
 ]

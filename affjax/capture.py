@@ -1,0 +1,242 @@
+"""Capture of pre/post-activation tensors in Flax models.
+
+Two sources are captured, in the order the forward pass calls them:
+
+* :class:`Activation` (linen) and :class:`NnxActivation` (NNX) modules. They
+  ``sow`` the reduced input and output into the ``"intermediates"`` collection
+  (linen) or as ``nnx.Intermediate`` (NNX), one entry per call.
+* Activation *functions* called by attribute at run time: ``nn.relu(x)``,
+  ``jax.nn.gelu(x)``, ``nnx.silu(x)``, ... (the names in
+  :data:`CAPTURED_FUNCTIONS`, on ``jax.nn``, ``flax.linen`` and ``flax.nnx``).
+  While a capture runs these attributes are swapped for recording wrappers.
+  Inside a linen module the wrapper sows into that module like
+  :class:`Activation` does. Not captured: functions bound before the capture
+  (``from jax.nn import relu`` at import time, ``act = nn.relu`` stored as a
+  dataclass field and called later is fine only through :class:`Activation`),
+  ``jnp.tanh``/``jnp.maximum`` and other non-activation primitives, and
+  ``softmax`` (attention internals, skipped as the published pipeline did).
+
+A global call counter gives the forward order across modules, so interleaved
+calls (``a(b(a(x)))``) come out as a, b, a.
+
+Reduction to a (samples, features) matrix happens at capture time, inside the
+traced function, so full activation maps are never stored:
+rank 4 (NHWC) -> mean over H, W; rank 3 (N, T, D) -> mean over D by default
+(the published pipeline's choice: tokens act as features) or over T
+(``tokens="mean_tokens"``); rank 2 as is; any other rank is an error naming the
+layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+COLLECTION = "intermediates"
+SOW_NAME = "affjax_activation"
+CAPTURED_FUNCTIONS: tuple[str, ...] = (
+    "relu", "relu6", "gelu", "silu", "swish", "sigmoid", "tanh", "hard_swish", "hard_silu",
+    "hard_sigmoid", "hard_tanh", "elu", "selu", "celu", "leaky_relu", "softplus", "mish",
+    "soft_sign", "squareplus", "sparse_plus", "log_sigmoid",
+)
+TOKEN_MODES: tuple[str, ...] = ("mean_features", "mean_tokens")
+
+
+def activation_kind(fn: Callable) -> str:
+    """A readable name for an activation callable (``relu``, ``gelu``, ...)."""
+    while hasattr(fn, "func"):  # functools.partial
+        fn = fn.func
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return str(name)
+
+
+def reduce_activation(v: jax.Array, *, tokens: str = "mean_features", where: str = "") -> jax.Array:
+    """Reduce an activation tensor to a ``(samples, features)`` matrix.
+
+    Args:
+      v: ``(N, D)``, ``(N, T, D)`` or ``(N, H, W, C)``.
+      tokens: for rank 3, ``"mean_features"`` averages over the last axis and
+        keeps the T tokens as features (the published pipeline, so the paper's
+        transformer numbers reproduce); ``"mean_tokens"`` averages over tokens
+        and keeps the D channels.
+      where: the layer's name, for the error message.
+
+    Returns:
+      ``(N, F)`` array in the dtype of ``v``.
+    """
+    if v.ndim == 2:
+        return v
+    if v.ndim == 3:
+        return jnp.mean(v, axis=1 if tokens == "mean_tokens" else 2)
+    if v.ndim == 4:
+        return jnp.mean(v, axis=(1, 2))
+    raise ValueError(
+        f"activation {where or '?'} has shape {v.shape}; signatures need (N, D), (N, T, D) or "
+        "(N, H, W, C) tensors with the batch first"
+    )
+
+
+@dataclasses.dataclass
+class Call:
+    """One captured activation call."""
+
+    index: int
+    key: Any  # module path (linen), id of the module (NNX), or None (direct record)
+    kind: str
+    values: tuple[jax.Array, jax.Array] | None = None
+    function: bool = False  # a plain function call rather than an Activation module
+
+
+@dataclasses.dataclass
+class CaptureContext:
+    tokens: str = "mean_features"
+    calls: list[Call] = dataclasses.field(default_factory=list)
+    inside: int = 0  # > 0 while an Activation module runs its function
+
+    def claim(self, key: Any, kind: str, function: bool = False) -> Call:
+        call = Call(len(self.calls), key, kind, function=function)
+        self.calls.append(call)
+        return call
+
+
+_CONTEXT: contextvars.ContextVar[CaptureContext | None] = contextvars.ContextVar(
+    "affjax_capture", default=None
+)
+
+
+def current_context() -> CaptureContext | None:
+    return _CONTEXT.get()
+
+
+def _apply_and_record(fn: Callable, x: jax.Array, kind: str, record: Callable) -> jax.Array:
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        return fn(x)
+    ctx.inside += 1
+    try:
+        y = fn(x)
+    finally:
+        ctx.inside -= 1
+    record(ctx, x, y, kind)
+    return y
+
+
+class Activation(nn.Module):
+    """An elementwise activation whose input and output the signature captures.
+
+    ``Activation(jax.nn.relu)`` returns ``relu(x)``; a model built with it is an
+    ordinary Flax model. During :func:`affjax.signature` each call sows the
+    reduced ``(x, fn(x))`` into the ``"intermediates"`` collection.
+
+    Attributes:
+      fn: the elementwise callable.
+
+    Example:
+      >>> import flax.linen as nn, jax
+      >>> class MLP(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return nn.Dense(3)(Activation(jax.nn.relu)(nn.Dense(8)(x)))
+    """
+
+    fn: Callable[[jax.Array], jax.Array]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _apply_and_record(self.fn, x, activation_kind(self.fn), _linen_record(self))
+
+
+def _linen_record(module: nn.Module) -> Callable:
+    def record(ctx: CaptureContext, x: jax.Array, y: jax.Array, kind: str) -> None:
+        path = tuple(module.scope.path)
+        where = "/".join(path) or "<top>"
+        values = (reduce_activation(x, tokens=ctx.tokens, where=where),
+                  reduce_activation(y, tokens=ctx.tokens, where=where))
+        if module.sow(COLLECTION, SOW_NAME, values):
+            ctx.claim(path, kind)
+        else:  # collection not mutable: keep the values directly
+            ctx.claim(None, kind).values = values
+    return record
+
+
+class NnxActivation(nnx.Module):
+    """The ``flax.nnx`` counterpart of :class:`Activation`.
+
+    Each call sows the reduced ``(x, fn(x))`` as ``nnx.Intermediate`` under
+    ``affjax_activation`` during a signature capture.
+    """
+
+    def __init__(self, fn: Callable[[jax.Array], jax.Array]):
+        self.fn = fn
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _apply_and_record(self.fn, x, activation_kind(self.fn), self._record)
+
+    def _record(self, ctx: CaptureContext, x: jax.Array, y: jax.Array, kind: str) -> None:
+        values = (reduce_activation(x, tokens=ctx.tokens), reduce_activation(y, tokens=ctx.tokens))
+        self.sow(nnx.Intermediate, SOW_NAME, values)
+        ctx.claim(id(self), kind)
+
+
+def _function_wrapper(fn: Callable, kind: str) -> Callable:
+    def wrapper(x, *args, **kwargs):
+        ctx = _CONTEXT.get()
+        y = fn(x, *args, **kwargs)
+        if ctx is None or ctx.inside or not isinstance(x, jax.Array):
+            return y
+        from flax.linen.module import _context as linen_context
+
+        stack = linen_context.module_stack
+        module = stack[-1] if stack else None
+        if module is not None and module.scope is not None:
+            path = tuple(module.scope.path)
+            where = "/".join(path + (kind,))
+            values = (reduce_activation(x, tokens=ctx.tokens, where=where),
+                      reduce_activation(y, tokens=ctx.tokens, where=where))
+            if module.sow(COLLECTION, SOW_NAME, values):
+                ctx.claim(path, kind, function=True)
+                return y
+        else:
+            values = (reduce_activation(x, tokens=ctx.tokens, where=kind),
+                      reduce_activation(y, tokens=ctx.tokens, where=kind))
+        ctx.claim(None, kind, function=True).values = values
+        return y
+
+    wrapper.__name__ = kind
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+@contextlib.contextmanager
+def capturing(*, tokens: str = "mean_features", functions: bool = True) -> Iterator[CaptureContext]:
+    """Context in which activation calls are recorded (used by the signature)."""
+    if tokens not in TOKEN_MODES:
+        raise ValueError(f"unknown tokens mode {tokens!r}; expected one of {TOKEN_MODES}")
+    if _CONTEXT.get() is not None:
+        raise RuntimeError("a signature capture is already running (nested captures)")
+    ctx = CaptureContext(tokens=tokens)
+    token = _CONTEXT.set(ctx)
+    patched: list[tuple[Any, str, Any]] = []
+    try:
+        if functions:
+            for namespace in (jax.nn, nn, nnx):
+                for name in CAPTURED_FUNCTIONS:
+                    original = getattr(namespace, name, None)
+                    if original is None:
+                        continue
+                    patched.append((namespace, name, original))
+                    setattr(namespace, name, _function_wrapper(original, name))
+        yield ctx
+    finally:
+        for namespace, name, original in reversed(patched):
+            setattr(namespace, name, original)
+        _CONTEXT.reset(token)

@@ -1,0 +1,456 @@
+"""Non-linearity signatures: the affinity score of every activation call of a model.
+
+``signature_scores`` is the pure, jittable core (scores only);
+``signature`` adds names and kinds; ``signature_over_batches`` averages over a
+stream of batches. Layers whose reduced shapes agree are scored together by one
+vmapped, jitted call, sharded over ``jax.devices()`` when there are several.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec
+
+from affjax import capture as _capture
+from affjax import score as _score
+from affjax.covariance import COVARIANCES
+from affjax.transport import SOLVERS
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A captured activation call, reduced to ``(samples, features)`` matrices."""
+
+    name: str
+    kind: str
+    x: jax.Array
+    y: jax.Array
+
+
+def _strip_collection(variables: Any) -> Any:
+    if isinstance(variables, dict) or hasattr(variables, "items"):
+        return {k: v for k, v in variables.items() if k != _capture.COLLECTION}
+    return variables
+
+
+def _linen_values(state: Any, path: tuple[str, ...]) -> tuple:
+    node = state.get(_capture.COLLECTION, {})
+    for part in path:
+        node = node.get(part, {})
+    return node.get(_capture.SOW_NAME, ())
+
+
+def capture_layers(
+    model: Any,
+    variables: Any,
+    x: Any,
+    *,
+    tokens: str = "mean_features",
+    functions: bool = True,
+    **apply_kwargs: Any,
+) -> list[Layer]:
+    """Run the model once and return its activation calls in forward order.
+
+    Args:
+      model: a ``flax.linen.Module`` (with ``variables``) or a ``flax.nnx.Module``
+        (``variables`` must be ``None``; the model is called directly).
+      variables: the linen variables, or ``None`` for NNX.
+      x: the model input; the first axis is the batch.
+      tokens: reduction of rank-3 tensors, see :func:`affjax.capture.reduce_activation`.
+      functions: also capture activation functions called by attribute
+        (``nn.relu(x)``), see :mod:`affjax.capture`.
+      **apply_kwargs: passed to ``model.apply`` (linen) or ``model(...)`` (NNX).
+
+    Returns:
+      A list of :class:`Layer`; an error if the model calls no activation.
+    """
+    is_nnx = isinstance(model, nnx.Module)
+    if is_nnx and variables is not None:
+        raise TypeError("an nnx.Module carries its own state: pass variables=None")
+    with _capture.capturing(tokens=tokens, functions=functions) as ctx:
+        if is_nnx:
+            _, nnx_state = nnx.capture(model, nnx.Intermediate)(x, **apply_kwargs)
+        else:
+            mutable = apply_kwargs.pop("mutable", [])
+            mutable = [mutable] if isinstance(mutable, str) else list(mutable or [])
+            _, state = model.apply(
+                _strip_collection(variables), x, mutable=[_capture.COLLECTION, *mutable],
+                **apply_kwargs,
+            )
+    if is_nnx:
+        return _assemble(ctx, model, nnx_state=nnx_state)
+    return _assemble(ctx, None, linen_state=state)
+
+
+def _assemble(
+    ctx: _capture.CaptureContext, nnx_model: Any = None, *, linen_state: Any = None,
+    nnx_state: Any = None,
+) -> list[Layer]:
+    """Match the recorded calls (global order) with their sown values (per module order)."""
+    sown: dict[Any, list] = {}
+    paths: dict[Any, str] = {}
+    if nnx_model is not None:
+        flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx_state)}
+        for path, node in nnx.iter_graph(nnx_model):
+            entry = flat.get(tuple(path) + (_capture.SOW_NAME,))
+            if isinstance(node, _capture.NnxActivation) and entry is not None:
+                sown[id(node)] = list(entry.get_value())
+                paths[id(node)] = "/".join(str(p) for p in path)
+    counts: dict[str, int] = defaultdict(int)
+    layers = []
+    for call in ctx.calls:
+        if call.values is not None:  # recorded directly, outside any linen module
+            values, path = call.values, ""
+        else:
+            if call.key not in sown:
+                sown[call.key] = list(_linen_values(linen_state, call.key))
+                paths[call.key] = "/".join(call.key)
+            if not sown[call.key]:
+                raise RuntimeError(
+                    f"activation {paths[call.key] or call.kind!r} was called but its captured "
+                    "values are missing; lifted transforms (nn.scan, nn.vmap) over activations "
+                    "are not supported by the signature"
+                )
+            values, path = sown[call.key].pop(0), paths[call.key]
+        base = "/".join(p for p in (path, call.kind if call.function else "") if p) or call.kind
+        name = f"{base}:{counts[base]}"
+        counts[base] += 1
+        x_red, y_red = values
+        if x_red.ndim != 2:
+            raise RuntimeError(
+                f"activation {name!r} produced values of shape {x_red.shape}; lifted transforms "
+                "(nn.scan, nn.vmap) over activations are not supported by the signature"
+            )
+        layers.append(Layer(name, call.kind, x_red, y_red))
+    if not layers:
+        raise ValueError(
+            "no activation found in the forward pass. Wrap activations in affjax.Activation(fn) "
+            "(linen) or affjax.NnxActivation(fn) (NNX), or call them by attribute at run time "
+            "(nn.relu(x), jax.nn.gelu(x)); functions bound at import time (from jax.nn import "
+            "relu) and jnp primitives (jnp.tanh, jnp.maximum) cannot be captured"
+        )
+    return layers
+
+
+def _select(
+    layers: list[Layer],
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    kinds: Sequence[str] | None,
+    exclude_kinds: Sequence[str] | None,
+) -> list[Layer]:
+    names = [layer.name for layer in layers]
+    present_kinds = sorted({layer.kind for layer in layers})
+    for pattern in list(include or []) + list(exclude or []):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(
+                f"selection pattern {pattern!r} matches no activation; names are "
+                f"{names[:8]}{' ...' if len(names) > 8 else ''}"
+            )
+    for kind in list(kinds or []) + list(exclude_kinds or []):
+        if kind not in present_kinds:
+            raise ValueError(
+                f"activation kind {kind!r} not in this model; kinds are {present_kinds}"
+            )
+    out = []
+    for layer in layers:
+        if include and not any(fnmatch.fnmatchcase(layer.name, p) for p in include):
+            continue
+        if exclude and any(fnmatch.fnmatchcase(layer.name, p) for p in exclude):
+            continue
+        if kinds and layer.kind not in kinds:
+            continue
+        if exclude_kinds and layer.kind in exclude_kinds:
+            continue
+        out.append(layer)
+    if not out:
+        raise ValueError("the selection leaves no activation to score")
+    return out
+
+
+def _vmapped_scores(xs, ys, *, covariance, ridge, solver):
+    def one(x, y):
+        return _score._compute(x, y, covariance, ridge, solver, "auto", 1e-2).score
+
+    with jax.default_matmul_precision("highest"):
+        return jax.vmap(one)(xs, ys)
+
+
+@functools.cache
+def _group_scorer(covariance: str, ridge: float, solver: str, devices: tuple):
+    """A jitted scorer of stacked layers, its layer axis split over ``devices``.
+
+    With several devices each one scores its own slice of layers (``shard_map``):
+    no collective is needed, and host callbacks (the scipy solver) run per slice.
+    """
+    fn = functools.partial(_vmapped_scores, covariance=covariance, ridge=ridge, solver=solver)
+    if len(devices) > 1:
+        spec = PartitionSpec("layers")
+        mesh = Mesh(np.asarray(devices), ("layers",))
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+    return jax.jit(fn)
+
+
+def _group_scores(xs, ys, *, covariance, ridge, solver, devices):
+    devices = tuple(jax.devices() if devices is None else devices)
+    g = xs.shape[0]
+    pad = (-g) % len(devices)
+    if pad:  # equal slices per device
+        xs = jnp.concatenate([xs, jnp.repeat(xs[:1], pad, axis=0)])
+        ys = jnp.concatenate([ys, jnp.repeat(ys[:1], pad, axis=0)])
+    return _group_scorer(covariance, ridge, solver, devices)(xs, ys)[:g]
+
+
+def _check_options(covariance: str, solver: str) -> None:
+    if covariance not in COVARIANCES:
+        raise ValueError(f"unknown covariance {covariance!r}; expected one of {COVARIANCES}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+
+
+def score_layers(
+    layers: Sequence[Layer],
+    *,
+    covariance: str = "empirical",
+    ridge: float = 1e-6,
+    solver: str = "auto",
+    devices: Sequence[Any] | None = None,
+) -> jax.Array:
+    """Affinity scores of captured layers, grouped by shape and vmapped.
+
+    Layers with equal reduced shapes are stacked and scored by one jitted,
+    vmapped call (compiled once per shape, reused across batches). With several
+    devices the stacked layer axis is sharded across them.
+
+    Args:
+      layers: from :func:`capture_layers`.
+      covariance, ridge, solver: as in :func:`affjax.affinity_score`.
+      devices: devices to shard over; default ``jax.devices()``.
+
+    Returns:
+      ``(L,)`` array in the layers' dtype (float32 for half precision).
+    """
+    _check_options(covariance, solver)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, layer in enumerate(layers):
+        if layer.x.shape[0] < 2:
+            raise ValueError(
+                f"a signature needs a batch of at least 2 samples, got {layer.x.shape[0]}"
+            )
+        groups[(layer.x.shape, jnp.result_type(layer.x.dtype, layer.y.dtype))].append(i)
+    dtype = jnp.result_type(*(k[1] for k in groups))
+    if jnp.finfo(dtype).bits < 32:
+        dtype = jnp.float32
+    scores = jnp.zeros((len(layers),), dtype)
+    for (_, _), idx in groups.items():
+        xs = jnp.stack([layers[i].x for i in idx]).astype(dtype)
+        ys = jnp.stack([layers[i].y for i in idx]).astype(dtype)
+        out = _group_scores(xs, ys, covariance=covariance, ridge=float(ridge), solver=solver,
+                            devices=devices)
+        scores = scores.at[jnp.asarray(idx)].set(out)
+    return scores
+
+
+def signature_scores(
+    model: Any,
+    variables: Any,
+    x: Any,
+    *,
+    covariance: str = "empirical",
+    ridge: float = 1e-6,
+    solver: str = "auto",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    exclude_kinds: Sequence[str] | None = None,
+    tokens: str = "mean_features",
+    functions: bool = True,
+    devices: Sequence[Any] | None = None,
+    **apply_kwargs: Any,
+) -> jax.Array:
+    """The non-linearity signature of a Flax model on a batch, as an array.
+
+    Pure: jittable (``jax.jit(lambda v, x: signature_scores(model, v, x))``) and
+    differentiable with respect to ``variables`` (exact solvers hold the
+    optimal matching fixed).
+
+    Args:
+      model: a ``flax.linen.Module``, or an ``nnx.Module`` with ``variables=None``.
+      variables: linen variables (``{"params": ..., "batch_stats": ...}``).
+      x: a batch of inputs, batch axis first (at least 2 samples).
+      covariance, ridge, solver: passed to :func:`affjax.affinity_score`.
+      include, exclude: ``fnmatch`` patterns on layer names (``"*block1*"``).
+      kinds, exclude_kinds: activation kinds to keep or drop (``"relu"``).
+      tokens: rank-3 reduction, ``"mean_features"`` (published) or ``"mean_tokens"``.
+      functions: also capture ``nn.relu(x)``-style calls (see :mod:`affjax.capture`).
+      devices: devices to shard the layer-parallel scoring over; default all.
+      **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
+
+    Returns:
+      ``(L,)`` scores in forward-pass order.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> from affjax import Activation
+      >>> class MLP(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return nn.Dense(1)(Activation(jnp.tanh)(nn.Dense(16)(x)))
+      >>> x = jax.random.normal(jax.random.key(0), (256, 4))
+      >>> model = MLP(); variables = model.init(jax.random.key(1), x)
+      >>> signature_scores(model, variables, x).shape
+      (1,)
+    """
+    _check_options(covariance, solver)
+    layers = capture_layers(model, variables, x, tokens=tokens, functions=functions,
+                            **apply_kwargs)
+    layers = _select(layers, include, exclude, kinds, exclude_kinds)
+    return score_layers(layers, covariance=covariance, ridge=ridge, solver=solver,
+                        devices=devices)
+
+
+@dataclasses.dataclass
+class Signature:
+    """A model's non-linearity signature with its layer names.
+
+    Attributes:
+      names: module path and call index per activation call, forward order.
+      kinds: activation name per call (``relu``, ``gelu``, ...).
+      scores: ``(L,)`` NumPy array (mean over batches for
+        :func:`signature_over_batches`).
+      dims: reduced feature count per call.
+      std: ``(L,)`` standard deviation over batches, or ``None``.
+      batch_scores: ``(B, L)`` per-batch scores, or ``None``.
+    """
+
+    names: list[str]
+    kinds: list[str]
+    scores: np.ndarray
+    dims: list[int]
+    std: np.ndarray | None = None
+    batch_scores: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __str__(self) -> str:
+        width = max([len("layer")] + [len(n) for n in self.names])
+        kw = max([len("kind")] + [len(k) for k in self.kinds])
+        head = f"{'#':>3}  {'layer':<{width}}  {'kind':<{kw}}  {'dim':>5}  {'score':>7}"
+        if self.std is not None:
+            head += f"  {'std':>7}"
+        lines = [head, "-" * len(head)]
+        for i, (n, k, d, s) in enumerate(zip(self.names, self.kinds, self.dims, self.scores,
+                                            strict=True)):
+            line = f"{i:>3}  {n:<{width}}  {k:<{kw}}  {d:>5}  {s:>7.4f}"
+            if self.std is not None:
+                line += f"  {self.std[i]:>7.4f}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        """JSON text; :meth:`from_json` reads it back."""
+        def arr(a):
+            return None if a is None else np.asarray(a, np.float64).tolist()
+
+        return json.dumps({"names": self.names, "kinds": self.kinds, "dims": self.dims,
+                           "scores": arr(self.scores), "std": arr(self.std),
+                           "batch_scores": arr(self.batch_scores)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Signature:
+        d = json.loads(text)
+        def arr(a):
+            return None if a is None else np.asarray(a, np.float64)
+
+        return cls(names=list(d["names"]), kinds=list(d["kinds"]), scores=arr(d["scores"]),
+                   dims=[int(v) for v in d["dims"]], std=arr(d.get("std")),
+                   batch_scores=arr(d.get("batch_scores")))
+
+
+def signature(
+    model: Any,
+    variables: Any,
+    x: Any,
+    *,
+    covariance: str = "empirical",
+    ridge: float = 1e-6,
+    solver: str = "auto",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    exclude_kinds: Sequence[str] | None = None,
+    tokens: str = "mean_features",
+    functions: bool = True,
+    devices: Sequence[Any] | None = None,
+    **apply_kwargs: Any,
+) -> Signature:
+    """The signature of a model on one batch, with names (see :func:`signature_scores`).
+
+    Example:
+      >>> sig = signature(model, variables, x)   # doctest: +SKIP
+      >>> print(sig)                             # a table, one row per activation call
+    """
+    _check_options(covariance, solver)
+    layers = capture_layers(model, variables, x, tokens=tokens, functions=functions,
+                            **apply_kwargs)
+    layers = _select(layers, include, exclude, kinds, exclude_kinds)
+    scores = score_layers(layers, covariance=covariance, ridge=ridge, solver=solver,
+                          devices=devices)
+    return Signature(names=[layer.name for layer in layers], kinds=[layer.kind for layer in layers],
+                     scores=np.asarray(scores, np.float64),
+                     dims=[int(layer.x.shape[1]) for layer in layers])
+
+
+def signature_over_batches(
+    model: Any,
+    variables: Any,
+    batches: Iterable[Any],
+    *,
+    progress: bool = True,
+    **kwargs: Any,
+) -> Signature:
+    """Per-batch signatures and their mean and standard deviation over batches.
+
+    Args:
+      model, variables: as in :func:`signature`.
+      batches: an iterable of input batches (each at least 2 samples).
+      progress: print a progress line per batch on stderr.
+      **kwargs: options of :func:`signature` (``covariance``, ``include``, ...).
+
+    Returns:
+      :class:`Signature` with ``scores`` the mean, ``std`` and ``batch_scores``.
+    """
+    rows, first = [], None
+    start = time.perf_counter()
+    for b, batch in enumerate(batches):
+        sig = signature(model, variables, batch, **kwargs)
+        if first is None:
+            first = sig
+        elif sig.names != first.names:
+            raise ValueError(f"batch {b} gives different activation calls than batch 0")
+        rows.append(sig.scores)
+        if progress:
+            print(f"\rsignature: batch {b + 1}, {len(sig)} layers, "
+                  f"{time.perf_counter() - start:.1f} s", end="", file=sys.stderr, flush=True)
+    if progress and rows:
+        print(file=sys.stderr)
+    if first is None:
+        raise ValueError("no batches given")
+    table = np.stack(rows)
+    return dataclasses.replace(first, scores=table.mean(0), std=table.std(0), batch_scores=table)

@@ -1,0 +1,309 @@
+"""Signatures of Flax models: capture, order, reduction, selection, scoring, devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import affjax
+from affjax.capture import reduce_activation
+
+
+class Interleaved(nn.Module):
+    """Reused and interleaved activation modules plus a plain nn.gelu call."""
+
+    @nn.compact
+    def __call__(self, x):
+        a = affjax.Activation(jnp.tanh, name="a")
+        b = affjax.Activation(jax.nn.sigmoid, name="b")
+        h = nn.Dense(6, name="d0")(x)
+        h = a(b(a(h)))
+        h = nn.gelu(nn.Dense(6, name="d1")(h))
+        return a(h)
+
+
+def _init(model, x, seed=1):
+    return model.init(jax.random.key(seed), x)
+
+
+def _x(n=96, d=4, seed=0, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), (n, d), dtype)
+
+
+def test_order_and_count_with_reused_and_interleaved_modules():
+    x = _x()
+    model = Interleaved()
+    sig = affjax.signature(model, _init(model, x), x)
+    assert sig.names == ["a:0", "b:0", "a:1", "gelu:0", "a:2"]
+    assert sig.kinds == ["tanh", "sigmoid", "tanh", "gelu", "tanh"]
+    assert sig.dims == [6] * 5
+    assert len(sig) == 5
+
+
+def test_scores_equal_affinity_score_of_independent_tensors():
+    x = _x(dtype=jnp.float64)
+    model = Interleaved()
+    v = _init(model, x)
+    p = v["params"]
+    h0 = x @ p["d0"]["kernel"] + p["d0"]["bias"]
+    pre = [h0]
+    h = jnp.tanh(h0)
+    pre.append(h)
+    h = jax.nn.sigmoid(h)
+    pre.append(h)
+    h = jnp.tanh(h)
+    h1 = h @ p["d1"]["kernel"] + p["d1"]["bias"]
+    pre.append(h1)
+    h = jax.nn.gelu(h1)
+    pre.append(h)
+    fns = [jnp.tanh, jax.nn.sigmoid, jnp.tanh, jax.nn.gelu, jnp.tanh]
+    expected = [float(affjax.affinity_score(a, f(a))) for a, f in zip(pre, fns, strict=True)]
+    got = affjax.signature_scores(model, v, x)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-10)
+
+
+def test_identity_is_one_and_relu_on_positive_inputs_is_one():
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = affjax.Activation(lambda v: v, name="identity")(nn.Dense(5)(x))
+            return affjax.Activation(jax.nn.relu, name="relu")(jnp.abs(h) + 1.0)
+
+    x = _x()
+    model = M()
+    scores = np.asarray(affjax.signature_scores(model, _init(model, x), x))
+    np.testing.assert_allclose(scores, [1.0, 1.0], atol=1e-5)
+
+
+def test_linen_and_nnx_agree():
+    class Lin(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            act = affjax.Activation(jax.nn.relu)
+            return nn.Dense(3)(jnp.tanh(act(act(nn.Dense(7)(x)) - 0.3)))
+
+    class Nnx(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 7, rngs=rngs)
+            self.act = affjax.NnxActivation(jax.nn.relu)
+            self.l2 = nnx.Linear(7, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jnp.tanh(self.act(self.act(self.l1(x)) - 0.3)))
+
+    x = _x()
+    lin = Lin()
+    v = _init(lin, x)
+    mod = Nnx(nnx.Rngs(0))
+    # Dense_0 is the outer (7 -> 3) layer: it is constructed first.
+    mod.l1.kernel[...] = v["params"]["Dense_1"]["kernel"]
+    mod.l1.bias[...] = v["params"]["Dense_1"]["bias"]
+    a = affjax.signature(lin, v, x)
+    b = affjax.signature(mod, None, x)
+    assert a.names == ["Activation_0:0", "Activation_0:1"]
+    assert b.names == ["act:0", "act:1"]
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+    # jnp.tanh is a primitive, not captured; sown values are cleaned up afterwards.
+    assert not hasattr(mod.act, "affjax_activation")
+
+
+def test_reduction_of_conv_maps_and_tokens():
+    class Conv(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = affjax.Activation(jax.nn.relu, name="conv_act")(nn.Conv(5, (3, 3))(x))
+            t = h.reshape(h.shape[0], -1, 5)  # (N, T, D) tokens
+            return affjax.Activation(jax.nn.gelu, name="token_act")(nn.Dense(3)(t))
+
+    x = jax.random.normal(jax.random.key(0), (40, 6, 6, 2))
+    model = Conv()
+    v = _init(model, x)
+    sig = affjax.signature(model, v, x)
+    assert sig.dims == [5, 36]  # channels; tokens act as features by default
+    sig_tokens = affjax.signature(model, v, x, tokens="mean_tokens")
+    assert sig_tokens.dims == [5, 3]
+    np.testing.assert_allclose(sig.scores[0], sig_tokens.scores[0])
+    h = nn.Conv(5, (3, 3)).apply({"params": v["params"]["Conv_0"]}, x)
+    expected = affjax.affinity_score(h.mean(axis=(1, 2)), jax.nn.relu(h).mean(axis=(1, 2)))
+    assert abs(float(expected) - sig.scores[0]) < 1e-6
+
+
+def test_reduce_activation_shapes_and_errors():
+    v = jnp.ones((4, 3, 5, 6))
+    assert reduce_activation(v).shape == (4, 6)
+    assert reduce_activation(v[:, 0]).shape == (4, 5)  # (N, T=5, D=6): tokens kept
+    assert reduce_activation(v[:, 0], tokens="mean_tokens").shape == (4, 6)
+    with pytest.raises(ValueError, match=r"block/act.*shape \(4,\)"):
+        reduce_activation(jnp.ones(4), where="block/act")
+
+
+def test_unsupported_rank_names_the_layer():
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return affjax.Activation(jax.nn.relu, name="act5d")(x[..., None, None, None])
+
+    x = _x()
+    model = M()
+    with pytest.raises(ValueError, match=r"act5d has shape \(96, 4, 1, 1, 1\)"):
+        affjax.signature(model, {}, x)
+
+
+def test_selection():
+    x = _x()
+    model = Interleaved()
+    v = _init(model, x)
+    full = affjax.signature(model, v, x)
+    only_a = affjax.signature(model, v, x, include=["a:*"])
+    assert only_a.names == ["a:0", "a:1", "a:2"]
+    np.testing.assert_allclose(only_a.scores, full.scores[[0, 2, 4]], atol=1e-6)
+    assert affjax.signature(model, v, x, exclude_kinds=["tanh"]).names == ["b:0", "gelu:0"]
+    assert affjax.signature(model, v, x, kinds=["gelu"]).names == ["gelu:0"]
+    assert affjax.signature(model, v, x, exclude=["a:*", "b:*"]).names == ["gelu:0"]
+    with pytest.raises(ValueError, match="'conv\\*' matches no activation"):
+        affjax.signature(model, v, x, include=["conv*"])
+    with pytest.raises(ValueError, match="kind 'softmax' not in this model"):
+        affjax.signature(model, v, x, exclude_kinds=["softmax"])
+
+
+def test_functions_can_be_turned_off_and_patches_are_restored():
+    from affjax.capture import CAPTURED_FUNCTIONS
+
+    before = {(ns.__name__, name): getattr(ns, name, None)
+              for ns in (jax.nn, nn, nnx) for name in CAPTURED_FUNCTIONS}
+    x = _x()
+    model = Interleaved()
+    v = _init(model, x)
+    assert "gelu:0" in affjax.signature(model, v, x).names
+    assert "gelu:0" not in affjax.signature(model, v, x, functions=False).names
+    after = {(ns.__name__, name): getattr(ns, name, None)
+             for ns in (jax.nn, nn, nnx) for name in CAPTURED_FUNCTIONS}
+    assert all(before[k] is after[k] for k in before)
+    with pytest.raises(ValueError, match="no activation"):
+        affjax.signature(model, v, x, functions=True, include=["nothing"])
+    assert all(before[k] is getattr(__import__(k[0], fromlist=["x"]), k[1], None)
+               for k in before)
+
+
+def test_no_activation_and_batch_of_one():
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jnp.tanh(nn.Dense(3)(x))  # jnp primitives are not captured
+
+    x = _x()
+    model = Linear()
+    with pytest.raises(ValueError, match="no activation found.*affjax.Activation"):
+        affjax.signature_scores(model, _init(model, x), x)
+    model = Interleaved()
+    with pytest.raises(ValueError, match="batch of at least 2 samples, got 1"):
+        affjax.signature_scores(model, _init(model, x), x[:1])
+    with pytest.raises(ValueError, match="unknown covariance"):
+        affjax.signature_scores(model, _init(model, x), x, covariance="oas")
+
+
+def test_jit_and_grad():
+    x = _x(n=48, dtype=jnp.float64)
+    model = Interleaved()
+    v = _init(model, x)
+    eager = affjax.signature_scores(model, v, x)
+    jitted = jax.jit(lambda v, x: affjax.signature_scores(model, v, x))
+    np.testing.assert_allclose(np.asarray(jitted(v, x)), np.asarray(eager), atol=1e-10)
+
+    def loss(v):
+        return jnp.sum(affjax.signature_scores(model, v, x) * jnp.arange(1.0, 6.0))
+
+    g = jax.grad(loss)(v)
+    leaves, treedef = jax.tree.flatten(v)
+    g_leaves = jax.tree.leaves(g)
+    rng = np.random.default_rng(0)
+    direction = [rng.normal(size=leaf.shape) for leaf in leaves]
+    h = 1e-6
+    plus = jax.tree.unflatten(treedef, [a + h * d for a, d in zip(leaves, direction, strict=True)])
+    minus = jax.tree.unflatten(treedef, [a - h * d for a, d in zip(leaves, direction, strict=True)])
+    fd = (float(loss(plus)) - float(loss(minus))) / (2 * h)
+    analytic = sum(float(jnp.sum(gl * d)) for gl, d in zip(g_leaves, direction, strict=True))
+    assert abs(fd - analytic) < 1e-4 * max(1.0, abs(fd))
+
+
+def test_json_round_trip_and_table():
+    x = _x()
+    model = Interleaved()
+    sig = affjax.signature(model, _init(model, x), x)
+    back = affjax.Signature.from_json(sig.to_json())
+    assert back.names == sig.names and back.kinds == sig.kinds and back.dims == sig.dims
+    np.testing.assert_array_equal(back.scores, sig.scores)
+    assert json.loads(sig.to_json())["names"][1] == "b:0"
+    table = str(sig)
+    assert "gelu:0" in table and f"{sig.scores[3]:.4f}" in table
+
+
+def test_signature_over_batches_mean_and_std(capsys):
+    model = Interleaved()
+    batches = [_x(seed=s) for s in range(3)]
+    v = _init(model, batches[0])
+    result = affjax.signature_over_batches(model, v, batches)
+    rows = np.stack([affjax.signature(model, v, b).scores for b in batches])
+    np.testing.assert_allclose(result.batch_scores, rows, atol=1e-6)
+    np.testing.assert_allclose(result.scores, rows.mean(0), atol=1e-6)
+    np.testing.assert_allclose(result.std, rows.std(0), atol=1e-6)
+    assert "batch 3" in capsys.readouterr().err
+    assert "std" in str(result)
+
+
+def test_groups_by_shape():
+    class Mixed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for width in (4, 7, 4, 7, 4):
+                x = affjax.Activation(jax.nn.relu)(nn.Dense(width)(x))
+            return x
+
+    x = _x(dtype=jnp.float64)
+    model = Mixed()
+    v = _init(model, x)
+    from affjax.signature import capture_layers
+
+    layers = capture_layers(model, v, x)
+    expected = [float(affjax.affinity_score(layer.x, layer.y)) for layer in layers]
+    np.testing.assert_allclose(np.asarray(affjax.signature_scores(model, v, x)), expected,
+                               atol=1e-10)
+
+
+def test_four_devices_equal_one_device():
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, flax.linen as nn, numpy as np
+        import affjax
+        assert len(jax.devices()) == 4
+        class M(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                for i in range(5):
+                    x = affjax.Activation(jax.nn.relu)(nn.Dense(6)(x))
+                return affjax.Activation(jnp.tanh)(nn.Dense(3)(x))
+        x = jax.random.normal(jax.random.key(0), (64, 4))
+        m = M(); v = m.init(jax.random.key(1), x)
+        many = affjax.signature_scores(m, v, x)
+        one = affjax.signature_scores(m, v, x, devices=jax.devices()[:1])
+        np.testing.assert_array_equal(np.asarray(many), np.asarray(one))
+        jitted = jax.jit(lambda v, x: affjax.signature_scores(m, v, x))(v, x)
+        np.testing.assert_allclose(np.asarray(jitted), np.asarray(one), atol=1e-5)
+        print("OK", len(many))
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK 6" in out.stdout
