@@ -260,6 +260,9 @@ def score_layers(
     for (_, _), idx in groups.items():
         xs = jnp.stack([layers[i].x for i in idx]).astype(dtype)
         ys = jnp.stack([layers[i].y for i in idx]).astype(dtype)
+        # One group after the other: XLA:CPU would otherwise run the groups' LAPACK calls
+        # concurrently, and the OpenBLAS behind them can deadlock under concurrent calls.
+        xs, ys, scores = jax.lax.optimization_barrier((xs, ys, scores))
         out = _group_scores(xs, ys, covariance=covariance, ridge=float(ridge), solver=solver,
                             devices=devices)
         scores = scores.at[jnp.asarray(idx)].set(out)

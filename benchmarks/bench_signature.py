@@ -1,0 +1,177 @@
+"""Signature of a ResNet-like Flax model: layer-parallel scoring against the published way.
+
+Side by side in one run, on the same captured activations (random weights, batch 512):
+
+* ``grouped``: ``affjax.signature_scores`` jitted end to end: forward pass, capture, and
+  scoring of layers with equal reduced shapes by one vmapped call per group.
+* ``loop``: the same captured tensors, scored one layer at a time with
+  ``affjax.affinity_score`` (a Python loop of jitted calls).
+* ``numpy``: the same captured tensors scored one layer at a time by the NumPy/SciPy/POT
+  implementation of ``bench_score.published_score`` (two ``eigh`` per layer, ``ot.dist``,
+  ``linear_sum_assignment``): the published pipeline's way.
+
+Also reported: the forward pass alone, and the peak resident memory of each method (each
+runs in its own subprocess). Run from the repository root:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_signature.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import affjax
+from affjax.signature import capture_layers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_score  # noqa: E402
+
+
+class BasicBlock(nn.Module):
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        relu = affjax.Activation(jax.nn.relu)  # one module, two calls, as in torchvision
+        h = nn.Conv(self.features, (3, 3), self.stride, use_bias=False)(x)
+        h = relu(nn.BatchNorm(use_running_average=True)(h))
+        h = nn.Conv(self.features, (3, 3), use_bias=False)(h)
+        h = nn.BatchNorm(use_running_average=True)(h)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = nn.BatchNorm(use_running_average=True)(
+                nn.Conv(self.features, (1, 1), self.stride, use_bias=False)(x))
+        return relu(h + x)
+
+
+class ResNetLike(nn.Module):
+    """ResNet-18 layout (4 stages x 2 basic blocks, 64-512 channels) on 32 x 32 inputs."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(64, (3, 3), use_bias=False)(x)
+        x = affjax.Activation(jax.nn.relu)(nn.BatchNorm(use_running_average=True)(x))
+        for i, width in enumerate((64, 128, 256, 512)):
+            x = BasicBlock(width, 1 if i == 0 else 2)(x)
+            x = BasicBlock(width)(x)
+        return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+def _setup(batch: int):
+    model = ResNetLike()
+    x = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x)
+    return model, variables, x
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def run_mode(mode: str, batch: int, repeats: int) -> dict:
+    model, variables, x = _setup(batch)
+    forward = jax.jit(lambda v, x: model.apply(v, x))
+    layers = capture_layers(model, variables, x)
+    out: dict = {"mode": mode, "layers": len(layers),
+                 "dims": sorted({int(layer.x.shape[1]) for layer in layers})}
+    if mode == "forward":
+        out["time"] = _timed(lambda: forward(variables, x).block_until_ready(), repeats)
+    elif mode == "grouped":
+        f = jax.jit(lambda v, x: affjax.signature_scores(model, v, x))
+        out["time"] = _timed(lambda: f(variables, x).block_until_ready(), repeats)
+        out["scores"] = np.asarray(f(variables, x)).tolist()
+    elif mode == "loop":
+        capture = jax.jit(lambda v, x: [(lay.x, lay.y) for lay in capture_layers(model, v, x)])
+
+        def loop():
+            return [affjax.affinity_score(a, b).block_until_ready()
+                    for a, b in capture(variables, x)]
+
+        out["time"] = _timed(loop, repeats)
+        out["scores"] = [float(s) for s in loop()]
+    elif mode == "numpy":
+        capture = jax.jit(lambda v, x: [(lay.x, lay.y) for lay in capture_layers(model, v, x)])
+
+        def baseline():
+            pairs = [(np.asarray(a), np.asarray(b)) for a, b in capture(variables, x)]
+            stages = bench_score.Stages()
+            return [bench_score.published_score(a, b, stages=stages)["score"] for a, b in pairs]
+
+        out["time"] = _timed(baseline, max(1, repeats // 2))
+        out["scores"] = baseline()
+    else:
+        raise ValueError(mode)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="save raw numbers to this path")
+    args = parser.parse_args(argv)
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, args.batch, args.repeats)))
+        return 0
+
+    bench_score.print_machine(bench_score.machine_description())
+    results = {}
+    for mode in ("forward", "grouped", "loop", "numpy"):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--mode", mode, "--batch", str(args.batch),
+             "--repeats", str(args.repeats)],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{mode}: {results[mode]['time']:.3f} s", file=sys.stderr)
+
+    base = results["numpy"]["time"]
+    grouped = np.asarray(results["grouped"]["scores"])
+    rows = []
+    for mode, label in (("forward", "forward pass only (jit)"),
+                        ("grouped", "affjax grouped (signature_scores, jit)"),
+                        ("loop", "affjax per-layer loop"),
+                        ("numpy", "NumPy/SciPy/POT per layer (published way)")):
+        r = results[mode]
+        diff = ("" if "scores" not in r
+                else f"{np.abs(np.asarray(r['scores']) - grouped).max():.1e}")
+        rows.append([label, f"{r['time']:.3f}", f"{base / r['time']:.1f}x",
+                     f"{r['peak_rss_mib']:.0f}", diff])
+    print(f"\nResNet-like, batch {args.batch}, 32x32 inputs, {results['grouped']['layers']} "
+          f"activation calls, reduced dims {results['grouped']['dims']}\n")
+    print(bench_score.markdown_table(
+        ["method", "time (s)", "speed-up vs NumPy", "peak RSS (MiB)", "max |score diff|"], rows))
+    scoring = results["grouped"]["time"] - results["forward"]["time"]
+    print(f"\ngrouped: forward {results['forward']['time']:.3f} s + capture and scoring "
+          f"{scoring:.3f} s; target: grouped >= 3x faster than NumPy: "
+          f"{base / results['grouped']['time']:.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
