@@ -32,9 +32,15 @@ from affjax.covariance import COVARIANCES
 from affjax.transport import SOLVERS
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["x", "y"], meta_fields=["name", "kind"]
+)
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """A captured activation call, reduced to ``(samples, features)`` matrices."""
+    """A captured activation call, reduced to ``(samples, features)`` matrices.
+
+    A pytree (``x``, ``y`` are leaves), so ``jax.jit(capture_layers)`` can return it.
+    """
 
     name: str
     kind: str
