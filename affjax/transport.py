@@ -65,13 +65,14 @@ def bures_from_factors(
     """Bures map and ``trace (C_y^1/2 C_x C_y^1/2)^1/2`` from covariance factors.
 
     With ``C_x = F_x^T F_x`` and ``C_y = F_y^T F_y`` (any number of rows), take
-    a lower factor ``C_y = R R^T`` (Cholesky of ``F_y^T F_y``, or ``qr(F_y).R^T``
-    where float rounding makes that Gram matrix numerically indefinite). Then
+    a lower factor ``C_y = R R^T``: Cholesky of ``F_y^T F_y``, or ``qr(F_y).R^T``
+    where rounding makes that Gram matrix numerically indefinite. Then
     ``A = R (R^T C_x R)^{-1/2} R^T`` is the symmetric PSD solution of
-    ``A C_x A = C_y``: the same matrix as the published ``C_y^1/2 (C_y^1/2 C_x C_y^1/2)^{-1/2} C_y^1/2``, since
-    ``R^T C_x R`` and ``C_y^1/2 C_x C_y^1/2`` are similar. ``(R^T C_x R)^{-1/2}``
-    comes from the SVD of ``F_x R``: one decomposition per map, and no Gram
-    matrix whose small eigenvalues float32 would lose.
+    ``A C_x A = C_y``: the same matrix as the published
+    ``C_y^1/2 (C_y^1/2 C_x C_y^1/2)^{-1/2} C_y^1/2``, since ``R^T C_x R`` and
+    ``C_y^1/2 C_x C_y^1/2`` are similar. ``(R^T C_x R)^{-1/2}`` comes from the
+    SVD of ``F_x R``: one decomposition per map, and no Gram matrix whose small
+    eigenvalues float32 would lose.
 
     Args:
       factor_x, factor_y: ``(m_x, k)`` and ``(m_y, k)`` factors.
