@@ -271,6 +271,10 @@ def score_layers(
         xs, ys, scores = jax.lax.optimization_barrier((xs, ys, scores))
         out = _group_scores(xs, ys, covariance=covariance, ridge=float(ridge), solver=solver,
                             devices=devices)
+        if not isinstance(out, jax.core.Tracer):
+            # Eager: wait for this group before dispatching the next, so that two
+            # executables never run LAPACK at the same time (see the barrier above).
+            out.block_until_ready()
         scores = scores.at[jnp.asarray(idx)].set(out)
     return scores
 
@@ -392,6 +396,26 @@ class Signature:
                    batch_scores=arr(d.get("batch_scores")))
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_capture(model: Any, tokens: str, functions: bool, kwargs: tuple) -> Any:
+    return jax.jit(functools.partial(capture_layers, model, tokens=tokens, functions=functions,
+                                     **dict(kwargs)))
+
+
+def _compiled_capture(model: Any, tokens: str, functions: bool, apply_kwargs: dict) -> Any:
+    """A cached jitted capture for linen models (one compilation per model and shape).
+
+    The capture alone is jitted, and the scoring runs as separate jitted calls: fusing a large
+    forward pass with the scoring into one XLA:CPU program has been seen to hang.
+    """
+    if isinstance(model, nnx.Module):
+        return None
+    try:
+        return _jitted_capture(model, tokens, functions, tuple(sorted(apply_kwargs.items())))
+    except TypeError:  # unhashable model or options: capture eagerly
+        return None
+
+
 def signature(
     model: Any,
     variables: Any,
@@ -416,8 +440,9 @@ def signature(
       >>> print(sig)                             # a table, one row per activation call
     """
     _check_options(covariance, solver)
-    layers = capture_layers(model, variables, x, tokens=tokens, functions=functions,
-                            **apply_kwargs)
+    capture = _compiled_capture(model, tokens, functions, apply_kwargs)
+    layers = capture(variables, x) if capture is not None else capture_layers(
+        model, variables, x, tokens=tokens, functions=functions, **apply_kwargs)
     layers = _select(layers, include, exclude, kinds, exclude_kinds)
     scores = score_layers(layers, covariance=covariance, ridge=ridge, solver=solver,
                           devices=devices)
