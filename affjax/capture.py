@@ -113,8 +113,11 @@ _CONTEXT: contextvars.ContextVar[CaptureContext | None] = contextvars.ContextVar
 )
 
 
-def current_context() -> CaptureContext | None:
-    return _CONTEXT.get()
+def _reduced_pair(
+    ctx: CaptureContext, x: jax.Array, y: jax.Array, where: str
+) -> tuple[jax.Array, jax.Array]:
+    return (reduce_activation(x, tokens=ctx.tokens, where=where),
+            reduce_activation(y, tokens=ctx.tokens, where=where))
 
 
 def _apply_and_record(fn: Callable, x: jax.Array, kind: str, record: Callable) -> jax.Array:
@@ -158,9 +161,7 @@ class Activation(nn.Module):
 def _linen_record(module: nn.Module) -> Callable:
     def record(ctx: CaptureContext, x: jax.Array, y: jax.Array, kind: str) -> None:
         path = tuple(module.scope.path)
-        where = "/".join(path) or "<top>"
-        values = (reduce_activation(x, tokens=ctx.tokens, where=where),
-                  reduce_activation(y, tokens=ctx.tokens, where=where))
+        values = _reduced_pair(ctx, x, y, "/".join(path) or "<top>")
         if module.sow(COLLECTION, SOW_NAME, values):
             ctx.claim(path, kind)
         else:  # collection not mutable: keep the values directly
@@ -182,7 +183,7 @@ class NnxActivation(nnx.Module):
         return _apply_and_record(self.fn, x, activation_kind(self.fn), self._record)
 
     def _record(self, ctx: CaptureContext, x: jax.Array, y: jax.Array, kind: str) -> None:
-        values = (reduce_activation(x, tokens=ctx.tokens), reduce_activation(y, tokens=ctx.tokens))
+        values = _reduced_pair(ctx, x, y, kind)
         self.sow(nnx.Intermediate, SOW_NAME, values)
         ctx.claim(id(self), kind)
 
@@ -199,15 +200,12 @@ def _function_wrapper(fn: Callable, kind: str) -> Callable:
         module = stack[-1] if stack else None
         if module is not None and module.scope is not None:
             path = tuple(module.scope.path)
-            where = "/".join(path + (kind,))
-            values = (reduce_activation(x, tokens=ctx.tokens, where=where),
-                      reduce_activation(y, tokens=ctx.tokens, where=where))
+            values = _reduced_pair(ctx, x, y, "/".join(path + (kind,)))
             if module.sow(COLLECTION, SOW_NAME, values):
                 ctx.claim(path, kind, function=True)
                 return y
         else:
-            values = (reduce_activation(x, tokens=ctx.tokens, where=kind),
-                      reduce_activation(y, tokens=ctx.tokens, where=kind))
+            values = _reduced_pair(ctx, x, y, kind)
         ctx.claim(None, kind, function=True).values = values
         return y
 

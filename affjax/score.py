@@ -80,6 +80,20 @@ def _as_samples(name: str, v: ArrayLike) -> jax.Array:
     return arr[:, None] if arr.ndim == 1 else arr
 
 
+def check_options(
+    covariance: str, solver: str, path: str = "auto", ridge: float = 0.0
+) -> None:
+    """Raise ``ValueError`` naming an unknown option or a negative ridge."""
+    if covariance not in COVARIANCES:
+        raise ValueError(f"unknown covariance {covariance!r}; expected one of {COVARIANCES}")
+    if solver not in transport.SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {transport.SOLVERS}")
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+
+
 def _validate(x: ArrayLike, y: ArrayLike, covariance: str, solver: str, path: str, ridge: float):
     x, y = _as_samples("x", x), _as_samples("y", y)
     if x.shape != y.shape:
@@ -89,14 +103,7 @@ def _validate(x: ArrayLike, y: ArrayLike, covariance: str, solver: str, path: st
         )
     if x.shape[0] < 2:
         raise ValueError(f"need at least 2 samples (rows), got x and y of shape {x.shape}")
-    if covariance not in COVARIANCES:
-        raise ValueError(f"unknown covariance {covariance!r}; expected one of {COVARIANCES}")
-    if solver not in transport.SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; expected one of {transport.SOLVERS}")
-    if path not in PATHS:
-        raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
-    if not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    check_options(covariance, solver, path, ridge)
     dtype = jnp.result_type(x.dtype, y.dtype)
     if jnp.finfo(dtype).bits < 32:  # eigh has no half-precision kernels
         dtype = jnp.float32

@@ -28,8 +28,6 @@ from jax.sharding import PartitionSpec
 
 from affjax import capture as _capture
 from affjax import score as _score
-from affjax.covariance import COVARIANCES
-from affjax.transport import SOLVERS
 
 
 @functools.partial(
@@ -49,7 +47,7 @@ class Layer:
 
 
 def _strip_collection(variables: Any) -> Any:
-    if isinstance(variables, dict) or hasattr(variables, "items"):
+    if hasattr(variables, "items"):
         return {k: v for k, v in variables.items() if k != _capture.COLLECTION}
     return variables
 
@@ -222,13 +220,6 @@ def _group_scores(xs, ys, *, covariance, ridge, solver, devices):
     return _group_scorer(covariance, ridge, solver, devices)(xs, ys)[:g]
 
 
-def _check_options(covariance: str, solver: str) -> None:
-    if covariance not in COVARIANCES:
-        raise ValueError(f"unknown covariance {covariance!r}; expected one of {COVARIANCES}")
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-
-
 def score_layers(
     layers: Sequence[Layer],
     *,
@@ -251,7 +242,7 @@ def score_layers(
     Returns:
       ``(L,)`` array in the layers' dtype (float32 for half precision).
     """
-    _check_options(covariance, solver)
+    _score.check_options(covariance, solver)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):
         if layer.x.shape[0] < 2:
@@ -329,7 +320,7 @@ def signature_scores(
       >>> signature_scores(model, variables, x).shape
       (1,)
     """
-    _check_options(covariance, solver)
+    _score.check_options(covariance, solver)
     layers = capture_layers(model, variables, x, tokens=tokens, functions=functions,
                             **apply_kwargs)
     layers = _select(layers, include, exclude, kinds, exclude_kinds)
@@ -439,7 +430,7 @@ def signature(
       >>> sig = signature(model, variables, x)   # doctest: +SKIP
       >>> print(sig)                             # a table, one row per activation call
     """
-    _check_options(covariance, solver)
+    _score.check_options(covariance, solver)
     capture = _compiled_capture(model, tokens, functions, apply_kwargs)
     layers = capture(variables, x) if capture is not None else capture_layers(
         model, variables, x, tokens=tokens, functions=functions, **apply_kwargs)
