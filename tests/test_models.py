@@ -74,7 +74,7 @@ def resnet18():
     return models.create("resnet18", num_classes=10)
 
 
-def test_create_resnet18_values_seed_and_signature_names(resnet18):
+def test_create_resnet18_values_seed_and_names(resnet18):
     module, variables = resnet18
     assert set(variables) == {"params", "batch_stats"}
     bn = variables["batch_stats"]["layer1.0"]["bn1"]

@@ -72,5 +72,5 @@ class AlexNet(nn.Module):
 register(ModelSpec(
     name="alexnet", family="alexnet", build=AlexNet,
     transform=EvalTransform(resize_size=256, crop_size=224), head="classifier.6",
-    min_size=63, flatten={"classifier.1": (6, 6, 256)},
+    min_size=63, parity_size=128, flatten={"classifier.1": (6, 6, 256)},
 ))

@@ -16,8 +16,8 @@ compare
 
 Command line (needs torch and torchvision)::
 
-    python -m affjax.models.parity --all --size 64 --batch 8 --markdown table.md
-    python -m affjax.models.parity resnet18 alexnet --size 128
+    python -m affjax.models.parity --all --batch 8 --markdown table.md
+    python -m affjax.models.parity resnet18 alexnet --size 96
 
 Importing this module does not import torch; the functions do.
 """
@@ -129,12 +129,17 @@ def flax_to_torch_name(signature_name: str) -> str:
     return signature_name.rsplit(":", 1)[0].replace("/", ".")
 
 
-def compare(name: str, *, size: int = 64, batch: int = 8, seed: int = 0) -> ParityResult:
-    """Compare the port of ``name`` with torchvision (needs torch, torchvision, jax x64)."""
+def compare(name: str, *, size: int | None = None, batch: int = 8, seed: int = 0) -> ParityResult:
+    """Compare the port of ``name`` with torchvision (needs torch, torchvision, jax x64).
+
+    ``size`` defaults to the model's ``ModelSpec.parity_size``.
+    """
     import torch
 
     import affjax
     from affjax import models
+
+    size = size or models.get_spec(name).parity_size
 
     if not jax.config.jax_enable_x64:
         raise RuntimeError("parity.compare scores the torch reference in float64: enable "
@@ -162,9 +167,9 @@ def compare(name: str, *, size: int = 64, batch: int = 8, seed: int = 0) -> Pari
                         time.perf_counter() - start)
 
 
-def markdown_table(results: Sequence[ParityResult], *, size: int, batch: int) -> str:
-    lines = [f"Input {batch} x 3 x S x S (S = {size} unless the model needs more), standard "
-             "normal; random weights and BatchNorm statistics.", "",
+def markdown_table(results: Sequence[ParityResult], *, batch: int) -> str:
+    lines = [f"Input {batch} x 3 x S x S, standard normal; random weights and BatchNorm "
+             "statistics.", "",
              "| model | S | parameters | max logit error | max signature error | activation "
              "calls | names match | seconds |",
              "|---|---:|---:|---:|---:|---:|:---:|---:|"]
@@ -180,8 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="model names (default: --all)")
     parser.add_argument("--all", action="store_true", help="every ported model")
-    parser.add_argument("--size", type=int, default=64, help="input side (default 64; AlexNet "
-                        "needs >= 63)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="input side (default: each model's ModelSpec.parity_size, 64 for "
+                        "most, 128 for AlexNet); raised to the model's min_size")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", help="also write the result table to this file")
@@ -194,13 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = models.list_models() if args.all or not args.names else args.names
     results = []
     for name in names:
-        r = compare(name, size=max(args.size, models.get_spec(name).min_size), batch=args.batch,
-                    seed=args.seed)
+        spec = models.get_spec(name)
+        size = max(args.size or spec.parity_size, spec.min_size)
+        r = compare(name, size=size, batch=args.batch, seed=args.seed)
         results.append(r)
         print(f"{r.name:<20} params {r.parameters:>12,}  logit err {r.logit_error:.1e}  "
               f"signature err {r.signature_error:.1e}  calls {r.calls:>3}  names "
               f"{'ok' if r.names_match else 'DIFFER'}  {r.seconds:.0f} s", flush=True)
-    table = markdown_table(results, size=args.size, batch=args.batch)
+    table = markdown_table(results, batch=args.batch)
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:
