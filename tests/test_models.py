@@ -53,7 +53,7 @@ def _abstract(name, num_classes=7, batch=2, **kw):
     return found["layers"], out, variables
 
 
-def test_list_models_is_tier_one():
+def test_list_models_equals_the_table_of_expected_counts():
     assert models.list_models() == sorted(EXPECTED_CALLS)
 
 
