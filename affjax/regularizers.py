@@ -65,24 +65,6 @@ __all__ = [
 ]
 
 
-class _OutputTap:
-    """Stands in for a linen module and keeps what ``model.apply`` returned.
-
-    :func:`affjax.signature.capture_layers` only calls ``model.apply`` on a
-    linen model, so a stand-in with that method sees the model's output while
-    the capture runs, inside the same trace, and the forward pass is shared.
-    """
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.returned: tuple[Any, Any] | None = None
-
-    def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
-        out = self.model.apply(variables, *args, **kwargs)
-        self.returned = out
-        return out
-
-
 def _check_model(model: Any, variables: Any) -> None:
     if isinstance(model, nnx.Module):
         if variables is not None:
@@ -113,9 +95,7 @@ def output_and_scores(
     """The model output and the affinity scores of its selected layers, from one forward pass.
 
     Args:
-      model: a ``flax.linen.Module``; an ``nnx.Module`` (``variables=None``)
-        is accepted but runs the forward pass twice (the NNX capture does not
-        hand back the output).
+      model: a ``flax.linen.Module``, or an ``nnx.Module`` with ``variables=None``.
       variables: linen variables (``{"params": ..., "batch_stats": ...}``).
       x: input batch, batch axis first, at least 2 samples.
       solver: ``"auto"``, ``"scipy"``, ``"hungarian"``, ``"sinkhorn"`` (see
@@ -138,29 +118,11 @@ def output_and_scores(
       >>> term = target_penalty_from_scores(scores, target=0.5)       # doctest: +SKIP
     """
     _check_model(model, variables)
-    options = dict(solver=solver, covariance=covariance, ridge=ridge, include=include,
-                   exclude=exclude, kinds=kinds, exclude_kinds=exclude_kinds, tokens=tokens,
-                   functions=functions)
-    if isinstance(model, nnx.Module):
-        scores = signature_scores(model, None, x, **options, **apply_kwargs)
-        return model(x, **apply_kwargs), scores
-    user_mutable = apply_kwargs.get("mutable", False)
-    tap = _OutputTap(model)
-    scores = signature_scores(tap, variables, x, **options, **apply_kwargs)
-    if tap.returned is None:
-        raise RuntimeError("the signature capture did not call model.apply")
-    out, state = tap.returned
-    if not user_mutable:
-        return out, scores
-    # Drop the capture's own collection; keep what the caller asked to mutate.
-    updated = {k: v for k, v in state.items() if k != "intermediates" or _asked(user_mutable, k)}
-    return (out, updated), scores
-
-
-def _asked(mutable: Any, name: str) -> bool:
-    if mutable is True:
-        return True
-    return name == mutable if isinstance(mutable, str) else name in mutable
+    return signature_scores(
+        model, variables, x, solver=solver, covariance=covariance, ridge=ridge, include=include,
+        exclude=exclude, kinds=kinds, exclude_kinds=exclude_kinds, tokens=tokens,
+        functions=functions, return_output=True, **apply_kwargs,
+    )
 
 
 def _concrete(v: ArrayLike) -> np.ndarray | None:

@@ -66,8 +66,9 @@ def capture_layers(
     *,
     tokens: str = "mean_features",
     functions: bool = True,
+    return_output: bool = False,
     **apply_kwargs: Any,
-) -> list[Layer]:
+) -> list[Layer] | tuple[list[Layer], Any]:
     """Run the model once and return its activation calls in forward order.
 
     Args:
@@ -78,27 +79,36 @@ def capture_layers(
       tokens: reduction of rank-3 tensors, see :func:`affjax.capture.reduce_activation`.
       functions: also capture activation functions called by attribute
         (``nn.relu(x)``), see :mod:`affjax.capture`.
+      return_output: also return what the model returned, from the same pass.
       **apply_kwargs: passed to ``model.apply`` (linen) or ``model(...)`` (NNX).
 
     Returns:
-      A list of :class:`Layer`; an error if the model calls no activation.
+      A list of :class:`Layer` (an error if the model calls no activation); with
+      ``return_output``, ``(layers, output)``, where ``output`` is what
+      ``model.apply(variables, x, **apply_kwargs)`` returns: ``(y, updated)`` when
+      ``mutable`` is given, without the capture's own collection.
     """
     is_nnx = isinstance(model, nnx.Module)
     if is_nnx and variables is not None:
         raise TypeError("an nnx.Module carries its own state: pass variables=None")
     with _capture.capturing(tokens=tokens, functions=functions) as ctx:
         if is_nnx:
-            _, nnx_state = nnx.capture(model, nnx.Intermediate)(x, **apply_kwargs)
+            output, nnx_state = nnx.capture(model, nnx.Intermediate)(x, **apply_kwargs)
         else:
-            mutable = apply_kwargs.pop("mutable", [])
-            mutable = [mutable] if isinstance(mutable, str) else list(mutable or [])
-            _, state = model.apply(
+            asked = apply_kwargs.pop("mutable", False)
+            mutable = [asked] if isinstance(asked, str) else list(asked or [])
+            output, state = model.apply(
                 _strip_collection(variables), x, mutable=[_capture.COLLECTION, *mutable],
                 **apply_kwargs,
             )
+            if asked:
+                output = (output, _strip_collection(state) if _capture.COLLECTION not in mutable
+                          else state)
     if is_nnx:
-        return _assemble(ctx, model, nnx_state=nnx_state)
-    return _assemble(ctx, None, linen_state=state)
+        layers = _assemble(ctx, model, nnx_state=nnx_state)
+    else:
+        layers = _assemble(ctx, None, linen_state=state)
+    return (layers, output) if return_output else layers
 
 
 def _assemble(
@@ -270,7 +280,7 @@ def score_layers(
     Returns:
       ``(L,)`` array in the layers' dtype (float32 for half precision).
     """
-    _score.check_options(covariance, solver)
+    _score.check_options(covariance, solver, ridge=ridge)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):
         if layer.x.shape[0] < 2:
@@ -312,8 +322,9 @@ def signature_scores(
     tokens: str = "mean_features",
     functions: bool = True,
     devices: Sequence[Any] | None = None,
+    return_output: bool = False,
     **apply_kwargs: Any,
-) -> jax.Array:
+) -> jax.Array | tuple[Any, jax.Array]:
     """The non-linearity signature of a Flax model on a batch, as an array.
 
     Pure: jittable (``jax.jit(lambda v, x: signature_scores(model, v, x))``) and
@@ -330,10 +341,14 @@ def signature_scores(
       tokens: rank-3 reduction, ``"mean_features"`` (published) or ``"mean_tokens"``.
       functions: also capture ``nn.relu(x)``-style calls (see :mod:`affjax.capture`).
       devices: devices to shard the layer-parallel scoring over; default all.
+      return_output: also return the model's output from the same forward pass
+        (for a loss that needs both, see :mod:`affjax.regularizers`).
       **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
 
     Returns:
-      ``(L,)`` scores in forward-pass order.
+      ``(L,)`` scores in forward-pass order; with ``return_output``,
+      ``(output, scores)``, ``output`` as ``model.apply`` returns it (``(y,
+      updated)`` with ``mutable``).
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -347,12 +362,13 @@ def signature_scores(
       >>> signature_scores(model, variables, x).shape
       (1,)
     """
-    _score.check_options(covariance, solver)
-    layers = capture_layers(model, variables, x, tokens=tokens, functions=functions,
-                            **apply_kwargs)
+    _score.check_options(covariance, solver, ridge=ridge)
+    layers, output = capture_layers(model, variables, x, tokens=tokens, functions=functions,
+                                    return_output=True, **apply_kwargs)
     layers = _select(layers, include, exclude, kinds, exclude_kinds)
-    return score_layers(layers, covariance=covariance, ridge=ridge, solver=solver,
-                        devices=devices)
+    scores = score_layers(layers, covariance=covariance, ridge=ridge, solver=solver,
+                          devices=devices)
+    return (output, scores) if return_output else scores
 
 
 @dataclasses.dataclass
@@ -423,8 +439,9 @@ def _jitted_capture(model: Any, tokens: str, functions: bool, kwargs: tuple) -> 
 def _compiled_capture(model: Any, tokens: str, functions: bool, apply_kwargs: dict) -> Any:
     """A cached jitted capture for linen models (one compilation per model and shape).
 
-    The capture alone is jitted, and the scoring runs as separate jitted calls: fusing a large
-    forward pass with the scoring into one XLA:CPU program has been seen to hang.
+    The capture alone is jitted and the scoring runs as separate jitted calls, one per
+    group of equal shapes, so each compiled scorer is shared by every model and batch with
+    layers of that shape.
     """
     if isinstance(model, nnx.Module):
         return None
@@ -457,7 +474,7 @@ def signature(
       >>> sig = signature(model, variables, x)   # doctest: +SKIP
       >>> print(sig)                             # a table, one row per activation call
     """
-    _score.check_options(covariance, solver)
+    _score.check_options(covariance, solver, ridge=ridge)
     capture = _compiled_capture(model, tokens, functions, apply_kwargs)
     layers = capture(variables, x) if capture is not None else capture_layers(
         model, variables, x, tokens=tokens, functions=functions, **apply_kwargs)

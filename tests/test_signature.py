@@ -211,6 +211,9 @@ def test_no_activation_and_batch_of_one():
         affjax.signature_scores(model, _init(model, x), x[:1])
     with pytest.raises(ValueError, match="unknown covariance"):
         affjax.signature_scores(model, _init(model, x), x, covariance="oas")
+    for fn in (affjax.signature_scores, affjax.signature):
+        with pytest.raises(ValueError, match="ridge must be >= 0, got -1e-06"):
+            fn(model, _init(model, x), x, ridge=-1e-6)
 
 
 def test_jit_and_grad():
@@ -370,3 +373,40 @@ def test_jitted_signature_repeats_on_several_groups():
     for _ in range(3):
         np.testing.assert_array_equal(np.asarray(f(v, x)), first)
     np.testing.assert_allclose(first, affjax.signature(model, v, x).scores, atol=1e-5)
+
+
+def test_return_output_is_the_model_output_from_the_same_pass():
+    class WithStats(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.BatchNorm(use_running_average=not train)(nn.Dense(5)(x))
+            return nn.Dense(2)(affjax.Activation(jax.nn.relu)(h))
+
+    x = _x()
+    model = WithStats()
+    v = _init(model, x)
+    out, scores = affjax.signature_scores(model, v, x, return_output=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(model.apply(v, x)), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(scores),
+                                  np.asarray(affjax.signature_scores(model, v, x)))
+    (out, updated), _ = affjax.signature_scores(model, v, x, train=True, mutable=["batch_stats"],
+                                                return_output=True)
+    ref, ref_updated = model.apply(v, x, train=True, mutable=["batch_stats"])
+    assert set(updated) == {"batch_stats"}
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(updated["batch_stats"]["BatchNorm_0"]["mean"]),
+                               np.asarray(ref_updated["batch_stats"]["BatchNorm_0"]["mean"]),
+                               atol=1e-6)
+
+    class Nnx(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 7, rngs=rngs)
+            self.act = affjax.NnxActivation(jnp.tanh)
+
+        def __call__(self, x):
+            return self.act(self.l1(x)).sum(-1)
+
+    mod = Nnx(nnx.Rngs(0))
+    out, scores = affjax.signature_scores(mod, None, x, return_output=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(mod(x)), atol=1e-6)
+    assert scores.shape == (1,)
