@@ -84,6 +84,7 @@ def output_and_scores(
     solver: str = "auto",
     covariance: str = "empirical",
     ridge: float = 1e-6,
+    sinkhorn_epsilon: float = 1e-2,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     kinds: Sequence[str] | None = None,
@@ -100,7 +101,7 @@ def output_and_scores(
       x: input batch, batch axis first, at least 2 samples.
       solver: ``"auto"``, ``"scipy"``, ``"hungarian"``, ``"sinkhorn"`` (see
         the module docstring).
-      covariance, ridge: as in :func:`affjax.affinity_score`.
+      covariance, ridge, sinkhorn_epsilon: as in :func:`affjax.affinity_score`.
       include, exclude, kinds, exclude_kinds, tokens, functions: layer
         selection and capture options of :func:`affjax.signature_scores`.
       **apply_kwargs: passed to ``model.apply``; with ``mutable=[...]`` (e.g.
@@ -119,7 +120,8 @@ def output_and_scores(
     """
     _check_model(model, variables)
     return signature_scores(
-        model, variables, x, solver=solver, covariance=covariance, ridge=ridge, include=include,
+        model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
+        sinkhorn_epsilon=sinkhorn_epsilon, include=include,
         exclude=exclude, kinds=kinds, exclude_kinds=exclude_kinds, tokens=tokens,
         functions=functions, return_output=True, **apply_kwargs,
     )
@@ -223,6 +225,7 @@ def target_penalty(
     solver: str = "auto",
     covariance: str = "empirical",
     ridge: float = 1e-6,
+    sinkhorn_epsilon: float = 1e-2,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     kinds: Sequence[str] | None = None,
@@ -243,7 +246,7 @@ def target_penalty(
       model, variables, x: as in :func:`affjax.signature_scores`.
       target: scalar or ``(L,)`` per selected layer, in ``[0, 1]``.
       weight: scalar multiplier.
-      solver, covariance, ridge, include, exclude, kinds, exclude_kinds,
+      solver, covariance, ridge, sinkhorn_epsilon, include, exclude, kinds, exclude_kinds,
         tokens, functions, **apply_kwargs: see :func:`output_and_scores`.
 
     Returns:
@@ -259,7 +262,8 @@ def target_penalty(
     """
     _check_model(model, variables)
     scores = signature_scores(
-        model, variables, x, solver=solver, covariance=covariance, ridge=ridge, include=include,
+        model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
+        sinkhorn_epsilon=sinkhorn_epsilon, include=include,
         exclude=exclude, kinds=kinds, exclude_kinds=exclude_kinds, tokens=tokens,
         functions=functions, **apply_kwargs)
     return target_penalty_from_scores(scores, target=target, weight=weight)
@@ -274,6 +278,7 @@ def mean_nonlinearity(
     solver: str = "auto",
     covariance: str = "empirical",
     ridge: float = 1e-6,
+    sinkhorn_epsilon: float = 1e-2,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     kinds: Sequence[str] | None = None,
@@ -296,7 +301,8 @@ def mean_nonlinearity(
     """
     _check_model(model, variables)
     scores = signature_scores(
-        model, variables, x, solver=solver, covariance=covariance, ridge=ridge, include=include,
+        model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
+        sinkhorn_epsilon=sinkhorn_epsilon, include=include,
         exclude=exclude, kinds=kinds, exclude_kinds=exclude_kinds, tokens=tokens,
         functions=functions, **apply_kwargs)
     return mean_nonlinearity_from_scores(scores, weight=weight)

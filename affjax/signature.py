@@ -197,7 +197,7 @@ def _select(
     return out
 
 
-def _stacked_scores(xs, ys, *, covariance, ridge, solver, sequential):
+def _stacked_scores(xs, ys, *, covariance, ridge, solver, sequential, sinkhorn_epsilon=1e-2):
     """Scores of a stack of same-shape layers: ``(g, n, d)`` -> ``(g,)``.
 
     ``sequential``: a ``lax.map`` loop instead of ``vmap``. On CPU, batched LAPACK
@@ -209,7 +209,8 @@ def _stacked_scores(xs, ys, *, covariance, ridge, solver, sequential):
 
     def scores(factor):
         def one(x, y):
-            return _score._compute(x, y, covariance, ridge, solver, "auto", 1e-2, factor).score
+            return _score._compute(x, y, covariance, ridge, solver, "auto", sinkhorn_epsilon,
+                                  factor).score
 
         if sequential:
             return jax.lax.map(lambda xy: one(*xy), (xs, ys))
@@ -226,7 +227,9 @@ def _stacked_scores(xs, ys, *, covariance, ridge, solver, sequential):
 
 
 @functools.cache
-def _group_scorer(covariance: str, ridge: float, solver: str, devices: tuple):
+def _group_scorer(
+    covariance: str, ridge: float, solver: str, devices: tuple, sinkhorn_epsilon: float = 1e-2
+):
     """A jitted scorer of stacked layers, its layer axis split over ``devices``.
 
     With several devices each one scores its own slice of layers (``shard_map``):
@@ -236,6 +239,7 @@ def _group_scorer(covariance: str, ridge: float, solver: str, devices: tuple):
     """
     fn = functools.partial(
         _stacked_scores, covariance=covariance, ridge=ridge, solver=solver,
+        sinkhorn_epsilon=sinkhorn_epsilon,
         sequential=all(dev.platform == "cpu" for dev in devices),
     )
     if len(devices) > 1:
@@ -245,14 +249,15 @@ def _group_scorer(covariance: str, ridge: float, solver: str, devices: tuple):
     return jax.jit(fn)
 
 
-def _group_scores(xs, ys, *, covariance, ridge, solver, devices):
+def _group_scores(xs, ys, *, covariance, ridge, solver, devices, sinkhorn_epsilon=1e-2):
     devices = tuple(jax.devices() if devices is None else devices)
     g = xs.shape[0]
     pad = (-g) % len(devices)
     if pad:  # equal slices per device
         xs = jnp.concatenate([xs, jnp.repeat(xs[:1], pad, axis=0)])
         ys = jnp.concatenate([ys, jnp.repeat(ys[:1], pad, axis=0)])
-    return _group_scorer(covariance, ridge, solver, devices)(xs, ys)[:g]
+    scorer = _group_scorer(covariance, ridge, solver, devices, float(sinkhorn_epsilon))
+    return scorer(xs, ys)[:g]
 
 
 def score_layers(
@@ -261,6 +266,7 @@ def score_layers(
     covariance: str = "empirical",
     ridge: float = 1e-6,
     solver: str = "auto",
+    sinkhorn_epsilon: float = 1e-2,
     devices: Sequence[Any] | None = None,
 ) -> jax.Array:
     """Affinity scores of captured layers, grouped by shape.
@@ -274,7 +280,7 @@ def score_layers(
 
     Args:
       layers: from :func:`capture_layers`.
-      covariance, ridge, solver: as in :func:`affjax.affinity_score`.
+      covariance, ridge, solver, sinkhorn_epsilon: as in :func:`affjax.affinity_score`.
       devices: devices to shard over; default ``jax.devices()``.
 
     Returns:
@@ -299,6 +305,7 @@ def score_layers(
         # XLA:CPU's thread pool (see _stacked_scores).
         xs, ys, scores = jax.lax.optimization_barrier((xs, ys, scores))
         out = _group_scores(xs, ys, covariance=covariance, ridge=float(ridge), solver=solver,
+                            sinkhorn_epsilon=sinkhorn_epsilon,
                             devices=devices)
         if not isinstance(out, jax.core.Tracer):
             # Eager: wait for this group before dispatching the next (as the barrier).
@@ -315,6 +322,7 @@ def signature_scores(
     covariance: str = "empirical",
     ridge: float = 1e-6,
     solver: str = "auto",
+    sinkhorn_epsilon: float = 1e-2,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     kinds: Sequence[str] | None = None,
@@ -335,7 +343,7 @@ def signature_scores(
       model: a ``flax.linen.Module``, or an ``nnx.Module`` with ``variables=None``.
       variables: linen variables (``{"params": ..., "batch_stats": ...}``).
       x: a batch of inputs, batch axis first (at least 2 samples).
-      covariance, ridge, solver: passed to :func:`affjax.affinity_score`.
+      covariance, ridge, solver, sinkhorn_epsilon: passed to :func:`affjax.affinity_score`.
       include, exclude: ``fnmatch`` patterns on layer names (``"*block1*"``).
       kinds, exclude_kinds: activation kinds to keep or drop (``"relu"``).
       tokens: rank-3 reduction, ``"mean_features"`` (published) or ``"mean_tokens"``.
@@ -367,6 +375,7 @@ def signature_scores(
                                     return_output=True, **apply_kwargs)
     layers = _select(layers, include, exclude, kinds, exclude_kinds)
     scores = score_layers(layers, covariance=covariance, ridge=ridge, solver=solver,
+                          sinkhorn_epsilon=sinkhorn_epsilon,
                           devices=devices)
     return (output, scores) if return_output else scores
 
@@ -459,6 +468,7 @@ def signature(
     covariance: str = "empirical",
     ridge: float = 1e-6,
     solver: str = "auto",
+    sinkhorn_epsilon: float = 1e-2,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     kinds: Sequence[str] | None = None,
@@ -480,6 +490,7 @@ def signature(
         model, variables, x, tokens=tokens, functions=functions, **apply_kwargs)
     layers = _select(layers, include, exclude, kinds, exclude_kinds)
     scores = score_layers(layers, covariance=covariance, ridge=ridge, solver=solver,
+                          sinkhorn_epsilon=sinkhorn_epsilon,
                           devices=devices)
     return Signature(names=[layer.name for layer in layers], kinds=[layer.kind for layer in layers],
                      scores=np.asarray(scores, np.float64),
