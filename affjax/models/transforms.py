@@ -1,0 +1,111 @@
+"""The evaluation transform of torchvision's pretrained classifiers, in JAX."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision InterpolationMode value -> jax.image.resize method.
+_METHODS = {"nearest": "nearest", "bilinear": "linear", "bicubic": "cubic"}
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """Shape after resizing the shorter side to ``size``, as torchvision computes it.
+
+    The longer side is ``int(size * long / short)`` (truncated, not rounded).
+    """
+    short, long = (height, width) if height <= width else (width, height)
+    if short == size:
+        return height, width
+    new_long = int(size * long / short)
+    return (size, new_long) if height <= width else (new_long, size)
+
+
+@functools.partial(jax.jit, static_argnames=("resize_size", "crop_size", "method", "antialias",
+                                             "mean", "std"))
+def _transform(images, *, resize_size, crop_size, method, antialias, mean, std):
+    if images.dtype == jnp.uint8:
+        images = images.astype(jnp.float32) / 255.0
+    else:
+        images = images.astype(jnp.float32)
+    n, h, w, c = images.shape
+    new_h, new_w = resized_shape(h, w, resize_size)
+    if (new_h, new_w) != (h, w):
+        images = jax.image.resize(images, (n, new_h, new_w, c), method=method,
+                                  antialias=antialias)
+    # torchvision's center_crop: Python round (half to even) of the centred offset.
+    top = int(round((new_h - crop_size) / 2.0))
+    left = int(round((new_w - crop_size) / 2.0))
+    images = images[:, top:top + crop_size, left:left + crop_size, :]
+    return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform:
+    """Resize the shorter side, centre-crop, scale to [0, 1] and normalise.
+
+    The numbers are those of the model's default torchvision weights
+    (``torchvision.models.get_model_weights(name).DEFAULT.transforms()``).
+
+    Attributes:
+      resize_size: the shorter side after resizing (pixels).
+      crop_size: the side of the square centre crop (pixels).
+      interpolation: ``"bilinear"``, ``"bicubic"`` or ``"nearest"`` (torchvision's mode names).
+      mean, std: per-channel normalisation (RGB).
+      antialias: low-pass filter when downsampling, as torchvision's default ``antialias=True``.
+
+    Call it on ``(N, H, W, 3)`` images, ``uint8`` in 0..255 or float in [0, 1] (floats are
+    not range-checked), or on one ``(H, W, 3)`` image; it returns float32
+    ``(N, crop, crop, 3)`` (or ``(crop, crop, 3)``). Jitted per input shape.
+
+    Numerical caveat: the filter is ``jax.image.resize``'s scaled triangle (bilinear) or Keys
+    cubic (bicubic), computed in float32 on the [0, 1]-scaled image. torchvision on a ``uint8``
+    tensor or a PIL image rounds the resized image to ``uint8`` first, so outputs differ by up
+    to about half a grey level (0.5 / 255 / std, about 0.009 after normalisation), plus the
+    small differences of the filters at the borders; ``tests/test_models.py`` measures both.
+
+    Example:
+      >>> t = EvalTransform(resize_size=256, crop_size=224)
+      >>> t(jnp.zeros((2, 300, 400, 3), jnp.uint8)).shape
+      (2, 224, 224, 3)
+    """
+
+    resize_size: int
+    crop_size: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    antialias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _METHODS:
+            raise ValueError(
+                f"interpolation {self.interpolation!r} not supported; one of {sorted(_METHODS)}")
+        if not 0 < self.crop_size <= self.resize_size:
+            raise ValueError(
+                f"need 0 < crop_size <= resize_size, got {self.crop_size} and {self.resize_size}")
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean {self.mean} and std {self.std} differ in length")
+
+    def __call__(self, images: ArrayLike) -> jax.Array:
+        images = jnp.asarray(images)
+        single = images.ndim == 3
+        if single:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != len(self.mean):
+            raise ValueError(
+                f"expected (N, H, W, {len(self.mean)}) or (H, W, {len(self.mean)}) images "
+                f"(channels last), got shape {jnp.shape(images)}")
+        if not (images.dtype == jnp.uint8 or jnp.issubdtype(images.dtype, jnp.floating)):
+            raise TypeError(
+                f"images must be uint8 (0..255) or float ([0, 1]), got {images.dtype}")
+        out = _transform(images, resize_size=self.resize_size, crop_size=self.crop_size,
+                         method=_METHODS[self.interpolation], antialias=self.antialias,
+                         mean=tuple(self.mean), std=tuple(self.std))
+        return out[0] if single else out
