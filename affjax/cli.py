@@ -217,6 +217,7 @@ def _jitted_capture(model: Any, metrics: bool) -> Any:
 def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str, metrics: bool,
                      progress: bool, label: str) -> list[dict]:
     """Scores (and metrics) of every activation call on one batch, one dict per layer."""
+    import jax
     import numpy as np
     from tqdm import tqdm
 
@@ -224,6 +225,9 @@ def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str
     from affjax.signature import score_layers
 
     layers, sparsities = _jitted_capture(model, metrics)(variables, images)
+    # Finish the forward pass before scoring starts: the scoring's LAPACK calls must not run
+    # beside another XLA:CPU executable (OpenBLAS has deadlocked under concurrent use here).
+    jax.block_until_ready((layers, sparsities))
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):
         groups[(layer.x.shape, str(layer.x.dtype), str(layer.y.dtype))].append(i)
