@@ -30,17 +30,24 @@ from affjax.signature import capture_layers
 
 
 class Tiny(nn.Module):
-    """Conv -> relu -> conv -> relu (the same module twice) -> pool -> dense -> tanh -> dense."""
+    """Conv -> relu -> conv -> relu (the same module twice) -> pool -> dense -> tanh -> dense.
 
-    width: int = 4
+    Every activation is 4 wide, so one compiled scorer serves all layers (fast tests);
+    ``extra`` adds a second tanh call (a longer signature for ``compare``).
+    """
+
+    extra: bool = False
 
     @nn.compact
     def __call__(self, x):
         act = affjax.Activation(nn.relu, name="relu")
-        h = act(nn.Conv(self.width, (3, 3), name="conv0")(x))
-        h = act(nn.Conv(6, (3, 3), name="conv1")(h))
+        h = act(nn.Conv(4, (3, 3), name="conv0")(x))
+        h = act(nn.Conv(4, (3, 3), name="conv1")(h))
         h = jnp.mean(h, axis=(1, 2))
-        h = affjax.Activation(jnp.tanh, name="tanh")(nn.Dense(5, name="fc0")(h))
+        tanh = affjax.Activation(jnp.tanh, name="tanh")
+        h = tanh(nn.Dense(4, name="fc0")(h))
+        if self.extra:
+            h = tanh(nn.Dense(4, name="fc1")(h))
         return nn.Dense(10, name="head")(h)
 
 
@@ -48,7 +55,7 @@ TRANSFORM = models.EvalTransform(resize_size=16, crop_size=12)
 
 
 def _create(name, *, seed=0, num_classes=1000):
-    module = Tiny(width=4 if name == "tiny" else 3)
+    module = Tiny(extra=name == "tiny3")
     return module, module.init(jax.random.key(seed), jnp.zeros((1, 12, 12, 3), jnp.float32))
 
 
@@ -103,19 +110,19 @@ def _check_schema(obj, *, n_batches, n_layers):
 
 
 def test_end_to_end_random_matches_the_library_signature(tiny, tmp_path, capsys):
-    code, out, err = _run(capsys, "--model", "tiny", "--batch-size", "16", "--batches", "2",
+    code, out, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--batches", "2",
                           "--out", str(tmp_path))
     assert code == 0, err
     obj = json.loads((tmp_path / "tiny_random.json").read_text())
     _check_schema(obj, n_batches=2, n_layers=3)
-    assert obj["complete"] and obj["batch_size"] == 16 and obj["dataset"] == "random"
+    assert obj["complete"] and obj["batch_size"] == 8 and obj["dataset"] == "random"
     assert [la["name"] for la in obj["layers"]] == ["relu:0", "relu:1", "tanh:0"]
     assert [la["kind"] for la in obj["layers"]] == ["relu", "relu", "tanh"]
-    assert [la["dim"] for la in obj["layers"]] == [4, 6, 5]
+    assert [la["dim"] for la in obj["layers"]] == [4, 4, 4]
     # Same numbers as the library on the same batches.
     module, variables = _create("tiny", seed=987)
     ds = data.load_dataset("random", TRANSFORM)
-    for b, images in ds.batches(16, data.parse_batches("2")):
+    for b, images in ds.batches(8, data.parse_batches("2")):
         sig = affjax.signature(module, variables, jnp.asarray(images))
         np.testing.assert_allclose([la["scores"][b] for la in obj["layers"]], sig.scores,
                                    rtol=1e-6)
@@ -130,14 +137,14 @@ def test_end_to_end_random_matches_the_library_signature(tiny, tmp_path, capsys)
 
 
 def test_metrics_match_independent_computations(tiny, tmp_path, capsys):
-    code, out, err = _run(capsys, "--model", "tiny", "--batch-size", "24", "--metrics",
+    code, out, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--metrics",
                           "--out", str(tmp_path / "m.json"))
     assert code == 0, err
     assert "companion metrics" in out
     obj = json.loads((tmp_path / "m.json").read_text())
     assert obj["metrics"] is True
     module, variables = _create("tiny", seed=987)
-    _, images = next(data.load_dataset("random", TRANSFORM).batches(24))
+    _, images = next(data.load_dataset("random", TRANSFORM).batches(8))
     x = jnp.asarray(images)
     layers = capture_layers(module, variables, x)
     _, inter = module.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
@@ -146,7 +153,7 @@ def test_metrics_match_independent_computations(tiny, tmp_path, capsys):
     assert got["sparsity_before"]["values"][0] == pytest.approx(np.mean(np.abs(pre0) <= 1e-3))
     assert got["sparsity_after"]["values"][0] == pytest.approx(
         np.mean(np.maximum(pre0, 0) <= 1e-3))
-    assert 0.3 < got["sparsity_after"]["mean"] < 0.8  # a ReLU zeroes a good share
+    assert 0.1 < got["sparsity_after"]["mean"] < 0.9  # a ReLU zeroes a good share
     for i, layer in enumerate(layers):
         xr, yr = np.asarray(layer.x, np.float64), np.asarray(layer.y, np.float64)
         m = obj["layers"][i]["metrics"]
@@ -225,10 +232,10 @@ def test_tfds_mock_and_image_folder_end_to_end(tiny, tmp_path, capsys):
 
     for cls in ("cat", "dog"):
         (folder / cls).mkdir(parents=True)
-        for k in range(5):
+        for k in range(8):
             Image.fromarray(rng.integers(0, 256, (14 + k, 20, 3), dtype=np.uint8)).save(
                 folder / cls / f"{k}.jpg")
-    code, _, err = _run(capsys, "--model", "tiny", "--dataset", str(folder), "--batch-size", "5",
+    code, _, err = _run(capsys, "--model", "tiny", "--dataset", str(folder), "--batch-size", "8",
                         "--batches", "all", "--out", str(tmp_path))
     assert code == 0, err
     obj = json.loads((tmp_path / "tiny_imgs.json").read_text())
@@ -289,7 +296,7 @@ def test_missing_weights_file(tmp_path, capsys):
 
 def test_mismatched_weights_file_names_the_tensors(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
-    models.save_safetensors({"conv1.weight": np.zeros((3, 3, 3, 3), np.float32)}, bad)
+    models.save_safetensors(bad, {"conv1.weight": np.zeros((3, 3, 3, 3), np.float32)})
     msg = _error(capsys, "--model", "resnet18", "--weights", str(bad), "--out", str(tmp_path))
     assert "does not fit model 'resnet18'" in msg and "missing" in msg and "conv1.weight" in msg
 
@@ -331,7 +338,7 @@ def test_resuming_a_results_file_of_another_model(tiny, tmp_path, capsys):
 def test_bad_results_file_for_plot(tmp_path, capsys):
     (tmp_path / "x.json").write_text('{"format": "something else"}')
     assert cli.main(["plot", str(tmp_path / "x.json")]) == 2
-    assert "not an affjax signature file" in capsys.readouterr().err
+    assert "not an affjax signature file" in " ".join(capsys.readouterr().err.split())
 
 
 def test_console_entry_point_reports_bad_input_without_traceback(tmp_path):
