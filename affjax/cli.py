@@ -224,7 +224,11 @@ def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str
     from affjax.metrics import layer_metrics
     from affjax.signature import score_layers
 
-    layers, sparsities = _jitted_capture(model, metrics)(variables, images)
+    try:
+        capture = _jitted_capture(model, metrics)
+    except TypeError:  # an unhashable module: compile without the cache
+        capture = _jitted_capture.__wrapped__(model, metrics)
+    layers, sparsities = capture(variables, images)
     # Finish the forward pass before scoring starts: the scoring's LAPACK calls must not run
     # beside another XLA:CPU executable (OpenBLAS has deadlocked under concurrent use here).
     jax.block_until_ready((layers, sparsities))

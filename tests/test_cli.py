@@ -368,3 +368,13 @@ def test_embedded_default_runs_resnet18_on_random_data(tmp_path, capsys, monkeyp
     assert all(0.0 <= la["score"] <= 1.0 for la in obj["layers"])
     assert "layer4.1/relu:1" in out
     assert path.with_suffix(".png").exists() and path.with_suffix(".csv").exists()
+    # A weights file of the same parameters (torchvision layout) gives the same signature.
+    _, variables = models.create("resnet18", seed=987)
+    weights = tmp_path / "resnet18.safetensors"
+    models.save_safetensors(weights, models.to_torchvision("resnet18", variables))
+    assert cli.main(["signature", "--no-progress", "--weights", str(weights), "--batch-size",
+                     "16", "--out", str(tmp_path / "w.json")]) == 0
+    loaded = json.loads((tmp_path / "w.json").read_text())
+    assert loaded["weights"] == str(weights)
+    np.testing.assert_allclose([la["score"] for la in loaded["layers"]],
+                               [la["score"] for la in obj["layers"]], rtol=1e-5)
