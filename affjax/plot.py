@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,8 +47,10 @@ def plot_signature(result: Mapping[str, Any], path: str | os.PathLike, *,
         sel = np.array([k == kind for k in kinds])
         ax.scatter(idx[sel], scores[sel], s=18, color=cmap(c % 10), label=kind, zorder=2)
     batches = len(layers[0].get("scores", [])) if layers else 0
-    ax.set_title(title or f"{result.get('model', '?')} on {result.get('dataset', '?')} "
-                 f"({batches} batch{'es' if batches != 1 else ''})")
+    weights = Path(str(result.get("weights", "?"))).name
+    dataset = Path(str(result.get("dataset", "?"))).name
+    ax.set_title(title or f"{result.get('model', '?')} ({weights} weights) on {dataset}, "
+                 f"{batches} batch{'es' if batches != 1 else ''} of {result.get('batch_size')}")
     ax.set_xlabel("activation call (forward order)")
     ax.set_ylabel("affinity score")
     ax.set_ylim(min(0.0, float(np.min(scores - std))) if len(scores) else 0.0, 1.02)
