@@ -342,7 +342,8 @@ def test_bad_results_file_for_plot(tmp_path, capsys):
 
 
 def test_console_entry_point_reports_bad_input_without_traceback(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
     proc = subprocess.run([sys.executable, "-m", "affjax", "signature", "--model", "vgg_typo",
                            "--out", str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=120)
