@@ -4,6 +4,7 @@ Implements Bouniot et al., "From Alexnet to Transformers: Measuring the
 Non-linearity of Deep Neural Networks with Affine Optimal Transport", CVPR 2025.
 """
 
+from affjax import regularizers  # a module: affjax.regularizers.target_penalty(...)
 from affjax.capture import Activation
 from affjax.capture import NnxActivation
 from affjax.covariance import empirical_covariance
@@ -56,6 +57,7 @@ __all__ = [
     "optimal_permutation",
     "psd_inv_sqrt",
     "psd_sqrt",
+    "regularizers",
     "signature",
     "signature_over_batches",
     "signature_scores",

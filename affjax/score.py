@@ -136,6 +136,7 @@ def _compute(
     solver: str,
     path: str,
     sinkhorn_epsilon: float,
+    factor: str = "auto",
 ) -> AffinityResult:
     n, d = x.shape
     dtype = x.dtype
@@ -155,7 +156,7 @@ def _compute(
     # C = alpha a^T a + shift I = F^T F with F = [sqrt(alpha) a; sqrt(shift) I].
     factor_x = jnp.concatenate([jnp.sqrt(cx.alpha) * a, jnp.sqrt(cx.shift) * eye])
     factor_y = jnp.concatenate([jnp.sqrt(cy.alpha) * b, jnp.sqrt(cy.shift) * eye])
-    a_k, trace_sqrt = transport.bures_from_factors(factor_x, factor_y)
+    a_k, trace_sqrt = transport.bures_from_factors(factor_x, factor_y, factor=factor)
 
     trace_cov_x, trace_cov_y = cx.trace(), cy.trace()
     dead = trace_cov_y <= 2 * ridge * d

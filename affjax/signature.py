@@ -187,12 +187,32 @@ def _select(
     return out
 
 
-def _vmapped_scores(xs, ys, *, covariance, ridge, solver):
-    def one(x, y):
-        return _score._compute(x, y, covariance, ridge, solver, "auto", 1e-2).score
+def _stacked_scores(xs, ys, *, covariance, ridge, solver, sequential):
+    """Scores of a stack of same-shape layers: ``(g, n, d)`` -> ``(g,)``.
+
+    ``sequential``: a ``lax.map`` loop instead of ``vmap``. On CPU, batched LAPACK
+    kernels split their batch over XLA's intra-op thread pool and block a pool
+    thread while waiting; two such kernels running at once can take every thread
+    and deadlock (seen with jaxlib 0.10.2 on 2 cores: a jitted signature hung).
+    Unbatched kernels inside a loop never wait on the pool.
+    """
+
+    def scores(factor):
+        def one(x, y):
+            return _score._compute(x, y, covariance, ridge, solver, "auto", 1e-2, factor).score
+
+        if sequential:
+            return jax.lax.map(lambda xy: one(*xy), (xs, ys))
+        return jax.vmap(one)(xs, ys)
 
     with jax.default_matmul_precision("highest"):
-        return jax.vmap(one)(xs, ys)
+        # The score's Cholesky-or-QR choice is a cond, which vmap turns into a select
+        # that runs both. Try Cholesky on the whole group; redo the group with QR only
+        # if some layer's factor broke down (a NaN; non-finite inputs stay NaN either way).
+        first = scores("cholesky")
+        return jax.lax.cond(
+            jnp.all(jnp.isfinite(first)), lambda: first, lambda: scores("qr")
+        )
 
 
 @functools.cache
@@ -201,8 +221,13 @@ def _group_scorer(covariance: str, ridge: float, solver: str, devices: tuple):
 
     With several devices each one scores its own slice of layers (``shard_map``):
     no collective is needed, and host callbacks (the scipy solver) run per slice.
+    On CPU the layers of a slice are scored in a loop, elsewhere with ``vmap``
+    (see :func:`_stacked_scores`).
     """
-    fn = functools.partial(_vmapped_scores, covariance=covariance, ridge=ridge, solver=solver)
+    fn = functools.partial(
+        _stacked_scores, covariance=covariance, ridge=ridge, solver=solver,
+        sequential=all(dev.platform == "cpu" for dev in devices),
+    )
     if len(devices) > 1:
         spec = PartitionSpec("layers")
         mesh = Mesh(np.asarray(devices), ("layers",))
@@ -228,11 +253,14 @@ def score_layers(
     solver: str = "auto",
     devices: Sequence[Any] | None = None,
 ) -> jax.Array:
-    """Affinity scores of captured layers, grouped by shape and vmapped.
+    """Affinity scores of captured layers, grouped by shape.
 
-    Layers with equal reduced shapes are stacked and scored by one jitted,
-    vmapped call (compiled once per shape, reused across batches). With several
-    devices the stacked layer axis is sharded across them.
+    Layers with equal reduced shapes are stacked and scored by one jitted call
+    (compiled once per shape, reused across batches): ``vmap`` over the layers
+    on accelerators, a ``lax.map`` loop inside the compiled call on CPU (batched
+    CPU LAPACK kernels can deadlock XLA's thread pool, see
+    ``docs/signatures.md``). With several devices the stacked layer axis is
+    sharded across them.
 
     Args:
       layers: from :func:`capture_layers`.
@@ -257,14 +285,13 @@ def score_layers(
     for (_, _), idx in groups.items():
         xs = jnp.stack([layers[i].x for i in idx]).astype(dtype)
         ys = jnp.stack([layers[i].y for i in idx]).astype(dtype)
-        # One group after the other: XLA:CPU would otherwise run the groups' LAPACK calls
-        # concurrently, and the OpenBLAS behind them can deadlock under concurrent calls.
+        # One group after the other, so the groups' LAPACK calls don't compete for
+        # XLA:CPU's thread pool (see _stacked_scores).
         xs, ys, scores = jax.lax.optimization_barrier((xs, ys, scores))
         out = _group_scores(xs, ys, covariance=covariance, ridge=float(ridge), solver=solver,
                             devices=devices)
         if not isinstance(out, jax.core.Tracer):
-            # Eager: wait for this group before dispatching the next, so that two
-            # executables never run LAPACK at the same time (see the barrier above).
+            # Eager: wait for this group before dispatching the next (as the barrier).
             out.block_until_ready()
         scores = scores.at[jnp.asarray(idx)].set(out)
     return scores

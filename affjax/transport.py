@@ -44,14 +44,26 @@ HUNGARIAN_MAX_N_ON_ACCELERATOR = 1024
 # --- Gaussian (Bures) transport -------------------------------------------------
 
 
-def _lower_factor(factor: jax.Array) -> jax.Array:
+FACTORS: tuple[str, ...] = ("auto", "cholesky", "qr")
+
+
+def _lower_factor(factor: jax.Array, method: str = "auto") -> jax.Array:
     """``R`` with ``R R^T = F^T F``: Cholesky, or QR of ``F`` when Cholesky fails.
 
     Both are backward stable for ``F^T F`` to the same order; Cholesky is several
     times cheaper but breaks down (NaN) when rounding makes the Gram matrix
-    indefinite, which a ridge of 1e-6 does not prevent in float32.
+    indefinite, which a ridge of 1e-6 does not prevent in float32. ``method``
+    ``"cholesky"`` or ``"qr"`` forces one: under ``vmap`` the ``"auto"`` choice
+    becomes a select that runs both, so batched callers (signatures) try
+    ``"cholesky"`` on the whole batch and redo it with ``"qr"`` only if needed.
     """
+    if method not in FACTORS:
+        raise ValueError(f"factor method must be one of {FACTORS}, got {method!r}")
+    if method == "qr":
+        return jnp.linalg.qr(factor, mode="r").T
     chol = jnp.linalg.cholesky(factor.T @ factor)
+    if method == "cholesky":
+        return chol
     return jax.lax.cond(
         jnp.all(jnp.isfinite(chol)),
         lambda: chol,
@@ -60,7 +72,11 @@ def _lower_factor(factor: jax.Array) -> jax.Array:
 
 
 def bures_from_factors(
-    factor_x: jax.Array, factor_y: jax.Array, *, rtol: float | None = None
+    factor_x: jax.Array,
+    factor_y: jax.Array,
+    *,
+    rtol: float | None = None,
+    factor: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """Bures map and ``trace (C_y^1/2 C_x C_y^1/2)^1/2`` from covariance factors.
 
@@ -79,11 +95,13 @@ def bures_from_factors(
       rtol: singular values of ``F_x R`` at or below ``rtol * max`` count as
         zero (the pseudo-inverse); default ``4 * sqrt(k) * eps(dtype)``, the
         rounding level of ``F_x R`` as computed (see ``docs/numerics.md``).
+      factor: how ``R`` is computed: ``"auto"`` (Cholesky, QR where it fails),
+        ``"cholesky"`` (NaN where it fails) or ``"qr"``.
 
     Returns:
       ``(A, trace_sqrt)``: ``(k, k)`` and a scalar.
     """
-    r = _lower_factor(factor_y)
+    r = _lower_factor(factor_y, factor)
     if rtol is None:
         rtol = 4.0 * r.shape[-1] ** 0.5 * float(jnp.finfo(r.dtype).eps)
     inv_sqrt, trace_sqrt = gram_inv_sqrt_and_trace_sqrt(factor_x @ r, rtol)

@@ -307,3 +307,66 @@ def test_four_devices_equal_one_device():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK 6" in out.stdout
+
+
+def _stack_of_layers(dtype):
+    """Three (64, 8) layers; the second one's C_y breaks float32 Cholesky down."""
+    xs = np.stack([np.random.default_rng(seed).normal(size=(64, 8)) for seed in (1, 0, 2)])
+    ys = np.maximum(xs, 0.0)
+    ys[1] *= 1e3
+    ys[1, :, 1:4] = ys[1, :, :1]  # equal large columns: F_y^T F_y rounds to indefinite
+    return jnp.asarray(xs, dtype), jnp.asarray(ys, dtype)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_group_scores_equal_per_layer_scores_with_cholesky_breakdown(sequential, dtype):
+    from affjax.signature import _stacked_scores
+    from affjax.transport import _lower_factor
+
+    xs, ys = _stack_of_layers(dtype)
+    if dtype == jnp.float32:  # the case really exercises the QR redo
+        c = affjax.covariance.covariance_parts(ys[1], covariance="empirical", ridge=1e-6)
+        eye = jnp.eye(8, dtype=dtype)
+        f = jnp.concatenate([jnp.sqrt(c.alpha) * c.centered, jnp.sqrt(c.shift) * eye])
+        assert not np.isfinite(np.asarray(_lower_factor(f, "cholesky"))).all()
+    got = jax.jit(lambda a, b: _stacked_scores(
+        a, b, covariance="empirical", ridge=1e-6, solver="scipy", sequential=sequential))(xs, ys)
+    expected = [float(affjax.affinity_score(x, y, solver="scipy")) for x, y in zip(xs, ys,
+                                                                                  strict=True)]
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5 if dtype == jnp.float32
+                               else 1e-10)
+
+
+def test_cpu_group_scorer_uses_no_batched_lapack():
+    # Batched CPU LAPACK kernels wait on XLA's thread pool; two at once have deadlocked a
+    # jitted signature. On CPU the group is a loop of unbatched kernels.
+    from affjax.signature import _group_scorer
+
+    xs, ys = _stack_of_layers(jnp.float32)
+    fn = _group_scorer("empirical", 1e-6, "auto", tuple(jax.devices("cpu")[:1]))
+    hlo = fn.lower(xs, ys).as_text()
+    assert "while" in hlo
+    lapack = [line for line in hlo.splitlines() if "lapack_" in line and "custom_call" in line]
+    assert lapack, "expected LAPACK custom calls in the scorer"
+    for line in lapack:  # operands of every LAPACK call are single matrices (rank 2)
+        assert "tensor<3x" not in line, line
+
+
+def test_jitted_signature_repeats_on_several_groups():
+    class Widths(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for width in (16, 32, 16, 32, 64, 64):
+                x = affjax.Activation(jax.nn.relu)(nn.Dense(width)(x))
+            return x
+
+    x = _x(n=64, d=8)
+    model = Widths()
+    v = _init(model, x)
+    f = jax.jit(lambda v, x: affjax.signature_scores(model, v, x))
+    first = np.asarray(f(v, x))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(f(v, x)), first)
+    np.testing.assert_allclose(first, affjax.signature(model, v, x).scores, atol=1e-5)

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 # safetensors dtype codes -> NumPy dtypes (little-endian).
@@ -32,9 +32,9 @@ _SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F16": np.dtype("<f2"),
     "F32": np.dtype("<f4"),
     "F64": np.dtype("<f8"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "BF16": np.dtype(jnp.bfloat16),
+    "F8_E4M3": np.dtype(jnp.float8_e4m3fn),
+    "F8_E5M2": np.dtype(jnp.float8_e5m2),
 }
 _DTYPE_CODES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 # A header larger than this is not a safetensors file (the reference reader uses 100 MB).
@@ -50,7 +50,7 @@ def load_safetensors(path: str | os.PathLike) -> StateDict:
       path: the file.
 
     Returns:
-      ``{name: array}`` in the file's dtypes (``bfloat16`` and float8 as ``ml_dtypes``).
+      ``{name: array}`` in the file's dtypes (``bfloat16`` and float8 as ``jnp.bfloat16`` etc.).
 
     Raises:
       ValueError: a malformed file (bad header, unknown dtype, byte ranges that do not

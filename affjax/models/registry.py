@@ -56,6 +56,9 @@ class ModelSpec:
         reads ``num_classes`` from its weight.
       min_size: the smallest square input side the architecture accepts; ``create`` initialises
         at this size (parameter shapes do not depend on it: adaptive pooling before the head).
+      parity_size: the input side of the parity sweep (``affjax.models.parity``): small, but
+        large enough that the maps before the head are larger than 1x1, so that the flatten
+        permutation and the adaptive pooling are exercised.
       flatten: torch Linear name -> ``(H, W, C)`` of the NHWC map flattened into it. torch
         flattens NCHW, the port flattens NHWC, so that Linear's input rows are permuted.
       rules: optional per-leaf override (``RuleFn``) for tensors the default mapping cannot
@@ -70,6 +73,7 @@ class ModelSpec:
     transform: EvalTransform
     head: str
     min_size: int = 32
+    parity_size: int = 64
     flatten: Mapping[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
     rules: RuleFn | None = None
     torch_module: Callable[[tuple[str, ...]], str] | None = None

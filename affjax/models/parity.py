@@ -1,0 +1,223 @@
+"""Parity of the ports with torchvision: logits and signatures on the same random input.
+
+For each model: build torchvision's model with random weights (``weights=None``, nothing
+downloads) and random BatchNorm statistics and affine parameters, convert it with
+:func:`affjax.models.from_torchvision`, run both on the same standard-normal batch, and
+compare
+
+* the logits: ``max |flax - torch| / max |torch|`` (float32 on both sides);
+* the signature: affjax's (``affjax.signature`` on the Flax model) against one computed from
+  torch forward hooks on every activation module (one entry per call, in call order, the
+  input captured by a pre-hook because torchvision's ReLUs are in-place), reduced as the
+  published pipeline does ((N, C, H, W) -> mean over H, W; (N, T, D) -> mean over D) and
+  scored with :func:`affjax.affinity_score` in float64;
+* the names: the Flax signature names, ``/`` -> ``.`` and the call index dropped, must equal
+  the torch module names in call order.
+
+Command line (needs torch and torchvision)::
+
+    python -m affjax.models.parity --all --batch 8 --markdown table.md
+    python -m affjax.models.parity resnet18 alexnet --size 96
+
+Importing this module does not import torch; the functions do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+# torch activation module class names captured by the hooks (the published pipeline's list).
+TORCH_ACTIVATIONS = ("ReLU", "ReLU6", "GELU", "SiLU", "Sigmoid", "Hardswish", "Hardsigmoid",
+                     "Tanh", "ELU", "LeakyReLU", "Mish", "Softplus")
+
+
+@dataclasses.dataclass
+class ParityResult:
+    """One model's comparison (see the module docstring)."""
+
+    name: str
+    size: int
+    parameters: int
+    logit_error: float
+    signature_error: float
+    calls: int
+    names_match: bool
+    torch_scores: np.ndarray
+    flax_scores: np.ndarray
+    seconds: float
+
+
+def torchvision_model(name: str, *, seed: int = 0) -> Any:
+    """torchvision's ``name`` in eval mode with random weights and random BatchNorm state.
+
+    Running means ~ U(-0.5, 0.5), running variances ~ U(0.5, 2), BatchNorm weights
+    ~ U(0.5, 1.5) and biases ~ U(-0.5, 0.5), so the import of every BatchNorm tensor matters.
+    """
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _reduce(t: Any) -> np.ndarray:
+    a = t.detach().double().numpy()
+    if a.ndim == 4:  # (N, C, H, W)
+        return a.mean(axis=(2, 3))
+    if a.ndim == 3:  # (N, T, D): tokens act as features
+        return a.mean(axis=2)
+    return a.reshape(a.shape[0], -1)
+
+
+def torch_activation_calls(model: Any, x: Any) -> tuple[list[str], list[tuple[np.ndarray,
+                                                                               np.ndarray]], Any]:
+    """Run ``model(x)`` with hooks on every activation module.
+
+    Returns:
+      ``(names, pairs, logits)``: the module name of each call in call order, the reduced
+      float64 ``(input, output)`` of each call, and the model output.
+    """
+    import torch
+
+    names: list[str] = []
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    pending: list[Any] = []
+    handles = []
+
+    def pre_hook(module_name):
+        def hook(module, args):
+            pending.append(args[0].detach().clone())  # before an in-place ReLU overwrites it
+        return hook
+
+    def post_hook(module_name):
+        def hook(module, args, output):
+            names.append(module_name)
+            pairs.append((_reduce(pending.pop()), _reduce(output)))
+        return hook
+
+    for module_name, module in model.named_modules():
+        if type(module).__name__ in TORCH_ACTIVATIONS:
+            handles.append(module.register_forward_pre_hook(pre_hook(module_name)))
+            handles.append(module.register_forward_hook(post_hook(module_name)))
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return names, pairs, logits
+
+
+def flax_to_torch_name(signature_name: str) -> str:
+    """``layer1.0/relu:1`` -> ``layer1.0.relu`` (the torch module of that call)."""
+    return signature_name.rsplit(":", 1)[0].replace("/", ".")
+
+
+def compare(name: str, *, size: int | None = None, batch: int = 8, seed: int = 0) -> ParityResult:
+    """Compare the port of ``name`` with torchvision (needs torch, torchvision, jax x64).
+
+    ``size`` defaults to the model's ``ModelSpec.parity_size``.
+    """
+    import torch
+
+    import affjax
+    from affjax import models
+
+    size = size or models.get_spec(name).parity_size
+
+    if not jax.config.jax_enable_x64:
+        raise RuntimeError("parity.compare scores the torch reference in float64: enable "
+                           "jax_enable_x64 first")
+    start = time.perf_counter()
+    tmodel = torchvision_model(name, seed=seed)
+    x = np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+    torch_names, pairs, logits = torch_activation_calls(tmodel, torch.from_numpy(x))
+    ref = logits.numpy()
+    module, variables = models.from_torchvision(name, tmodel.state_dict())
+    parameters = sum(p.numel() for p in tmodel.parameters())
+    del tmodel
+    x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    out = np.asarray(jax.jit(module.apply)(variables, x_nhwc))
+    logit_error = float(np.abs(out - ref).max() / np.abs(ref).max())
+    sig = affjax.signature(module, variables, x_nhwc)
+    torch_scores = np.array([float(affjax.affinity_score(a, b)) for a, b in pairs])
+    names_match = [flax_to_torch_name(n) for n in sig.names] == torch_names
+    if len(sig.scores) == len(torch_scores):
+        signature_error = float(np.abs(sig.scores - torch_scores).max())
+    else:
+        signature_error = float("inf")
+    return ParityResult(name, size, int(parameters), logit_error, signature_error, len(torch_names),
+                        names_match, torch_scores, np.asarray(sig.scores),
+                        time.perf_counter() - start)
+
+
+def markdown_table(results: Sequence[ParityResult], *, batch: int) -> str:
+    lines = [f"Input {batch} x 3 x S x S, standard normal; random weights and BatchNorm "
+             "statistics.", "",
+             "| model | S | parameters | max logit error | max signature error | activation "
+             "calls | names match | seconds |",
+             "|---|---:|---:|---:|---:|---:|:---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.size} | {r.parameters:,} | {r.logit_error:.1e} | "
+                     f"{r.signature_error:.1e} | {r.calls} | {'yes' if r.names_match else 'NO'} "
+                     f"| {r.seconds:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m affjax.models.parity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="model names (default: --all)")
+    parser.add_argument("--all", action="store_true", help="every ported model")
+    parser.add_argument("--size", type=int, default=None,
+                        help="input side (default: each model's ModelSpec.parity_size, 64 for "
+                        "most, 128 for AlexNet); raised to the model's min_size")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", help="also write the result table to this file")
+    parser.add_argument("--logit-tol", type=float, default=1e-4)
+    parser.add_argument("--signature-tol", type=float, default=2e-3)
+    args = parser.parse_args(argv)
+    jax.config.update("jax_enable_x64", True)
+    from affjax import models
+
+    names = models.list_models() if args.all or not args.names else args.names
+    results = []
+    for name in names:
+        spec = models.get_spec(name)
+        size = max(args.size or spec.parity_size, spec.min_size)
+        r = compare(name, size=size, batch=args.batch, seed=args.seed)
+        results.append(r)
+        print(f"{r.name:<20} params {r.parameters:>12,}  logit err {r.logit_error:.1e}  "
+              f"signature err {r.signature_error:.1e}  calls {r.calls:>3}  names "
+              f"{'ok' if r.names_match else 'DIFFER'}  {r.seconds:.0f} s", flush=True)
+    table = markdown_table(results, batch=args.batch)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    failed = [r.name for r in results if not (r.names_match and r.logit_error <= args.logit_tol
+                                              and r.signature_error <= args.signature_tol)]
+    if failed:
+        print(f"FAILED: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

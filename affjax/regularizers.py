@@ -1,0 +1,340 @@
+"""The affinity score as a differentiable training regularizer.
+
+Loss terms built from :func:`affjax.signature_scores`, computed inside the
+training step and differentiated with the task loss::
+
+    import optax
+    from affjax import regularizers
+
+    def loss_fn(params, x, labels):
+        # One forward pass gives the logits and the selected layers' scores.
+        logits, scores = regularizers.output_and_scores(model, {"params": params}, x)
+        task = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return task + regularizers.target_penalty_from_scores(scores, target=0.6, weight=1.0)
+
+    @jax.jit
+    def step(params, opt_state, x, labels):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, labels)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+Terms:
+
+* :func:`target_penalty`: ``weight * mean_l (score_l - target_l)^2`` over the
+  selected layers; ``target`` a scalar or one value per selected layer.
+* :func:`mean_nonlinearity`: ``weight * mean_l (1 - score_l)``. A positive
+  weight penalises non-linearity (pushes the layers towards affine), a negative
+  weight rewards it.
+
+Each has a ``*_from_scores`` form that takes the ``(L,)`` scores, for use with
+:func:`output_and_scores`, which returns the model output (what ``model.apply``
+returns) together with the scores from the same forward pass. Calling
+``model.apply`` and :func:`target_penalty` separately runs the forward pass
+twice and, worse, backpropagates through it twice.
+
+Gradients: exact solvers (``"scipy"`` on the host through a callback,
+``"hungarian"`` on the device, ``"sort"`` for 1-D layers) hold the optimal
+matching fixed and differentiate the matched cost; this is the gradient of the
+exact score wherever the optimal matching is unique (almost everywhere).
+``"sinkhorn"`` (OTT-JAX, on device, smooth) differentiates the entropic plan's
+cost by unrolling; it is biased low and costs far more (measured in
+``docs/regularizers.md``). ``"auto"`` picks ``"scipy"`` on CPU and
+``"hungarian"`` on an accelerator up to n = 1024, so there the whole step stays
+on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.typing import ArrayLike
+
+from affjax.signature import signature_scores
+
+__all__ = [
+    "mean_nonlinearity",
+    "mean_nonlinearity_from_scores",
+    "output_and_scores",
+    "target_penalty",
+    "target_penalty_from_scores",
+]
+
+
+class _OutputTap:
+    """Stands in for a linen module and keeps what ``model.apply`` returned.
+
+    :func:`affjax.signature.capture_layers` only calls ``model.apply`` on a
+    linen model, so a stand-in with that method sees the model's output while
+    the capture runs, inside the same trace, and the forward pass is shared.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.returned: tuple[Any, Any] | None = None
+
+    def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
+        out = self.model.apply(variables, *args, **kwargs)
+        self.returned = out
+        return out
+
+
+def _check_model(model: Any, variables: Any) -> None:
+    if isinstance(model, nnx.Module):
+        if variables is not None:
+            raise TypeError("an nnx.Module carries its own state: pass variables=None")
+        return
+    if not hasattr(model, "apply"):
+        raise TypeError(
+            f"model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+        )
+
+
+def output_and_scores(
+    model: Any,
+    variables: Any,
+    x: Any,
+    *,
+    solver: str = "auto",
+    covariance: str = "empirical",
+    ridge: float = 1e-6,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    exclude_kinds: Sequence[str] | None = None,
+    tokens: str = "mean_features",
+    functions: bool = True,
+    **apply_kwargs: Any,
+) -> tuple[Any, jax.Array]:
+    """The model output and the affinity scores of its selected layers, from one forward pass.
+
+    Args:
+      model: a ``flax.linen.Module``; an ``nnx.Module`` (``variables=None``)
+        is accepted but runs the forward pass twice (the NNX capture does not
+        hand back the output).
+      variables: linen variables (``{"params": ..., "batch_stats": ...}``).
+      x: input batch, batch axis first, at least 2 samples.
+      solver: ``"auto"``, ``"scipy"``, ``"hungarian"``, ``"sinkhorn"`` (see
+        the module docstring).
+      covariance, ridge: as in :func:`affjax.affinity_score`.
+      include, exclude, kinds, exclude_kinds, tokens, functions: layer
+        selection and capture options of :func:`affjax.signature_scores`.
+      **apply_kwargs: passed to ``model.apply``; with ``mutable=[...]`` (e.g.
+        ``"batch_stats"`` in training mode) the output is ``(y, updated)``,
+        exactly as ``model.apply`` returns it.
+
+    Returns:
+      ``(output, scores)``: what ``model.apply(variables, x, **apply_kwargs)``
+      returns, and the ``(L,)`` scores of the selected layers in forward order
+      (float32 for float32 models, float64 under ``jax_enable_x64`` with
+      float64 inputs).
+
+    Example:
+      >>> logits, scores = output_and_scores(model, variables, x)   # doctest: +SKIP
+      >>> term = target_penalty_from_scores(scores, target=0.5)       # doctest: +SKIP
+    """
+    _check_model(model, variables)
+    options = dict(solver=solver, covariance=covariance, ridge=ridge, include=include,
+                   exclude=exclude, kinds=kinds, exclude_kinds=exclude_kinds, tokens=tokens,
+                   functions=functions)
+    if isinstance(model, nnx.Module):
+        scores = signature_scores(model, None, x, **options, **apply_kwargs)
+        return model(x, **apply_kwargs), scores
+    user_mutable = apply_kwargs.get("mutable", False)
+    tap = _OutputTap(model)
+    scores = signature_scores(tap, variables, x, **options, **apply_kwargs)
+    if tap.returned is None:
+        raise RuntimeError("the signature capture did not call model.apply")
+    out, state = tap.returned
+    if not user_mutable:
+        return out, scores
+    # Drop the capture's own collection; keep what the caller asked to mutate.
+    updated = {k: v for k, v in state.items() if k != "intermediates" or _asked(user_mutable, k)}
+    return (out, updated), scores
+
+
+def _asked(mutable: Any, name: str) -> bool:
+    if mutable is True:
+        return True
+    return name == mutable if isinstance(mutable, str) else name in mutable
+
+
+def _concrete(v: ArrayLike) -> np.ndarray | None:
+    try:
+        return np.asarray(v)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _as_float(name: str, v: ArrayLike, dtype: Any) -> jax.Array:
+    dtype_in = v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype
+    if not (np.issubdtype(dtype_in, np.floating) or np.issubdtype(dtype_in, np.integer)):
+        raise TypeError(f"{name} must be a real number or array, got {v!r} of dtype {dtype_in}")
+    arr = jnp.asarray(v)
+    concrete = _concrete(v)
+    if concrete is not None and not np.all(np.isfinite(concrete)):
+        raise ValueError(f"{name} must be finite, got {concrete}")
+    return arr.astype(dtype)
+
+
+def _scores_vector(scores: ArrayLike) -> jax.Array:
+    s = jnp.asarray(scores)
+    if s.ndim != 1 or s.shape[0] == 0:
+        raise ValueError(f"scores must have shape (L,) with L >= 1 layers, got shape {s.shape}")
+    if not jnp.issubdtype(s.dtype, jnp.floating):
+        raise TypeError(f"scores must be floating point, got dtype {s.dtype}")
+    return s
+
+
+def target_penalty_from_scores(
+    scores: ArrayLike, *, target: ArrayLike, weight: ArrayLike = 1.0
+) -> jax.Array:
+    """``weight * mean_l (scores_l - target_l)^2``.
+
+    Args:
+      scores: ``(L,)`` affinity scores (from :func:`output_and_scores` or
+        :func:`affjax.signature_scores`).
+      target: scalar, or ``(L,)`` one target per layer; scores lie in
+        ``[0, 1]``, so must the targets.
+      weight: scalar multiplier (may be traced, e.g. a schedule).
+
+    Returns:
+      A scalar in the scores' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> round(float(target_penalty_from_scores(jnp.array([0.5, 0.9]), target=0.7,
+      ...                                            weight=2.0)), 6)
+      0.08
+    """
+    s = _scores_vector(scores)
+    t = _as_float("target", target, s.dtype)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != s.shape[0]):
+        raise ValueError(
+            f"target must be a scalar or have shape ({s.shape[0]},), one value per selected "
+            f"layer, got shape {t.shape}; list the selected layers with "
+            "affjax.signature(model, variables, x, include=...)"
+        )
+    concrete = _concrete(target)
+    if concrete is not None and (np.any(concrete < 0) or np.any(concrete > 1)):
+        raise ValueError(f"target must lie in [0, 1] (affinity scores do), got {concrete}")
+    w = _as_float("weight", weight, s.dtype)
+    if w.ndim:
+        raise ValueError(f"weight must be a scalar, got shape {w.shape}")
+    return w * jnp.mean((s - t) ** 2)
+
+
+def mean_nonlinearity_from_scores(scores: ArrayLike, *, weight: ArrayLike = 1.0) -> jax.Array:
+    """``weight * mean_l (1 - scores_l)``: positive weight penalises non-linearity.
+
+    Args:
+      scores: ``(L,)`` affinity scores.
+      weight: scalar; ``> 0`` pushes the selected layers towards affine,
+        ``< 0`` rewards non-linearity.
+
+    Returns:
+      A scalar in the scores' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> round(float(mean_nonlinearity_from_scores(jnp.array([0.5, 0.9]), weight=-1.0)), 6)
+      -0.3
+    """
+    s = _scores_vector(scores)
+    w = _as_float("weight", weight, s.dtype)
+    if w.ndim:
+        raise ValueError(f"weight must be a scalar, got shape {w.shape}")
+    return w * jnp.mean(1.0 - s)
+
+
+def target_penalty(
+    model: Any,
+    variables: Any,
+    x: Any,
+    *,
+    target: ArrayLike,
+    weight: ArrayLike = 1.0,
+    solver: str = "auto",
+    covariance: str = "empirical",
+    ridge: float = 1e-6,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    exclude_kinds: Sequence[str] | None = None,
+    tokens: str = "mean_features",
+    functions: bool = True,
+    **apply_kwargs: Any,
+) -> jax.Array:
+    """Penalty on the distance of each selected layer's score to a target.
+
+    ``weight * mean_l (score_l - target_l)^2`` with the scores of
+    :func:`affjax.signature_scores` on the batch ``x``. Pure, jittable and
+    differentiable with respect to ``variables``. When the task loss needs the
+    model output too, use :func:`output_and_scores` and
+    :func:`target_penalty_from_scores` instead (one forward pass).
+
+    Args:
+      model, variables, x: as in :func:`affjax.signature_scores`.
+      target: scalar or ``(L,)`` per selected layer, in ``[0, 1]``.
+      weight: scalar multiplier.
+      solver, covariance, ridge, include, exclude, kinds, exclude_kinds,
+        tokens, functions, **apply_kwargs: see :func:`output_and_scores`.
+
+    Returns:
+      A scalar in the scores' dtype.
+
+    Numerical caveats: the score of a batch of n samples is biased low when
+    the layer width approaches n (see ``docs/numerics.md``), so a target is
+    met for a given batch size; at a score of exactly 1 (an affine layer) the
+    gradient is 0 (the square root's derivative is infinite there and set to 0).
+
+    Example:
+      >>> term = target_penalty(model, variables, x, target=0.5, weight=0.1)  # doctest: +SKIP
+    """
+    _check_model(model, variables)
+    scores = signature_scores(
+        model, variables, x, solver=solver, covariance=covariance, ridge=ridge, include=include,
+        exclude=exclude, kinds=kinds, exclude_kinds=exclude_kinds, tokens=tokens,
+        functions=functions, **apply_kwargs)
+    return target_penalty_from_scores(scores, target=target, weight=weight)
+
+
+def mean_nonlinearity(
+    model: Any,
+    variables: Any,
+    x: Any,
+    *,
+    weight: ArrayLike = 1.0,
+    solver: str = "auto",
+    covariance: str = "empirical",
+    ridge: float = 1e-6,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    exclude_kinds: Sequence[str] | None = None,
+    tokens: str = "mean_features",
+    functions: bool = True,
+    **apply_kwargs: Any,
+) -> jax.Array:
+    """Penalty (``weight > 0``) or reward (``weight < 0``) on the mean non-linearity.
+
+    ``weight * mean_l (1 - score_l)`` over the selected layers. Pure, jittable
+    and differentiable with respect to ``variables``; see
+    :func:`target_penalty` for the options and caveats.
+
+    Returns:
+      A scalar in the scores' dtype.
+
+    Example:
+      >>> term = mean_nonlinearity(model, variables, x, weight=-0.1)  # doctest: +SKIP
+    """
+    _check_model(model, variables)
+    scores = signature_scores(
+        model, variables, x, solver=solver, covariance=covariance, ridge=ridge, include=include,
+        exclude=exclude, kinds=kinds, exclude_kinds=exclude_kinds, tokens=tokens,
+        functions=functions, **apply_kwargs)
+    return mean_nonlinearity_from_scores(scores, weight=weight)

@@ -1,0 +1,144 @@
+"""The ports against torchvision itself (torch 2.x + torchvision, random weights, no download).
+
+Logits within 1e-4 of the logit scale; signatures within 2e-3 per layer of one computed with
+torch forward hooks (affjax.models.parity); the transform against torchvision's.
+The full sweep over every model: ``python -m affjax.models.parity --all`` (docs/models.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torchvision
+from flax import traverse_util
+
+from affjax import models
+from affjax.models import parity
+
+# The smallest model of each family (and the BatchNorm and grouped-convolution variants), at
+# ModelSpec.parity_size, where every spatial map before the head is larger than 1x1 (AlexNet:
+# 3x3 at 128, VGG: 2x2 at 64), so the NCHW -> NHWC flatten permutation is exercised.
+CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_and_signature_match_torchvision(name):
+    r = parity.compare(name, batch=8, seed=0)
+    assert r.size == {"alexnet": 128}.get(name, 64)
+    assert r.logit_error <= 1e-4, r.logit_error
+    assert r.calls == len(r.flax_scores)
+    assert r.names_match
+    np.testing.assert_allclose(r.flax_scores, r.torch_scores, rtol=0, atol=2e-3)
+    # The reference is not degenerate: some layer is clearly non-linear, none is NaN.
+    assert np.all(np.isfinite(r.torch_scores)) and r.torch_scores.min() < 0.95
+
+
+def test_hooks_see_the_input_before_the_inplace_relu():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(inplace=True))
+    x = torch.randn(32, 4)
+    names, pairs, out = parity.torch_activation_calls(model, x)
+    assert names == ["1"]
+    pre = model[0](x).detach().double().numpy()
+    np.testing.assert_allclose(pairs[0][0], pre, rtol=1e-6)
+    assert (pre < 0).any() and np.array_equal(pairs[0][1], np.maximum(pre, 0))
+
+
+def test_a_wrong_permutation_is_caught():
+    """Sanity of the parity check: VGG's first Linear without the flatten permutation fails."""
+    tmodel = parity.torchvision_model("vgg11", seed=1)
+    sd = tmodel.state_dict()
+    w = sd["classifier.0.weight"].numpy()
+    # Permute the columns the other way (HWC -> CHW) to mimic a port that flattens NCHW wrongly.
+    sd = dict(sd, **{"classifier.0.weight": torch.from_numpy(
+        np.ascontiguousarray(w.reshape(4096, 7, 7, 512).transpose(0, 3, 1, 2).reshape(4096, -1)))})
+    module, variables = models.from_torchvision("vgg11", sd)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = tmodel(torch.from_numpy(x)).numpy()
+    out = np.asarray(module.apply(variables, x.transpose(0, 2, 3, 1)))
+    assert np.abs(out - ref).max() / np.abs(ref).max() > 1e-2
+
+
+def test_state_dict_names_match_torchvision_exactly():
+    for name in ("alexnet", "vgg11_bn", "resnet18", "resnext50_32x4d"):
+        sd = torchvision.models.get_model(name, weights=None).state_dict()
+        module, variables = models.from_torchvision(name, sd)
+        back = models.to_torchvision(name, variables)
+        expected = {k for k in sd if not k.endswith("num_batches_tracked")}
+        assert set(back) == expected
+        for k in expected:
+            np.testing.assert_array_equal(back[k], sd[k].numpy(), err_msg=k)
+
+
+def test_pth_round_trip_and_bfloat16_tensors(tmp_path):
+    tmodel = parity.torchvision_model("resnet18", seed=2)
+    path = tmp_path / "resnet18.pth"
+    torch.save(tmodel.state_dict(), path)
+    _, from_file = models.from_torchvision("resnet18", path)
+    _, from_dict = models.from_torchvision("resnet18", tmodel.state_dict())
+    a, b = traverse_util.flatten_dict(from_file), traverse_util.flatten_dict(from_dict)
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+    wrapped = tmp_path / "checkpoint.pth"
+    torch.save({"state_dict": tmodel.state_dict(), "epoch": 3}, wrapped)
+    _, from_wrapped = models.from_torchvision("resnet18", wrapped)
+    np.testing.assert_array_equal(from_wrapped["params"]["fc"]["kernel"],
+                                  from_dict["params"]["fc"]["kernel"])
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+            for k, v in tmodel.state_dict().items()}
+    _, from_half = models.from_torchvision("resnet18", half)
+    np.testing.assert_allclose(from_half["params"]["fc"]["kernel"],
+                               from_dict["params"]["fc"]["kernel"], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(models.list_models()))
+def test_eval_transform_numbers_match_torchvision(name):
+    ref = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    t = models.eval_transform(name)
+    assert [t.resize_size] == list(ref.resize_size)
+    assert [t.crop_size] == list(ref.crop_size)
+    assert t.interpolation == ref.interpolation.value
+    assert t.antialias == ref.antialias
+    np.testing.assert_allclose(t.mean, ref.mean)
+    np.testing.assert_allclose(t.std, ref.std)
+
+
+def _test_image(h, w, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = np.stack([np.sin(xx / 17.0 + c) * np.cos(yy / 23.0 - c) for c in range(3)], -1)
+    img = np.clip(0.5 + 0.4 * smooth + 0.1 * rng.standard_normal((h, w, 3)), 0, 1)
+    return (img * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(300, 400), (480, 353), (120, 160), (500, 240)])
+def test_eval_transform_output_matches_torchvision(shape):
+    """Measured differences (resnet50's transform, 232 -> 224):
+
+    * float image in [0, 1] vs torchvision on a float tensor: max 1e-4 (same antialiased
+      triangle filter; float32 rounding);
+    * uint8 vs torchvision on a uint8 tensor: max 0.0088 = 0.5 / 255 / 0.225, torchvision
+      rounds the resized image to uint8, we keep float;
+    * uint8 vs torchvision on a PIL image: max 0.0175 = 1 / 255 / 0.224, PIL's fixed-point
+      resampling is off by up to one grey level besides the rounding.
+    The tolerances are these bounds (grey levels / smallest std) with a 10% margin.
+    """
+    name = "resnet50"
+    ref_t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    t = models.eval_transform(name)
+    img = _test_image(*shape, seed=sum(shape))
+    grey = 1 / 255 / min(t.std)
+    ours_u8 = np.asarray(t(img))
+    ours_f = np.asarray(t(img.astype(np.float32) / 255))
+    chw = torch.from_numpy(img).permute(2, 0, 1)
+    ref_float = ref_t(chw.float() / 255).numpy().transpose(1, 2, 0)
+    ref_uint8 = ref_t(chw).numpy().transpose(1, 2, 0)
+    ref_pil = ref_t(PIL.Image.fromarray(img)).numpy().transpose(1, 2, 0)
+    assert ours_u8.shape == ref_pil.shape == (224, 224, 3)
+    assert np.abs(ours_f - ref_float).max() <= 2e-4
+    assert np.abs(ours_u8 - ref_uint8).max() <= 0.55 * grey
+    assert np.abs(ours_u8 - ref_pil).max() <= 1.1 * grey
+    assert np.abs(ours_u8 - ref_pil).mean() <= 0.4 * grey
