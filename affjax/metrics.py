@@ -169,15 +169,23 @@ def layer_metrics(
       "norm_diff", "r2"}``.
     """
     before, after = full_sparsity if full_sparsity is not None else (sparsity(x), sparsity(y))
+    cka, ent_x, ent_y, norm, r2 = (float(v) for v in _reduced_metrics(x, y))
     return {
-        "cka": float(linear_cka(x, y)),
+        "cka": cka,
         "sparsity_before": float(before),
         "sparsity_after": float(after),
-        "entropy_before": float(histogram_entropy(x)),
-        "entropy_after": float(histogram_entropy(y)),
-        "norm_diff": float(difference_norm(x, y)),
-        "r2": float(linear_fit_r2(x, y)),
+        "entropy_before": ent_x,
+        "entropy_after": ent_y,
+        "norm_diff": norm,
+        "r2": r2,
     }
+
+
+@jax.jit
+def _reduced_metrics(x: jax.Array, y: jax.Array) -> jax.Array:
+    """The measures on the reduced pair, as one compiled call (one per shape)."""
+    return jnp.stack([linear_cka(x, y), histogram_entropy(x), histogram_entropy(y),
+                      difference_norm(x, y), linear_fit_r2(x, y)])
 
 
 METRIC_NAMES: tuple[str, ...] = ("cka", "sparsity_before", "sparsity_after", "entropy_before",
