@@ -10,8 +10,15 @@ from affjax.capture import NnxActivation
 from affjax.covariance import empirical_covariance
 from affjax.covariance import ledoit_wolf_covariance
 from affjax.covariance import ledoit_wolf_shrinkage
+from affjax.data import load_dataset
 from affjax.linalg import psd_inv_sqrt
 from affjax.linalg import psd_sqrt
+from affjax.metrics import difference_norm
+from affjax.metrics import dtw_distance
+from affjax.metrics import histogram_entropy
+from affjax.metrics import linear_cka
+from affjax.metrics import linear_fit_r2
+from affjax.metrics import sparsity
 from affjax.score import AffinityResult
 from affjax.score import affinity
 from affjax.score import affinity_score
@@ -37,10 +44,16 @@ __all__ = [
     "affinity_score",
     "bures_map",
     "bures_w2",
+    "difference_norm",
+    "dtw_distance",
     "empirical_covariance",
     "exact_w2",
+    "histogram_entropy",
     "ledoit_wolf_covariance",
     "ledoit_wolf_shrinkage",
+    "linear_cka",
+    "linear_fit_r2",
+    "load_dataset",
     "optimal_permutation",
     "psd_inv_sqrt",
     "psd_sqrt",
@@ -49,5 +62,6 @@ __all__ = [
     "signature_over_batches",
     "signature_scores",
     "sinkhorn_w2_squared",
+    "sparsity",
     "w2_squared",
 ]

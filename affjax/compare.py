@@ -1,0 +1,141 @@
+"""Comparing signatures across models: DTW distances, clustering, summary statistics, accuracy.
+
+The paper's analyses: signatures of different lengths compared by dynamic time warping and
+clustered hierarchically (families cluster together), and per-model summary statistics of the
+signature (mean, std, min, max, max/mean) correlated with ImageNet top-1 accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from affjax.metrics import dtw_matrix
+
+STATISTICS: tuple[str, ...] = ("mean", "std", "min", "max", "max_over_mean")
+
+
+def summary_statistics(scores: Sequence[float]) -> dict[str, float]:
+    """Mean, std (population), min, max and max/mean of a signature's scores.
+
+    Example:
+      >>> summary_statistics([0.5, 1.0])["max_over_mean"]
+      1.3333333333333333
+    """
+    s = np.asarray(scores, np.float64)
+    if s.size == 0:
+        raise ValueError("summary_statistics of an empty signature")
+    mean = float(s.mean())
+    return {"mean": mean, "std": float(s.std()), "min": float(s.min()), "max": float(s.max()),
+            "max_over_mean": float(s.max() / mean) if mean != 0 else float("nan")}
+
+
+def labels_for(results: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> list[str]:
+    """A label per result: the model name, made unique with the weights/dataset, then the file."""
+    labels = [str(r["model"]) for r in results]
+    if len(set(labels)) < len(labels):
+        labels = [f"{r['model']}/{r['weights']}/{r['dataset']}" for r in results]
+    if len(set(labels)) < len(labels):
+        labels = [Path(p).stem for p in paths]
+    if len(set(labels)) < len(labels):
+        labels = [str(p) for p in paths]
+    return labels
+
+
+class AccuracyError(ValueError):
+    """The accuracy table cannot be read or does not cover the compared models."""
+
+
+def read_accuracy(path: str | os.PathLike) -> dict[str, float]:
+    """Read a model -> accuracy table.
+
+    Accepted: a JSON object ``{"resnet18": 69.76, ...}``, or a CSV with a header row whose
+    first column is the model and which has a column named ``accuracy`` (or ``acc@1``,
+    ``top1``); otherwise the second column is used.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise AccuracyError(f"cannot read accuracy file {path}: {e.strerror or e}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            table = json.loads(text)
+            if not isinstance(table, dict):
+                raise AccuracyError(f"accuracy file {path}: expected a JSON object model -> "
+                                    "accuracy")
+            return {str(k): float(v) for k, v in table.items()}
+        rows = list(csv.reader(text.splitlines()))
+        if len(rows) < 2:
+            raise AccuracyError(f"accuracy file {path}: expected a header row and one row per "
+                                "model")
+        head = [h.strip().lower() for h in rows[0]]
+        col = next((head.index(h) for h in ("accuracy", "acc@1", "top1") if h in head), 1)
+        return {r[0].strip(): float(r[col]) for r in rows[1:] if r and r[0].strip()}
+    except (ValueError, IndexError) as e:
+        if isinstance(e, AccuracyError):
+            raise
+        raise AccuracyError(f"accuracy file {path}: {e}") from None
+
+
+def correlations(stats: Mapping[str, Mapping[str, float]], accuracy: Mapping[str, float]
+                 ) -> dict[str, dict[str, float]]:
+    """Pearson and Spearman correlation of each summary statistic with accuracy.
+
+    Args:
+      stats: label -> :func:`summary_statistics`.
+      accuracy: label -> accuracy; every label of ``stats`` must be present.
+
+    Returns:
+      statistic -> ``{"pearson", "pearson_p", "spearman", "spearman_p", "n"}``.
+    """
+    from scipy.stats import pearsonr
+    from scipy.stats import spearmanr
+
+    missing = [k for k in stats if k not in accuracy]
+    if missing:
+        raise AccuracyError(f"no accuracy for {missing}; the table has {sorted(accuracy)}")
+    labels = list(stats)
+    if len(labels) < 3:
+        raise AccuracyError(f"a correlation needs at least 3 models, got {len(labels)}")
+    acc = np.array([accuracy[k] for k in labels], np.float64)
+    out = {}
+    for name in STATISTICS:
+        v = np.array([stats[k][name] for k in labels], np.float64)
+        p = pearsonr(v, acc)
+        s = spearmanr(v, acc)
+        out[name] = {"pearson": float(p.statistic), "pearson_p": float(p.pvalue),
+                     "spearman": float(s.statistic), "spearman_p": float(s.pvalue),
+                     "n": len(labels)}
+    return out
+
+
+def compare(results: Sequence[Mapping[str, Any]], labels: Sequence[str], *,
+            accuracy: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """DTW distance matrix, summary statistics and (optionally) correlations with accuracy.
+
+    Args:
+      results: validated results objects (``affjax.results.load``).
+      labels: one unique label per result.
+      accuracy: label -> accuracy, or ``None``.
+
+    Returns:
+      ``{"labels", "dtw" (k x k list), "statistics" {label: stats}, "correlations" or None}``.
+    """
+    if len(results) < 2:
+        raise ValueError(f"compare needs at least 2 results, got {len(results)}")
+    sigs = [np.array([layer["score"] for layer in r["layers"]], np.float64) for r in results]
+    stats = {lab: summary_statistics(s) for lab, s in zip(labels, sigs, strict=True)}
+    return {
+        "labels": list(labels),
+        "dtw": dtw_matrix(sigs).tolist(),
+        "statistics": stats,
+        "correlations": None if accuracy is None else correlations(stats, accuracy),
+    }

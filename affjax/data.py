@@ -1,0 +1,410 @@
+"""Image datasets for signatures: TFDS datasets, ``random`` images and local image folders.
+
+Every dataset yields batches of preprocessed images, ``(N, H, W, 3)`` float32 (channels last),
+in a fixed order, batch by batch (nothing is materialised beyond one batch):
+
+* **TFDS** (``cifar10``, ``cifar100``, ``fashion_mnist``, ``mnist``, ``imagenet2012`` and any
+  TFDS image dataset by name): read with ``shuffle_files=False`` from ``data_dir``; nothing
+  downloads unless ``download=True``. ``imagenet2012`` cannot be downloaded by TFDS: its
+  archives go into a manual folder (see :data:`PREPARE_HINT`).
+* **random**: standard-normal images of shape 256x256x3 (NHWC; the published pipeline drew
+  3x256x256 NCHW), 10 000 of them, seed 987 (see :class:`RandomImages` for the preprocessing).
+* **a folder** with one subfolder per class (sorted class names, sorted file names).
+
+Preprocessing is the model's evaluation transform (``affjax.models.eval_transform(name)``, or
+any callable mapping ``(N, H, W, 3)`` uint8 images to float32); grayscale images are repeated to
+3 channels first. Batches are cut like a PyTorch ``DataLoader(drop_last=True)``: an incomplete
+last batch is dropped, and a batch size larger than the split is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NAMED_DATASETS: tuple[str, ...] = (
+    "random", "cifar10", "cifar100", "fashion_mnist", "mnist", "imagenet2012",
+)
+DEFAULT_SPLITS = {"imagenet2012": "validation"}
+RANDOM_SHAPE = (256, 256, 3)
+RANDOM_SIZE = 10_000
+RANDOM_SEED = 987
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
+PREPARE_HINT = (
+    "Prepare it once with `tfds build {name} --data_dir {data_dir}` (or rerun this command with "
+    "--download), then point --data-dir at that folder. imagenet2012 cannot be downloaded "
+    "automatically: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in a manual folder "
+    "and run `tfds build imagenet2012 --data_dir {data_dir} --manual_dir MANUAL_DIR` (or pass "
+    "--download --manual-dir MANUAL_DIR)."
+)
+
+Transform = Callable[[Any], Any]
+
+
+class DataError(ValueError):
+    """A dataset cannot be read as asked (unknown name, not prepared, too small, ...)."""
+
+
+def _to_rgb(images: np.ndarray) -> np.ndarray:
+    if images.shape[-1] == 1:
+        return np.repeat(images, 3, axis=-1)
+    if images.shape[-1] == 4:  # RGBA: drop alpha
+        return images[..., :3]
+    return images
+
+
+def _apply(transform: Transform, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Transform a list of HWC images: as one stacked batch when they share a shape."""
+    images = [_to_rgb(np.asarray(im)) for im in images]
+    if all(im.shape == images[0].shape for im in images):
+        out = transform(np.stack(images))
+    else:  # varying sizes (ImageNet, folders): one image at a time, then stack
+        out = np.stack([np.asarray(transform(im[None]))[0] for im in images])
+    return np.asarray(out, np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSelection:
+    """Which batches to use: all, the first ``count``, or the indices ``start`` to ``stop``.
+
+    Parsed from the command line by :func:`parse_batches`: ``"all"``, ``"K"`` (the first K
+    batches), ``"@I"`` (batch I only, counting from 0) or ``"I:J"`` (batches I..J-1).
+    """
+
+    start: int = 0
+    stop: int | None = None  # None: to the end of the data
+
+    def indices(self, available: int | None) -> range | None:
+        """The batch indices, or ``None`` when "to the end" with an unknown end."""
+        stop = self.stop
+        if available is not None:
+            stop = available if stop is None else min(stop, available)
+        return None if stop is None else range(self.start, stop)
+
+    def __str__(self) -> str:
+        if self.stop is None:
+            return "all" if self.start == 0 else f"{self.start}:"
+        if self.start == 0:
+            return str(self.stop)
+        if self.stop == self.start + 1:
+            return f"@{self.start}"
+        return f"{self.start}:{self.stop}"
+
+
+def parse_batches(spec: str) -> BatchSelection:
+    """Parse ``"all"``, ``"K"``, ``"@I"`` or ``"I:J"`` (see :class:`BatchSelection`)."""
+    text = str(spec).strip()
+    try:
+        if text == "all":
+            return BatchSelection()
+        if text.startswith("@"):
+            i = int(text[1:])
+            if i >= 0:
+                return BatchSelection(i, i + 1)
+        elif ":" in text:
+            a, b = text.split(":", 1)
+            start = int(a) if a else 0
+            stop = int(b) if b else None
+            if start >= 0 and (stop is None or stop > start):
+                return BatchSelection(start, stop)
+        else:
+            k = int(text)
+            if k > 0:
+                return BatchSelection(0, k)
+    except ValueError:
+        pass
+    raise DataError(
+        f"--batches {spec!r} is not understood: use 'all', a count K > 0 (the first K batches), "
+        "'@I' (only batch I, counting from 0) or 'I:J' (batches I to J-1)."
+    )
+
+
+class Dataset:
+    """A sequence of images read in a fixed order and cut into batches.
+
+    Subclasses implement :meth:`num_examples` and :meth:`_examples`.
+    """
+
+    name: str
+    split: str | None = None
+
+    def __init__(self, transform: Transform):
+        self.transform = transform
+
+    def num_examples(self) -> int | None:
+        """Number of examples, or ``None`` if unknown before reading."""
+        raise NotImplementedError
+
+    def _examples(self, start: int, count: int) -> list[np.ndarray]:
+        """Up to ``count`` raw HWC images from position ``start`` (fewer at the end)."""
+        raise NotImplementedError
+
+    def num_batches(self, batch_size: int) -> int | None:
+        n = self.num_examples()
+        return None if n is None else n // batch_size
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise :class:`DataError` if the split has fewer examples than one batch."""
+        if batch_size < 2:
+            raise DataError(f"--batch-size must be at least 2 (a covariance needs two samples), "
+                            f"got {batch_size}.")
+        n = self.num_examples()
+        if n is not None and batch_size > n:
+            raise DataError(self._too_small(batch_size, n))
+
+    def _too_small(self, batch_size: int, n: int) -> str:
+        where = f"{self.name}" + (f" split {self.split!r}" if self.split else "")
+        return (f"batch size {batch_size} is larger than {where}, which has {n} examples: "
+                f"choose --batch-size {n} or less.")
+
+    def batch(self, index: int, batch_size: int) -> np.ndarray | None:
+        """Batch ``index`` (from 0), preprocessed; ``None`` past the last full batch."""
+        raw = self._examples(index * batch_size, batch_size)
+        if len(raw) < batch_size:
+            if index == 0:
+                raise DataError(self._too_small(batch_size, len(raw)))
+            return None
+        return _apply(self.transform, raw)
+
+    def batches(
+        self, batch_size: int, selection: BatchSelection = BatchSelection(), *,
+        skip: Sequence[int] = (),
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(index, images)`` for the selected batches, skipping the indices in ``skip``.
+
+        ``images`` is ``(batch_size, H, W, 3)`` float32.
+        """
+        self.check_batch_size(batch_size)
+        done = set(skip)
+        available = self.num_batches(batch_size)
+        if available is not None and selection.stop is not None and selection.stop > available:
+            raise DataError(self._past_end(selection, batch_size, available))
+        index = selection.start
+        while selection.stop is None or index < selection.stop:
+            if available is not None and index >= available:
+                return
+            if index not in done:
+                images = self.batch(index, batch_size)
+                if images is None:
+                    if selection.stop is not None or index == selection.start:
+                        raise DataError(self._past_end(selection, batch_size, index))
+                    return
+                yield index, images
+            index += 1
+
+    def _past_end(self, selection: BatchSelection, batch_size: int, available: int) -> str:
+        return (f"--batches {selection} asks for batches that {self.name} does not have: it has "
+                f"{available} full batches of {batch_size} examples (the last incomplete batch "
+                "is dropped).")
+
+
+class RandomImages(Dataset):
+    """Standard-normal images, the published pipeline's ``random`` dataset.
+
+    Image ``i`` is drawn from ``numpy.random.default_rng([seed, i])``, shape 256x256x3 float32,
+    so any batch can be drawn alone (resuming does not replay earlier batches) and an image does
+    not depend on the batch size. The published pipeline drew ``torch.randn(3, 256, 256)``
+    images (a different stream; the distribution is the same).
+
+    Preprocessing: the images are passed as floats through the model's evaluation transform,
+    which resizes the shorter side to its resize size (a no-op for the 256-pixel resize of most
+    torchvision weights), centre-crops, and normalises ``(v - mean) / std``, with no scaling to
+    [0, 1] and no clipping. This is what torchvision's evaluation transform does to a float
+    tensor, so it matches the published pipeline.
+    """
+
+    def __init__(self, transform: Transform, *, seed: int = RANDOM_SEED, size: int = RANDOM_SIZE,
+                 shape: tuple[int, int, int] = RANDOM_SHAPE):
+        super().__init__(transform)
+        self.name, self.seed, self.size, self.shape = "random", int(seed), int(size), shape
+
+    def num_examples(self) -> int:
+        return self.size
+
+    def _examples(self, start: int, count: int) -> list[np.ndarray]:
+        stop = min(self.size, start + count)
+        return [np.random.default_rng([self.seed, i]).standard_normal(self.shape, np.float32)
+                for i in range(start, stop)]
+
+
+class ImageFolder(Dataset):
+    """Images under ``root/CLASS/FILE``: classes and files in sorted order, read with Pillow."""
+
+    def __init__(self, root: str | os.PathLike, transform: Transform):
+        super().__init__(transform)
+        self.root = Path(root)
+        self.name = str(root)
+        classes = sorted(p for p in self.root.iterdir() if p.is_dir())
+        self.files = [f for c in classes for f in sorted(c.iterdir())
+                      if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.files:
+            raise DataError(
+                f"image folder {self.root} holds no images: expected one subfolder per class "
+                f"with files ending in {', '.join(IMAGE_EXTENSIONS)}.")
+
+    def num_examples(self) -> int:
+        return len(self.files)
+
+    def _examples(self, start: int, count: int) -> list[np.ndarray]:
+        from PIL import Image
+
+        out = []
+        for f in self.files[start:start + count]:
+            try:
+                with Image.open(f) as im:
+                    out.append(np.asarray(im.convert("RGB")))
+            except OSError as e:
+                raise DataError(f"cannot read image {f}: {e}") from None
+        return out
+
+
+def _image_key(features: Any, name: str) -> str:
+    import tensorflow_datasets as tfds
+
+    keys = [k for k, v in features.items() if isinstance(v, tfds.features.Image)]
+    if not keys:
+        raise DataError(f"TFDS dataset {name!r} has no image feature (features: "
+                        f"{sorted(features.keys())}); only image datasets can be used.")
+    return "image" if "image" in keys else keys[0]
+
+
+class TFDSImages(Dataset):
+    """A TFDS image dataset, read in file order (``shuffle_files=False``).
+
+    Args:
+      name: TFDS name (``"cifar10"``, ``"imagenet2012"``, ``"oxford_flowers102"``, ...).
+      split: TFDS split, slicing allowed (``"test"``, ``"validation[:10%]"``); default
+        ``"test"`` (``"validation"`` for imagenet2012).
+      data_dir: the TFDS data folder (default: TFDS's own, ``~/tensorflow_datasets``).
+      download: download and prepare the dataset if needed (off by default).
+      manual_dir: folder with manually downloaded archives (imagenet2012).
+    """
+
+    def __init__(self, name: str, transform: Transform, *, split: str | None = None,
+                 data_dir: str | None = None, download: bool = False,
+                 manual_dir: str | None = None):
+        super().__init__(transform)
+        import tensorflow_datasets as tfds
+
+        self.name = name
+        self.split = split or DEFAULT_SPLITS.get(name, "test")
+        self.data_dir = data_dir
+        try:
+            self.builder = tfds.builder(name, data_dir=data_dir)
+        except Exception as e:  # DatasetNotFoundError and friends
+            raise DataError(unknown_dataset_message(name, str(e).splitlines()[0])) from None
+        if download:
+            config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+            self.builder.download_and_prepare(download_config=config)
+        self.image_key = _image_key(self.builder.info.features, name)
+        self._cursor: tuple[int, Iterator] | None = None
+        self._open(0)  # fails now, with a clear message, if the data is not there
+
+    def _not_prepared(self, detail: str) -> DataError:
+        data_dir = self.data_dir or "~/tensorflow_datasets"
+        return DataError(
+            f"TFDS dataset {self.name!r} (split {self.split!r}) is not prepared in {data_dir} "
+            f"({detail}). " + PREPARE_HINT.format(name=self.name, data_dir=data_dir))
+
+    def _open(self, start: int) -> None:
+        import tensorflow_datasets as tfds
+
+        try:
+            ds = self.builder.as_dataset(split=self.split, shuffle_files=False)
+        except AssertionError as e:  # TFDS's "could not find data in ..."
+            raise self._not_prepared(str(e).split(".")[0]) from None
+        except (KeyError, ValueError) as e:
+            raise DataError(
+                f"TFDS dataset {self.name!r} has no split {self.split!r}: {e}. Splits: "
+                f"{sorted(self.builder.info.splits.keys()) or 'unknown (not prepared)'}."
+            ) from None
+        if start:
+            ds = ds.skip(start)
+        self._cursor = (start, iter(tfds.as_numpy(ds)))
+
+    def num_examples(self) -> int | None:
+        try:
+            return int(self.builder.info.splits[self.split].num_examples)
+        except (KeyError, ValueError, TypeError):
+            return None  # sliced or unknown split: found out while reading
+
+    def _examples(self, start: int, count: int) -> list[np.ndarray]:
+        if self._cursor is None or self._cursor[0] != start:
+            self._open(start)
+        position, it = self._cursor
+        out = []
+        for example in it:
+            out.append(np.asarray(example[self.image_key]))
+            if len(out) == count:
+                break
+        self._cursor = (position + len(out), it)
+        return out
+
+
+def unknown_dataset_message(name: str, detail: str = "") -> str:
+    return (
+        f"unknown dataset {name!r}{f' ({detail})' if detail else ''}. Use one of "
+        f"{', '.join(NAMED_DATASETS)}, any TFDS image dataset name (see `affjax datasets`), or "
+        "the path of a folder with one subfolder of images per class."
+    )
+
+
+def load_dataset(
+    name: str,
+    transform: Transform,
+    *,
+    split: str | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
+    manual_dir: str | None = None,
+    seed: int = RANDOM_SEED,
+    random_size: int = RANDOM_SIZE,
+) -> Dataset:
+    """Open a dataset by name: ``"random"``, an existing folder path, or a TFDS name.
+
+    Args:
+      name: see the module docstring.
+      transform: the model's evaluation transform (``(N, H, W, 3)`` uint8 -> float32 NHWC).
+      split, data_dir, download, manual_dir: TFDS options (see :class:`TFDSImages`).
+      seed, random_size: the ``random`` dataset's seed and number of images.
+
+    Returns:
+      A :class:`Dataset`; iterate with ``dataset.batches(batch_size, selection)``.
+
+    Raises:
+      DataError: unknown name, dataset not prepared (the message says how to prepare it),
+        unknown split, empty folder.
+
+    Example:
+      >>> ds = load_dataset("random", lambda im: im[:, :224, :224])
+      >>> index, images = next(ds.batches(4))
+      >>> images.shape
+      (4, 224, 224, 3)
+    """
+    if name == "random":
+        return RandomImages(transform, seed=seed, size=random_size)
+    if os.sep in name or name.startswith(".") or Path(name).is_dir():
+        if not Path(name).is_dir():
+            raise DataError(f"image folder {name!r} does not exist.")
+        return ImageFolder(name, transform)
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        raise DataError(
+            f"dataset {name!r} needs tensorflow-datasets: pip install 'affjax[data]'.") from None
+    return TFDSImages(name, transform, split=split, data_dir=data_dir, download=download,
+                      manual_dir=manual_dir)
+
+
+def list_tfds_image_datasets() -> list[str]:
+    """All TFDS dataset names (TFDS does not tag image datasets before loading their info)."""
+    import tensorflow_datasets as tfds
+
+    return sorted(tfds.list_builders())

@@ -1,0 +1,239 @@
+"""Companion measures of an activation call, and dynamic time warping of signatures.
+
+The published pipeline computed these beside the affinity score of each activation call, for
+comparison (definitions in ``/work/shared/METHOD.md`` §2, reproduced here in code):
+
+* :func:`linear_cka`: linear centred kernel alignment between the reduced input and output;
+* :func:`sparsity`: fraction of entries with ``|v| <= 1e-3`` (the published pipeline took it
+  over the *full* activation tensors, before the spatial reduction);
+* :func:`histogram_entropy`: per sample, the entropy of a histogram with as many bins as
+  features spanning that sample's range, plus ``log(bins)``; averaged over the batch;
+* :func:`difference_norm`: Frobenius norm of ``input - output`` (reduced matrices);
+* :func:`linear_fit_r2`: R² of a least-squares affine fit from input to output, fitted and
+  scored on the same batch (scikit-learn's ``LinearRegression().fit(x, y).score(x, y)``).
+
+:func:`dtw_distance` compares signatures of different lengths.
+
+All array functions are jittable and take ``(n, d)`` matrices (samples first); they compute in
+the inputs' floating dtype (float32 unless float64 is enabled and given).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+SPARSITY_THRESHOLD = 1e-3
+
+
+def _as_float(v: ArrayLike) -> jax.Array:
+    v = jnp.asarray(v)
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+        v = v.astype(jnp.float32)
+    return v
+
+
+def _check_pair(x: jax.Array, y: jax.Array, what: str) -> None:
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{what} needs two (samples, features) matrices with the same number of rows, got "
+            f"shapes {x.shape} and {y.shape}"
+        )
+
+
+def linear_cka(x: ArrayLike, y: ArrayLike) -> jax.Array:
+    """Linear centred kernel alignment between two representations of the same samples.
+
+    ``CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with ``Xc``, ``Yc`` column-centred,
+    which equals the published Gram-matrix form ``<HKH, HLH> / (|HKH| |HLH|)``, ``K = X X^T``.
+
+    Args:
+      x: ``(n, d1)`` float array.
+      y: ``(n, d2)`` float array.
+
+    Returns:
+      Scalar in [0, 1]; ``nan`` when ``x`` or ``y`` is constant over the samples (0 / 0, as in
+      the published pipeline).
+
+    Example:
+      >>> float(linear_cka(jnp.arange(6.0).reshape(3, 2), 2 * jnp.arange(6.0).reshape(3, 2)))
+      1.0
+    """
+    x, y = _as_float(x), _as_float(y)
+    _check_pair(x, y, "linear_cka")
+    xc = x - x.mean(0)
+    yc = y - y.mean(0)
+    n = x.shape[0]
+    if n < max(x.shape[1], y.shape[1]):  # sample space is smaller
+        k, l_ = xc @ xc.T, yc @ yc.T
+        return jnp.sum(k * l_) / (jnp.linalg.norm(k) * jnp.linalg.norm(l_))
+    cross = jnp.sum((yc.T @ xc) ** 2)
+    return cross / (jnp.linalg.norm(xc.T @ xc) * jnp.linalg.norm(yc.T @ yc))
+
+
+def sparsity(v: ArrayLike, *, threshold: float = SPARSITY_THRESHOLD) -> jax.Array:
+    """Fraction of the entries of ``v`` (any shape) with ``|v| <= threshold``.
+
+    Example:
+      >>> float(sparsity(jnp.array([0.0, 1e-4, -2.0, 3.0])))
+      0.5
+    """
+    v = _as_float(v)
+    return jnp.mean((jnp.abs(v) <= threshold).astype(v.dtype))
+
+
+def histogram_entropy(v: ArrayLike) -> jax.Array:
+    """Mean over samples of the histogram entropy of each sample's features, plus ``log(bins)``.
+
+    For each row of ``v`` (``d`` features): ``d`` equal bins between the row's min and max
+    (the max falls in the last bin), ``p`` the bin frequencies, entropy ``-sum p log p`` (natural
+    log, empty bins skipped), plus ``log(d)``. A constant row puts everything in one bin
+    (entropy ``log d``). The result lies in ``[log d, 2 log d]``.
+
+    Args:
+      v: ``(n, d)`` float array.
+
+    Returns:
+      Scalar, the mean over the n rows.
+
+    Numerical caveat: a value within rounding of a bin edge can land in either neighbouring bin
+    depending on how the edge is computed (NumPy, torch and this function differ there).
+    """
+    v = _as_float(v)
+    if v.ndim != 2:
+        raise ValueError(f"histogram_entropy needs a (samples, features) matrix, got {v.shape}")
+    bins = v.shape[1]
+    lo = v.min(axis=1, keepdims=True)
+    hi = v.max(axis=1, keepdims=True)
+    span = hi - lo
+    safe = jnp.where(span > 0, span, 1)
+    idx = jnp.floor((v - lo) / safe * bins).astype(jnp.int32)
+    idx = jnp.clip(jnp.where(span > 0, idx, 0), 0, bins - 1)
+    counts = jax.vmap(lambda row: jnp.bincount(row, length=bins))(idx).astype(v.dtype)
+    p = counts / bins
+    plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1)), 0)
+    return jnp.mean(-plogp.sum(axis=1)) + jnp.log(jnp.asarray(bins, v.dtype))
+
+
+def difference_norm(x: ArrayLike, y: ArrayLike) -> jax.Array:
+    """Frobenius norm of ``x - y`` (both ``(n, d)``, same shape)."""
+    x, y = _as_float(x), _as_float(y)
+    if x.shape != y.shape:
+        raise ValueError(f"difference_norm needs equal shapes, got {x.shape} and {y.shape}")
+    return jnp.linalg.norm(x - y)
+
+
+def linear_fit_r2(x: ArrayLike, y: ArrayLike) -> jax.Array:
+    """R² of the least-squares affine fit ``y ≈ x B + c``, fitted and scored on the same samples.
+
+    Averaged uniformly over the output columns, with scikit-learn's conventions for a constant
+    output column (R² = 1 if fitted exactly, else 0). With ``d >= n - 1`` the minimum-norm fit
+    interpolates and R² is 1.
+
+    Args:
+      x: ``(n, d1)`` float array.
+      y: ``(n, d2)`` float array.
+
+    Returns:
+      Scalar, at most 1.
+
+    Numerical caveat: in float32 the fit of nearly collinear inputs loses digits; the relative
+    error of R² is about ``cond(x) * 1e-7``.
+    """
+    x, y = _as_float(x), _as_float(y)
+    _check_pair(x, y, "linear_fit_r2")
+    xc = x - x.mean(0)
+    yc = y - y.mean(0)
+    coef, *_ = jnp.linalg.lstsq(xc, yc)
+    residual = jnp.sum((yc - xc @ coef) ** 2, axis=0)
+    total = jnp.sum(yc**2, axis=0)
+    r2 = jnp.where(total > 0, 1 - residual / jnp.where(total > 0, total, 1),
+                   jnp.where(residual > 0, 0.0, 1.0))
+    return jnp.mean(r2)
+
+
+def layer_metrics(
+    x: ArrayLike, y: ArrayLike, *, full_sparsity: tuple[ArrayLike, ArrayLike] | None = None
+) -> dict[str, float]:
+    """All companion measures of one activation call, as Python floats.
+
+    Args:
+      x, y: the reduced ``(n, d)`` input and output of the call.
+      full_sparsity: ``(sparsity before, sparsity after)`` measured on the full tensors (the
+        published definition); if ``None`` sparsity is taken on ``x`` and ``y``.
+
+    Returns:
+      ``{"cka", "sparsity_before", "sparsity_after", "entropy_before", "entropy_after",
+      "norm_diff", "r2"}``.
+    """
+    before, after = full_sparsity if full_sparsity is not None else (sparsity(x), sparsity(y))
+    cka, ent_x, ent_y, norm, r2 = (float(v) for v in _reduced_metrics(x, y))
+    return {
+        "cka": cka,
+        "sparsity_before": float(before),
+        "sparsity_after": float(after),
+        "entropy_before": ent_x,
+        "entropy_after": ent_y,
+        "norm_diff": norm,
+        "r2": r2,
+    }
+
+
+@jax.jit
+def _reduced_metrics(x: jax.Array, y: jax.Array) -> jax.Array:
+    """The measures on the reduced pair, as one compiled call (one per shape)."""
+    return jnp.stack([linear_cka(x, y), histogram_entropy(x), histogram_entropy(y),
+                      difference_norm(x, y), linear_fit_r2(x, y)])
+
+
+METRIC_NAMES: tuple[str, ...] = ("cka", "sparsity_before", "sparsity_after", "entropy_before",
+                                 "entropy_after", "norm_diff", "r2")
+
+
+def dtw_distance(a: ArrayLike, b: ArrayLike) -> float:
+    """Dynamic time warping distance between two sequences of scalars (e.g. two signatures).
+
+    ``D[i, j] = |a_i - b_j| + min(D[i-1, j], D[i, j-1], D[i-1, j-1])``, ``D[0, 0] = |a_0 - b_0|``;
+    the distance is ``D[m-1, n-1]``: the least total absolute difference along a monotone
+    path that matches every element of both sequences. Symmetric, zero for equal sequences,
+    defined for different lengths. Computed in float64 NumPy, one anti-diagonal at a time
+    (``O(m n)`` work, ``m + n`` vectorised steps).
+
+    Args:
+      a: ``(m,)`` sequence.
+      b: ``(n,)`` sequence.
+
+    Returns:
+      A Python float.
+
+    Example:
+      >>> dtw_distance([0.0, 1.0, 1.0, 2.0], [0.0, 1.0, 2.0])
+      0.0
+    """
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    if a.size == 0 or b.size == 0:
+        raise ValueError(f"dtw_distance needs non-empty sequences, got lengths {a.size}, {b.size}")
+    m, n = a.size, b.size
+    cost = np.abs(a[:, None] - b[None, :])
+    acc = np.full((m + 1, n + 1), np.inf)
+    acc[0, 0] = 0.0
+    # Cells (i, j) with i + j = k (1-based i, j) depend only on diagonals k - 1 and k - 2.
+    for k in range(2, m + n + 1):
+        i = np.arange(max(1, k - n), min(m, k - 1) + 1)
+        j = k - i
+        best = np.minimum(np.minimum(acc[i - 1, j], acc[i, j - 1]), acc[i - 1, j - 1])
+        acc[i, j] = cost[i - 1, j - 1] + best
+    return float(acc[m, n])
+
+
+def dtw_matrix(sequences: list[ArrayLike]) -> np.ndarray:
+    """Symmetric ``(k, k)`` float64 matrix of :func:`dtw_distance` between all pairs."""
+    k = len(sequences)
+    out = np.zeros((k, k))
+    for i in range(k):
+        for j in range(i + 1, k):
+            out[i, j] = out[j, i] = dtw_distance(sequences[i], sequences[j])
+    return out

@@ -1,0 +1,381 @@
+"""The `affjax` command line: end-to-end runs, resume, schema, plots, compare, bad input.
+
+Most runs use a tiny zoo (a 3-activation CNN on 12x12 crops) substituted for ``affjax.models``
+so they take seconds; the embedded default and the weights checks use the real zoo.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import affjax
+from affjax import cli
+from affjax import data
+from affjax import metrics
+from affjax import models
+from affjax import results
+from affjax.signature import capture_layers
+
+
+class Tiny(nn.Module):
+    """Conv -> relu -> conv -> relu (the same module twice) -> pool -> dense -> tanh -> dense.
+
+    Every activation is 4 wide, so one compiled scorer serves all layers (fast tests);
+    ``extra`` adds a second tanh call (a longer signature for ``compare``).
+    """
+
+    extra: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        act = affjax.Activation(nn.relu, name="relu")
+        h = act(nn.Conv(4, (3, 3), name="conv0")(x))
+        h = act(nn.Conv(4, (3, 3), name="conv1")(h))
+        h = jnp.mean(h, axis=(1, 2))
+        tanh = affjax.Activation(jnp.tanh, name="tanh")
+        h = tanh(nn.Dense(4, name="fc0")(h))
+        if self.extra:
+            h = tanh(nn.Dense(4, name="fc1")(h))
+        return nn.Dense(10, name="head")(h)
+
+
+TRANSFORM = models.EvalTransform(resize_size=16, crop_size=12)
+
+
+def _create(name, *, seed=0, num_classes=1000):
+    module = Tiny(extra=name == "tiny3")
+    return module, module.init(jax.random.key(seed), jnp.zeros((1, 12, 12, 3), jnp.float32))
+
+
+def _from_torchvision(name, path):
+    raise ValueError("state dict does not fit tiny: 1 missing: conv0.weight")
+
+
+TINY_ZOO = types.SimpleNamespace(
+    list_models=lambda: ["tiny", "tiny3"], create=_create, from_torchvision=_from_torchvision,
+    eval_transform=lambda name: TRANSFORM)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(cli, "_model_api", lambda: TINY_ZOO)
+
+
+def _run(capsys, *args):
+    code = cli.main(["signature", "--no-progress", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error(capsys, *args):
+    code, out, err = _run(capsys, *args)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith("affjax signature: error: ")
+    assert "\n\n" not in err.strip()  # one paragraph
+    return " ".join(err.split())
+
+
+def _check_schema(obj, *, n_batches, n_layers):
+    """The JSON schema of the issue, checked key by key (independently of results.validate)."""
+    for key, typ in {"format": str, "model": str, "weights": str, "dataset": str,
+                     "batch_size": int, "batches": str, "covariance": str, "metrics": bool,
+                     "seed": int, "batch_indices": list, "complete": bool, "versions": dict,
+                     "timing": dict, "layers": list, "device": str}.items():
+        assert isinstance(obj[key], typ), key
+    assert obj["format"] == "affjax-signature/1"
+    assert {"affjax", "jax", "jaxlib", "flax", "numpy", "python"} <= set(obj["versions"])
+    assert {"started", "updated", "seconds", "batch_seconds"} <= set(obj["timing"])
+    assert len(obj["timing"]["batch_seconds"]) == n_batches
+    assert len(obj["batch_indices"]) == n_batches
+    assert len(obj["layers"]) == n_layers
+    for layer in obj["layers"]:
+        assert {"name", "kind", "dim", "score", "std", "scores"} <= set(layer)
+        assert isinstance(layer["dim"], int) and len(layer["scores"]) == n_batches
+        assert layer["score"] == pytest.approx(np.mean(layer["scores"]), abs=1e-12)
+        assert layer["std"] == pytest.approx(np.std(layer["scores"]), abs=1e-12)
+    results.validate(obj)
+
+
+def test_end_to_end_random_matches_the_library_signature(tiny, tmp_path, capsys):
+    code, out, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--batches", "2",
+                          "--out", str(tmp_path))
+    assert code == 0, err
+    obj = json.loads((tmp_path / "tiny_random.json").read_text())
+    _check_schema(obj, n_batches=2, n_layers=3)
+    assert obj["complete"] and obj["batch_size"] == 8 and obj["dataset"] == "random"
+    assert [la["name"] for la in obj["layers"]] == ["relu:0", "relu:1", "tanh:0"]
+    assert [la["kind"] for la in obj["layers"]] == ["relu", "relu", "tanh"]
+    assert [la["dim"] for la in obj["layers"]] == [4, 4, 4]
+    # Same numbers as the library on the same batches.
+    module, variables = _create("tiny", seed=987)
+    ds = data.load_dataset("random", TRANSFORM)
+    for b, images in ds.batches(8, data.parse_batches("2")):
+        sig = affjax.signature(module, variables, jnp.asarray(images))
+        np.testing.assert_allclose([la["scores"][b] for la in obj["layers"]], sig.scores,
+                                   rtol=1e-6)
+    # Table on stdout, CSV and PNG beside the JSON.
+    assert "relu:1" in out and "wrote" in out
+    rows = list(csv.DictReader((tmp_path / "tiny_random.csv").open()))
+    assert [r["name"] for r in rows] == ["relu:0", "relu:1", "tanh:0"]
+    assert float(rows[2]["score"]) == pytest.approx(obj["layers"][2]["score"])
+    assert float(rows[0]["batch_1"]) == pytest.approx(obj["layers"][0]["scores"][1])
+    png = (tmp_path / "tiny_random.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_metrics_match_independent_computations(tiny, tmp_path, capsys):
+    code, out, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--metrics",
+                          "--out", str(tmp_path / "m.json"))
+    assert code == 0, err
+    assert "companion metrics" in out
+    obj = json.loads((tmp_path / "m.json").read_text())
+    assert obj["metrics"] is True
+    module, variables = _create("tiny", seed=987)
+    _, images = next(data.load_dataset("random", TRANSFORM).batches(8))
+    x = jnp.asarray(images)
+    layers = capture_layers(module, variables, x)
+    _, inter = module.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    pre0 = np.asarray(inter["intermediates"]["conv0"]["__call__"][0], np.float64)  # full NHWC
+    got = obj["layers"][0]["metrics"]
+    assert got["sparsity_before"]["values"][0] == pytest.approx(np.mean(np.abs(pre0) <= 1e-3))
+    assert got["sparsity_after"]["values"][0] == pytest.approx(
+        np.mean(np.maximum(pre0, 0) <= 1e-3))
+    assert 0.1 < got["sparsity_after"]["mean"] < 0.9  # a ReLU zeroes a good share
+    for i, layer in enumerate(layers):
+        xr, yr = np.asarray(layer.x, np.float64), np.asarray(layer.y, np.float64)
+        m = obj["layers"][i]["metrics"]
+        assert m["norm_diff"]["mean"] == pytest.approx(np.linalg.norm(xr - yr), rel=1e-5)
+        assert m["cka"]["mean"] == pytest.approx(float(metrics.linear_cka(xr, yr)), rel=1e-4)
+        assert m["r2"]["mean"] == pytest.approx(float(metrics.linear_fit_r2(xr, yr)), abs=1e-4)
+    header = (tmp_path / "m.csv").read_text().splitlines()[0]
+    assert "cka" in header and "r2" in header
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny, tmp_path, capsys,
+                                                               monkeypatch):
+    args = ["--model", "tiny", "--batch-size", "8", "--batches", "4", "--metrics"]
+    assert _run(capsys, *args, "--out", str(tmp_path / "full"))[0] == 0
+    part = str(tmp_path / "part")
+    code, _, err = _run(capsys, *args, "--out", part, "--stop-after", "1")
+    assert code == 130 and "run the same command again to resume" in err
+    saved = json.loads((tmp_path / "part" / "tiny_random.json").read_text())
+    assert saved["batch_indices"] == [0] and not saved["complete"]
+    # A crash (Ctrl-C) in the middle of the third batch loses nothing already saved.
+    real = cli._batch_signature
+    calls = []
+
+    def crash_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, "_batch_signature", crash_on_second)
+    code, _, err = _run(capsys, *args, "--out", part)
+    assert code == 130 and "resuming" in err
+    saved = json.loads((tmp_path / "part" / "tiny_random.json").read_text())
+    assert saved["batch_indices"] == [0, 1]
+    monkeypatch.setattr(cli, "_batch_signature", real)
+    assert _run(capsys, *args, "--out", part)[0] == 0
+    full = json.loads((tmp_path / "full" / "tiny_random.json").read_text())
+    resumed = json.loads((tmp_path / "part" / "tiny_random.json").read_text())
+    _check_schema(resumed, n_batches=4, n_layers=3)
+    for key in ("timing", "versions"):
+        full.pop(key), resumed.pop(key)
+    assert resumed == full  # bit for bit, metrics included
+    assert ((tmp_path / "full" / "tiny_random.csv").read_text()
+            == (tmp_path / "part" / "tiny_random.csv").read_text())
+    # Running again once complete recomputes nothing.
+    monkeypatch.setattr(cli, "_batch_signature", None)
+    code, _, err = _run(capsys, *args, "--out", part)
+    assert code == 0 and "is complete" in err
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    results.atomic_write_text(path, "old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        results.atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temp file left
+
+
+def test_tfds_mock_and_image_folder_end_to_end(tiny, tmp_path, capsys):
+    with tfds.testing.mock_data(num_examples=20):
+        code, _, err = _run(capsys, "--model", "tiny", "--dataset", "fashion_mnist",
+                            "--batch-size", "8", "--batches", "all", "--out", str(tmp_path))
+    assert code == 0, err
+    obj = json.loads((tmp_path / "tiny_fashion_mnist.json").read_text())
+    _check_schema(obj, n_batches=2, n_layers=3)  # 20 // 8
+    assert obj["split"] == "test" and obj["batches"] == "all"
+    folder = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (folder / cls).mkdir(parents=True)
+        for k in range(8):
+            Image.fromarray(rng.integers(0, 256, (14 + k, 20, 3), dtype=np.uint8)).save(
+                folder / cls / f"{k}.jpg")
+    code, _, err = _run(capsys, "--model", "tiny", "--dataset", str(folder), "--batch-size", "8",
+                        "--batches", "all", "--out", str(tmp_path))
+    assert code == 0, err
+    obj = json.loads((tmp_path / "tiny_imgs.json").read_text())
+    _check_schema(obj, n_batches=2, n_layers=3)
+    assert obj["dataset"] == str(folder)
+
+
+def test_plot_and_compare(tiny, tmp_path, capsys):
+    paths = []
+    for seed, model in ((1, "tiny"), (2, "tiny3"), (3, "tiny")):
+        out = tmp_path / f"r{seed}.json"
+        assert _run(capsys, "--model", model, "--batch-size", "8", "--seed", str(seed),
+                    "--out", str(out))[0] == 0
+        paths.append(str(out))
+    assert cli.main(["plot", paths[0], "--out", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({"r1": 60.0, "r2": 70.0, "r3": 65.0}))
+    capsys.readouterr()
+    assert cli.main(["compare", *paths, "--accuracy", str(acc), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "DTW distances" in out and "correlation with accuracy" in out
+    cmp_ = json.loads((tmp_path / "compare.json").read_text())
+    assert cmp_["labels"] == ["r1", "r2", "r3"]  # model names repeat: the file stems are used
+    sigs = [[la["score"] for la in json.loads(open(p).read())["layers"]] for p in paths]
+    np.testing.assert_allclose(cmp_["dtw"], metrics.dtw_matrix(sigs), atol=1e-12)
+    assert cmp_["statistics"]["r2"]["max"] == pytest.approx(max(sigs[1]))
+    assert set(cmp_["correlations"]) == {"mean", "std", "min", "max", "max_over_mean"}
+    assert (tmp_path / "compare_dendrogram.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_models_and_datasets_listings(capsys):
+    assert cli.main(["models"]) == 0
+    assert "resnet18" in capsys.readouterr().out.split()
+    assert cli.main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "imagenet2012 (default split validation)" in out and "random" in out
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_unknown_model_lists_the_valid_ones(capsys):
+    msg = _error(capsys, "--model", "resnet_unknown")
+    assert "unknown model 'resnet_unknown'" in msg and "resnet18" in msg and "resnet50" in msg
+
+
+def test_unknown_dataset_lists_the_valid_ones(tiny, tmp_path, capsys):
+    msg = _error(capsys, "--model", "tiny", "--dataset", "imagenet_typo", "--out", str(tmp_path))
+    assert "unknown dataset 'imagenet_typo'" in msg
+    assert "cifar10, cifar100, fashion_mnist, mnist, imagenet2012" in msg
+
+
+def test_missing_weights_file(tmp_path, capsys):
+    msg = _error(capsys, "--weights", str(tmp_path / "nope.pth"), "--out", str(tmp_path))
+    assert "nope.pth" in msg and "does not exist" in msg
+
+
+def test_mismatched_weights_file_names_the_tensors(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    models.save_safetensors(bad, {"conv1.weight": np.zeros((3, 3, 3, 3), np.float32)})
+    msg = _error(capsys, "--model", "resnet18", "--weights", str(bad), "--out", str(tmp_path))
+    assert "does not fit model 'resnet18'" in msg and "missing" in msg and "conv1.weight" in msg
+
+
+def test_dataset_not_prepared_says_how(tiny, tmp_path, capsys):
+    msg = _error(capsys, "--model", "tiny", "--dataset", "cifar100", "--data-dir",
+                 str(tmp_path / "tfds"), "--out", str(tmp_path))
+    assert "not prepared" in msg and "tfds build cifar100" in msg
+
+
+def test_batch_size_larger_than_the_split(tiny, tmp_path, capsys):
+    msg = _error(capsys, "--model", "tiny", "--batch-size", "10001", "--out", str(tmp_path))
+    assert "batch size 10001 is larger than random, which has 10000 examples" in msg
+    with tfds.testing.mock_data(num_examples=20):
+        msg = _error(capsys, "--model", "tiny", "--dataset", "mnist", "--batch-size", "32",
+                     "--out", str(tmp_path))
+    assert "batch size 32 is larger than mnist" in msg
+
+
+def test_output_folder_not_writable(tiny, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    msg = _error(capsys, "--model", "tiny", "--out", str(blocker / "sub"))
+    assert "is not writable" in msg and "file.txt" in msg
+
+
+def test_resuming_a_results_file_of_another_model(tiny, tmp_path, capsys):
+    out = str(tmp_path / "run.json")
+    assert _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", out,
+                "--stop-after", "1", "--batches", "2")[0] == 130
+    msg = _error(capsys, "--model", "tiny3", "--batch-size", "8", "--batches", "2", "--out", out)
+    assert "belongs to another run" in msg and "model 'tiny' (this run: 'tiny3')" in msg
+    msg = _error(capsys, "--model", "tiny", "--batch-size", "16", "--batches", "2", "--out", out)
+    assert "batch_size 8 (this run: 16)" in msg
+    assert _run(capsys, "--model", "tiny3", "--batch-size", "8", "--out", out,
+                "--overwrite")[0] == 0
+
+
+def test_bad_results_file_for_plot(tmp_path, capsys):
+    (tmp_path / "x.json").write_text('{"format": "something else"}')
+    assert cli.main(["plot", str(tmp_path / "x.json")]) == 2
+    assert "not an affjax signature file" in " ".join(capsys.readouterr().err.split())
+
+
+def test_console_entry_point_reports_bad_input_without_traceback(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-m", "affjax", "signature", "--model", "vgg_typo",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "unknown model 'vgg_typo'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- embedded default
+
+
+def test_embedded_default_runs_resnet18_on_random_data(tmp_path, capsys, monkeypatch):
+    """`affjax signature` with no arguments (batch shrunk from 128 to 16 to keep CI fast)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "DEMO_BATCH_SIZE", 16)
+    assert cli.main(["signature", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    path = tmp_path / "affjax-results" / "resnet18_random.json"
+    obj = json.loads(path.read_text())
+    _check_schema(obj, n_batches=1, n_layers=17)  # 1 stem ReLU + 8 blocks x 2 calls
+    assert (obj["model"], obj["weights"], obj["dataset"], obj["batch_size"]) == (
+        "resnet18", "random", "random", 16)
+    assert [la["dim"] for la in obj["layers"]] == [64] * 5 + [128] * 4 + [256] * 4 + [512] * 4
+    assert all(0.0 <= la["score"] <= 1.0 for la in obj["layers"])
+    assert "layer4.1/relu:1" in out
+    assert path.with_suffix(".png").exists() and path.with_suffix(".csv").exists()
+    # A weights file of the same parameters (torchvision layout) gives the same signature.
+    _, variables = models.create("resnet18", seed=987)
+    weights = tmp_path / "resnet18.safetensors"
+    models.save_safetensors(weights, models.to_torchvision("resnet18", variables))
+    assert cli.main(["signature", "--no-progress", "--weights", str(weights), "--batch-size",
+                     "16", "--out", str(tmp_path / "w.json")]) == 0
+    loaded = json.loads((tmp_path / "w.json").read_text())
+    assert loaded["weights"] == str(weights)
+    np.testing.assert_allclose([la["score"] for la in loaded["layers"]],
+                               [la["score"] for la in obj["layers"]], rtol=1e-5)

@@ -1,0 +1,154 @@
+"""Datasets: batch selection, the random dataset, TFDS (mock data, nothing downloads), folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from affjax import data
+from affjax.models import EvalTransform
+from affjax.models import eval_transform
+
+
+def _identity(images):
+    return np.asarray(images, np.float32)
+
+
+def test_parse_batches():
+    cases = {"all": (0, None), "3": (0, 3), "@2": (2, 3), "2:5": (2, 5), "4:": (4, None)}
+    for text, (start, stop) in cases.items():
+        sel = data.parse_batches(text)
+        assert (sel.start, sel.stop) == (start, stop)
+        assert str(sel) == text
+    assert list(data.parse_batches("3").indices(10)) == [0, 1, 2]
+    assert data.parse_batches("all").indices(None) is None
+    for bad in ("0", "-1", "@x", "5:2", "first"):
+        with pytest.raises(data.DataError, match="not understood"):
+            data.parse_batches(bad)
+
+
+def test_random_images_are_seeded_standard_normal_and_independent_of_batch_size():
+    ds = data.load_dataset("random", _identity, random_size=8)
+    (i0, b0), (i1, b1) = list(ds.batches(4))
+    assert (i0, i1) == (0, 1)
+    assert b0.shape == (4, 256, 256, 3) and b0.dtype == np.float32
+    expected = np.random.default_rng([987, 5]).standard_normal((256, 256, 3), np.float32)
+    np.testing.assert_array_equal(b1[1], expected)  # image 5 = batch 1, position 1
+    _, alone = next(ds.batches(2, data.parse_batches("@2")))  # images 4, 5 drawn alone
+    np.testing.assert_array_equal(alone, b1[:2])
+    assert abs(b0.mean()) < 0.01 and abs(b0.std() - 1) < 0.01
+    other = data.load_dataset("random", _identity, seed=1, random_size=8)
+    assert not np.array_equal(next(other.batches(4))[1], b0)
+
+
+def test_random_images_through_the_resnet_transform_are_cropped_and_normalised():
+    transform = eval_transform("resnet18")
+    ds = data.load_dataset("random", transform, random_size=4)
+    _, got = next(ds.batches(2))
+    raw = np.stack([np.random.default_rng([987, i]).standard_normal((256, 256, 3), np.float32)
+                    for i in range(2)]).astype(np.float64)
+    mean = np.array([0.485, 0.456, 0.406])
+    std = np.array([0.229, 0.224, 0.225])
+    expected = (raw[:, 16:240, 16:240] - mean) / std  # resize 256 -> 256 is a no-op; crop 224
+    assert got.shape == (2, 224, 224, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_size_and_selection_errors():
+    ds = data.load_dataset("random", _identity, random_size=10)
+    with pytest.raises(data.DataError, match="larger than random, which has 10 examples"):
+        list(ds.batches(11))
+    with pytest.raises(data.DataError, match="at least 2"):
+        list(ds.batches(1))
+    with pytest.raises(data.DataError, match="has 2 full batches of 4"):
+        list(ds.batches(4, data.parse_batches("@2")))
+    assert [i for i, _ in ds.batches(4)] == [0, 1]  # the incomplete last batch is dropped
+    assert [i for i, _ in ds.batches(3, skip=[0, 2])] == [1]
+
+
+def _small_transform():
+    return EvalTransform(resize_size=16, crop_size=12)
+
+
+def test_tfds_mock_grayscale_to_rgb_fixed_order_and_resume_skip():
+    with tfds.testing.mock_data(num_examples=20):
+        ds = data.load_dataset("mnist", _identity, data_dir="/nonexistent/tfds")
+        assert ds.split == "test"
+        batches = list(ds.batches(6, data.parse_batches("all")))
+        assert [i for i, _ in batches] == [0, 1, 2]  # 20 // 6, last 2 examples dropped
+        assert batches[0][1].shape == (6, 28, 28, 3)
+        first = batches[0][1]
+        np.testing.assert_array_equal(first[..., 0], first[..., 2])  # gray repeated
+        again = data.load_dataset("mnist", _identity, data_dir="/nonexistent/tfds")
+        _, b2 = next(again.batches(6, data.parse_batches("@2")))  # skips 12 examples
+        np.testing.assert_array_equal(b2, batches[2][1])
+        raw = [ex["image"] for ex in tfds.as_numpy(
+            tfds.builder("mnist").as_dataset(split="test", shuffle_files=False))]
+        np.testing.assert_array_equal(first[3, ..., 1], raw[3][..., 0].astype(np.float32))
+
+
+def test_tfds_mock_applies_the_transform_and_rejects_a_too_large_batch():
+    with tfds.testing.mock_data(num_examples=20):
+        ds = data.load_dataset("cifar10", _small_transform())
+        _, b = next(ds.batches(5))
+        assert b.shape == (5, 12, 12, 3) and b.dtype == np.float32
+        with pytest.raises(data.DataError, match="batch size 32 is larger than cifar10"):
+            list(ds.batches(32))
+
+
+def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
+    with pytest.raises(data.DataError) as err:
+        data.load_dataset("fashion_mnist", _identity, data_dir=str(tmp_path))
+    msg = str(err.value)
+    assert "not prepared" in msg and str(tmp_path) in msg
+    assert "tfds build fashion_mnist" in msg and "--download" in msg
+
+
+def test_unknown_dataset_name_lists_the_valid_ones():
+    with pytest.raises(data.DataError) as err:
+        data.load_dataset("no_such_dataset_xyz", _identity)
+    msg = str(err.value)
+    assert "unknown dataset 'no_such_dataset_xyz'" in msg
+    for name in data.NAMED_DATASETS:
+        assert name in msg
+
+
+def _write_folder(root):
+    rng = np.random.default_rng(0)
+    sizes = {"b_cls": [(20, 30), (18, 18)], "a_cls": [(24, 16), (16, 40), (25, 25)]}
+    for cls, shapes in sizes.items():
+        (root / cls).mkdir(parents=True)
+        for k, (h, w) in enumerate(shapes):
+            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"img{k}.png")
+    Image.fromarray(rng.integers(0, 256, size=(20, 20), dtype=np.uint8)).save(
+        root / "b_cls" / "gray.png")
+    (root / "b_cls" / "notes.txt").write_text("not an image")
+
+
+def test_image_folder_sorted_order_varying_sizes_and_gray(tmp_path):
+    _write_folder(tmp_path)
+    transform = _small_transform()
+    ds = data.load_dataset(str(tmp_path), transform)
+    names = [f"{f.parent.name}/{f.name}" for f in ds.files]
+    assert names == ["a_cls/img0.png", "a_cls/img1.png", "a_cls/img2.png", "b_cls/gray.png",
+                     "b_cls/img0.png", "b_cls/img1.png"]
+    _, batch = next(ds.batches(6))
+    assert batch.shape == (6, 12, 12, 3)
+    img = np.asarray(Image.open(tmp_path / "a_cls" / "img1.png"))
+    np.testing.assert_allclose(batch[1], np.asarray(transform(img[None]))[0], atol=1e-6)
+    gray = np.asarray(Image.open(tmp_path / "b_cls" / "gray.png"))
+    np.testing.assert_allclose(batch[3], np.asarray(transform(np.repeat(gray[None, ..., None], 3,
+                                                                        -1)))[0], atol=1e-6)
+    with pytest.raises(data.DataError, match="larger than"):
+        list(ds.batches(7))
+
+
+def test_empty_or_missing_folder(tmp_path):
+    (tmp_path / "cls").mkdir()
+    with pytest.raises(data.DataError, match="holds no images"):
+        data.load_dataset(str(tmp_path), _identity)
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_dataset(str(tmp_path / "missing") + "/", _identity)

@@ -1,0 +1,171 @@
+"""Companion metrics, DTW and comparison statistics against independent computations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import entropy as scipy_entropy
+from sklearn.linear_model import LinearRegression
+
+from affjax import compare
+from affjax import metrics
+
+
+def _pair(n, d, seed=0, dead=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / np.sqrt(d) + rng.normal(size=d)
+    x[:, :dead] -= 50.0
+    return x, np.maximum(x, 0.0)
+
+
+def _cka_hsic(x, y):
+    """The published Gram-matrix form with an explicit centring matrix H."""
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+
+    def hsic(a, b):
+        return np.sum((h @ a @ a.T @ h) * (h @ b @ b.T @ h))
+
+    return hsic(x, y) / np.sqrt(hsic(x, x) * hsic(y, y))
+
+
+@pytest.mark.parametrize("n,d", [(60, 5), (8, 20)])  # feature-space and sample-space branches
+def test_linear_cka_matches_gram_form(n, d):
+    x, y = _pair(n, d, seed=n)
+    got = float(metrics.linear_cka(x, y))
+    assert got == pytest.approx(_cka_hsic(x, y), rel=1e-10)
+    assert 0.0 < got < 1.0
+    assert float(metrics.linear_cka(x, 3 * x + 1)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_linear_cka_float32_close_to_float64():
+    x, y = _pair(200, 16, seed=3)
+    got = float(metrics.linear_cka(x.astype(np.float32), y.astype(np.float32)))
+    assert got == pytest.approx(_cka_hsic(x, y), abs=1e-5)
+
+
+def test_sparsity_counts_small_magnitudes():
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(7, 3, 4, 5)) * 1e-3
+    expected = np.mean(np.abs(v) <= 1e-3)
+    assert float(metrics.sparsity(v)) == pytest.approx(expected, abs=1e-15)
+    assert 0.5 < expected < 0.8
+    assert float(metrics.sparsity(v, threshold=0.0)) == 0.0
+
+
+def _entropy_reference(v):
+    d = v.shape[1]
+    out = []
+    for row in v:
+        counts, _ = np.histogram(row, bins=d, range=(row.min(), row.max()))
+        out.append(scipy_entropy(counts / d) + np.log(d))
+    return np.mean(out)
+
+
+def test_histogram_entropy_matches_numpy_histograms():
+    x, y = _pair(40, 30, seed=2, dead=5)
+    assert float(metrics.histogram_entropy(x)) == pytest.approx(_entropy_reference(x), rel=1e-12)
+    assert float(metrics.histogram_entropy(y)) == pytest.approx(_entropy_reference(y), rel=1e-12)
+    # A constant row puts everything in one bin: entropy 0, plus log(bins).
+    const = np.vstack([np.full(30, 2.0), x[0]])
+    assert float(metrics.histogram_entropy(const)) == pytest.approx(
+        (np.log(30) + scipy_entropy(np.histogram(x[0], bins=30)[0] / 30) + np.log(30)) / 2)
+
+
+def test_difference_norm_is_frobenius():
+    x, y = _pair(20, 6, seed=4)
+    assert float(metrics.difference_norm(x, y)) == pytest.approx(np.linalg.norm(x - y), rel=1e-13)
+    with pytest.raises(ValueError, match="equal shapes"):
+        metrics.difference_norm(x, y[:, :3])
+
+
+@pytest.mark.parametrize("n,d", [(80, 6), (10, 30)])
+def test_linear_fit_r2_matches_scikit_learn(n, d):
+    x, y = _pair(n, d, seed=5, dead=2)
+    y[:, 1] = 0.7  # a constant output column (a dead unit): sklearn counts it as 1
+    expected = LinearRegression().fit(x, y).score(x, y)
+    assert float(metrics.linear_fit_r2(x, y)) == pytest.approx(expected, abs=1e-9)
+    if d >= n:  # the minimum-norm fit interpolates every non-constant column
+        y = np.delete(y, 1, axis=1)
+        assert float(metrics.linear_fit_r2(x, y)) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_linear_fit_r2_of_tanh_below_one_and_affine_is_one():
+    x, _ = _pair(100, 4, seed=6)
+    y = np.tanh(x)
+    r2 = float(metrics.linear_fit_r2(x, y))
+    assert r2 == pytest.approx(LinearRegression().fit(x, y).score(x, y), abs=1e-10)
+    assert r2 < 0.99
+    assert float(metrics.linear_fit_r2(x, x @ np.ones((4, 2)) - 3)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_layer_metrics_keys_and_full_sparsity():
+    x, y = _pair(30, 5, seed=7)
+    out = metrics.layer_metrics(x, y, full_sparsity=(0.25, 0.5))
+    assert tuple(out) == metrics.METRIC_NAMES
+    assert out["sparsity_before"] == 0.25 and out["sparsity_after"] == 0.5
+    assert out["cka"] == pytest.approx(_cka_hsic(x, y), rel=1e-10)
+
+
+def _dtw_direct(a, b):
+    m, n = len(a), len(b)
+    acc = np.full((m + 1, n + 1), np.inf)
+    acc[0, 0] = 0.0
+    for i in range(1, m + 1):
+        for j in range(1, n + 1):
+            acc[i, j] = abs(a[i - 1] - b[j - 1]) + min(acc[i - 1, j], acc[i, j - 1],
+                                                       acc[i - 1, j - 1])
+    return acc[m, n]
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (1, 6), (5, 5), (7, 3), (12, 17)])
+def test_dtw_matches_direct_dynamic_programming(m, n):
+    rng = np.random.default_rng(m * 31 + n)
+    a, b = rng.uniform(size=m), rng.uniform(size=n)
+    assert metrics.dtw_distance(a, b) == pytest.approx(_dtw_direct(a, b), abs=1e-12)
+    assert metrics.dtw_distance(b, a) == pytest.approx(metrics.dtw_distance(a, b), abs=1e-12)
+
+
+def test_dtw_known_values_and_matrix():
+    assert metrics.dtw_distance([0, 1, 1, 2], [0, 1, 2]) == 0.0  # repeats are free
+    assert metrics.dtw_distance([0.0], [1.0, 2.0]) == 3.0
+    seqs = [[0.5, 0.6, 0.9], [0.5, 0.9], [0.1, 0.2, 0.2, 0.3]]
+    mat = metrics.dtw_matrix(seqs)
+    assert np.allclose(mat, mat.T) and np.all(np.diag(mat) == 0)
+    assert mat[0, 2] == pytest.approx(_dtw_direct(seqs[0], seqs[2]))
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.dtw_distance([], [1.0])
+
+
+def test_summary_statistics_and_correlations():
+    rng = np.random.default_rng(8)
+    sigs = {f"m{i}": rng.uniform(0.5, 1.0, size=5 + i) for i in range(5)}
+    stats = {k: compare.summary_statistics(v) for k, v in sigs.items()}
+    v = sigs["m2"]
+    assert stats["m2"] == pytest.approx({"mean": v.mean(), "std": v.std(), "min": v.min(),
+                                         "max": v.max(), "max_over_mean": v.max() / v.mean()})
+    acc = {k: 60.0 + 10 * s["mean"] + rng.normal() for k, s in stats.items()}
+    corr = compare.correlations(stats, acc)
+    means = np.array([stats[k]["mean"] for k in sigs])
+    accs = np.array([acc[k] for k in sigs])
+    assert corr["mean"]["pearson"] == pytest.approx(np.corrcoef(means, accs)[0, 1], abs=1e-12)
+
+    def ranks(a):
+        return np.argsort(np.argsort(a)).astype(float)
+
+    assert corr["mean"]["spearman"] == pytest.approx(
+        np.corrcoef(ranks(means), ranks(accs))[0, 1], abs=1e-12)
+    with pytest.raises(compare.AccuracyError, match="no accuracy for"):
+        compare.correlations(stats, {"m0": 1.0})
+
+
+def test_read_accuracy_json_and_csv(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"resnet18": 69.76, "alexnet": 56.5}))
+    assert compare.read_accuracy(tmp_path / "a.json") == {"resnet18": 69.76, "alexnet": 56.5}
+    (tmp_path / "a.csv").write_text("model,params,acc@1\nresnet18,11.7,69.76\nalexnet,61,56.5\n")
+    assert compare.read_accuracy(tmp_path / "a.csv") == {"resnet18": 69.76, "alexnet": 56.5}
+    (tmp_path / "bad.csv").write_text("model,accuracy\nresnet18,high\n")
+    with pytest.raises(compare.AccuracyError, match="bad.csv"):
+        compare.read_accuracy(tmp_path / "bad.csv")
