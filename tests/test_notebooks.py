@@ -10,6 +10,7 @@ metadata asks for (``{"affjax": {"timeout_s": 300}}``), and must save at least o
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -125,3 +126,21 @@ def test_time_budget_covers_the_whole_notebook(tmp_path, kernel_env):
     nb = _notebook("import time", *["time.sleep(2)"] * 4)
     with pytest.raises(NotebookFailed, match="budget"):
         run_notebook(nb, cwd=tmp_path, timeout_s=5)
+
+
+def test_bench_score_json_has_what_notebook_06_reads(tmp_path, monkeypatch):
+    # benchmarks/bench_score.py --json on a tiny grid: folders created, the schema notebook 06
+    # plots (cells with n, d, affjax/baseline medians and scores), complete at the end.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_score
+
+    out = tmp_path / "results" / "bench.json"
+    argv = ["--n", "16", "32", "--d", "1", "3", "--repeats", "1", "--wait-idle", "0"]
+    assert bench_score.main([*argv, "--no-headlines", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is True
+    assert sorted((c["n"], c["d"]) for c in saved["cells"]) == [(16, 1), (16, 3), (32, 1), (32, 3)]
+    for c in saved["cells"]:
+        assert c["affjax"]["median"] > 0 and c["baseline"]["median"] > 0
+        assert abs(c["affjax"]["score"] - c["baseline"]["score"]) < 1e-3
+    assert saved["args"]["n"] == [16, 32]
