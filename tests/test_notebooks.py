@@ -132,15 +132,20 @@ def test_bench_score_json_has_what_notebook_06_reads(tmp_path, monkeypatch):
     # benchmarks/bench_score.py --json on a tiny grid: folders created, the schema notebook 06
     # plots (cells with n, d, affjax/baseline medians and scores), complete at the end.
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    if "ot" not in sys.modules:
+        # POT would import TensorFlow and PyTorch as array backends (15 s here); the benchmark
+        # hands it NumPy arrays only.
+        monkeypatch.setenv("POT_BACKEND_DISABLE_TENSORFLOW", "1")
+        monkeypatch.setenv("POT_BACKEND_DISABLE_PYTORCH", "1")
     import bench_score
 
     out = tmp_path / "results" / "bench.json"
-    argv = ["--n", "16", "32", "--d", "1", "3", "--repeats", "1", "--wait-idle", "0"]
+    argv = ["--n", "16", "--d", "1", "3", "--repeats", "1", "--wait-idle", "0"]
     assert bench_score.main([*argv, "--no-headlines", "--json", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["complete"] is True
-    assert sorted((c["n"], c["d"]) for c in saved["cells"]) == [(16, 1), (16, 3), (32, 1), (32, 3)]
+    assert sorted((c["n"], c["d"]) for c in saved["cells"]) == [(16, 1), (16, 3)]
     for c in saved["cells"]:
         assert c["affjax"]["median"] > 0 and c["baseline"]["median"] > 0
         assert abs(c["affjax"]["score"] - c["baseline"]["score"]) < 1e-3
-    assert saved["args"]["n"] == [16, 32]
+    assert saved["args"]["d"] == [1, 3]
