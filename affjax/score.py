@@ -171,7 +171,13 @@ def _compute(
         )
         perm = jnp.full((n,), -1, jnp.int32)
     else:
-        perm = transport.optimal_permutation(mapped, b, solver=solver)
+        # Dead output: A = 0 maps every x_i to m_y, so every matching costs the same; the
+        # assignment solver is skipped (scipy's takes O(n^3) on such constant-row costs).
+        perm = jax.lax.cond(
+            dead,
+            lambda: jnp.arange(n, dtype=jnp.int32),
+            lambda: transport.optimal_permutation(mapped, b, solver=solver),
+        )
         w2_sq = jnp.mean(jnp.sum((mapped - b[perm]) ** 2, axis=1))
 
     ratio = jnp.clip(w2_sq / (2.0 * trace_cov_y), 0.0, 1.0)

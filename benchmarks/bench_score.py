@@ -770,6 +770,22 @@ def _jsonable(o):
     return o
 
 
+def write_json(path: str, **fields) -> None:
+    """Write the run's numbers to ``path`` (parents created), replacing it atomically.
+
+    Keys: ``machine``, ``args``, ``cells`` (one dict per grid cell, as ``run_cell`` returns
+    them: ``n``, ``d``, ``affjax`` / ``baseline`` / ``floor`` timings in seconds, ``None``
+    when skipped), ``complete`` (false while the grid runs), and at the end ``headlines``,
+    ``headline_eigh``, ``breakdowns``, ``elapsed_s``.
+    """
+    target = os.path.abspath(path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = target + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(fields), f, indent=1)
+    os.replace(tmp, target)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=None, help=f"default {FULL_N}")
@@ -812,7 +828,14 @@ def parse_args(argv=None):
         help="limit every BLAS library (both sides) to this many threads",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=str, default=None, help="save raw numbers here")
+    p.add_argument(
+        "--json",
+        type=str,
+        default=None,
+        metavar="PATH",
+        help="write the raw numbers here as JSON (folders created), rewritten after every cell "
+        "so that an interrupted run keeps what it measured; 'complete' is true at the end",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.n = args.n or list(QUICK_N)
@@ -836,6 +859,9 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     info = machine_description()
     print_machine(info)
+    if args.json:
+        # Fail now, not after a 25-minute grid, if the file cannot be written.
+        write_json(args.json, machine=info, args=vars(args), cells=[], complete=False)
     print(
         f"Grid: n {args.n} x d {args.d}, repeats {args.repeats}, budget "
         f"{args.budget_seconds:g} s, baseline {args.baseline_dtype}, seed {args.seed}, "
@@ -851,6 +877,8 @@ def main(argv=None) -> int:
             cells.append(c)
             pairs = zip(HEADER, cell_row(c), strict=True)
             print(" ".join(f"{h}={v}" for h, v in pairs), flush=True)
+            if args.json:
+                write_json(args.json, machine=info, args=vars(args), cells=cells, complete=False)
 
     cells.sort(key=lambda c: (c["n"], c["d"]))
     print()
@@ -909,22 +937,17 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t_start
     print(f"\nTotal benchmark time {elapsed:.0f} s; load average {os.getloadavg()[0]:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                _jsonable(
-                    {
-                        "machine": info,
-                        "args": vars(args),
-                        "cells": cells,
-                        "headlines": headlines,
-                        "headline_eigh": hl_eigh,
-                        "breakdowns": breakdowns,
-                        "elapsed_s": elapsed,
-                    }
-                ),
-                f,
-                indent=1,
-            )
+        write_json(
+            args.json,
+            machine=info,
+            args=vars(args),
+            cells=cells,
+            complete=True,
+            headlines=headlines,
+            headline_eigh=hl_eigh,
+            breakdowns=breakdowns,
+            elapsed_s=elapsed,
+        )
         print(f"raw numbers saved to {args.json}")
     return 0
 

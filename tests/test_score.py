@@ -208,3 +208,19 @@ def test_dtypes():
     half = affjax.affinity_score(x.astype(np.float16), y.astype(np.float16))
     assert half.dtype == jnp.float32
     assert abs(float(half) - float(affjax.affinity_score(x, y))) < 5e-3
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_dead_but_varying_output_matches_reference(dtype):
+    # tr C_y <= 2 ridge d although y is not constant: A = 0, every matching costs the same and
+    # the assignment is skipped; the score must still be the matched definition's (about 0.62).
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((200, 30))
+    y = 0.5 + 1e-3 * np.tanh(x)  # per-unit variance about 4e-7, below the ridge 1e-6
+    ref = affinity_score_reference(x, y, w2="lsa")
+    assert ref["dead"] and 0.5 < ref["score"] < 0.8
+    res = affjax.affinity(x.astype(dtype), y.astype(dtype))
+    assert bool(res.dead)
+    tol = 1e-6 if dtype == np.float64 else 1e-3
+    assert abs(float(res.score) - ref["score"]) < tol
+    assert abs(float(res.w2) ** 2 - ref["w2_squared"]) < tol * ref["w2_squared"]
