@@ -3,9 +3,11 @@ evaluation transform. Parity with torchvision itself is in test_models_parity.py
 
 from __future__ import annotations
 
+import collections
 import json
 import struct
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,12 +31,29 @@ EXPECTED_CALLS = {
     "resnet18": 17, "resnet34": 33, "resnet50": 49, "resnet101": 100, "resnet152": 151,
     "wide_resnet50_2": 49, "wide_resnet101_2": 100,
     "resnext50_32x4d": 49, "resnext101_32x8d": 100, "resnext101_64x4d": 100,
+    # DenseNet: stem + 2 per dense layer (121: 58 layers, 161: 78, 169: 82, 201: 98) + 3
+    # transitions + the final functional ReLU (scored, docs/models.md).
+    "densenet121": 121, "densenet161": 161, "densenet169": 169, "densenet201": 201,
+    # MobileNetV2: stem + 1 (first block, no expansion) + 2 per other block (16) + last conv.
+    # V3: stem, per block expand (if wider) + depthwise + 2 in squeeze-excitation, last conv,
+    # the classifier's Hardswish (small: 11 blocks, large: 15).
+    "mobilenet_v2": 35, "mobilenet_v3_small": 42, "mobilenet_v3_large": 48,
 }
+# Calls per activation kind where a model is not ReLU-only (counted with torch hooks on
+# torchvision's modules: Hardswish -> hard_silu, Hardsigmoid -> hard_sigmoid).
+EXPECTED_KINDS: dict[str, dict[str, int]] = {
+    "mobilenet_v2": {"relu6": 35},
+    "mobilenet_v3_small": {"hard_silu": 19, "relu": 14, "hard_sigmoid": 9},
+    "mobilenet_v3_large": {"hard_silu": 21, "relu": 19, "hard_sigmoid": 8},
+}
+# Models without BatchNorm.
+NO_BATCH_NORM = {"alexnet", "vgg11", "vgg13", "vgg16", "vgg19"}
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     name: 232 for name in ("resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                            "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
-                           "resnext101_64x4d")}
+                           "resnext101_64x4d")} | {
+    name: 232 for name in ("mobilenet_v2", "mobilenet_v3_large")}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -62,9 +81,9 @@ def test_structure_calls_and_output_shape(name):
     layers, out, variables = _abstract(name)
     assert len(layers) == EXPECTED_CALLS[name]
     assert out.shape == (2, 7) and out.dtype == jnp.float32
-    assert all(layer.kind == "relu" for layer in layers)
-    has_bn = name.startswith(("resnet", "wide", "resnext")) or name.endswith("_bn")
-    assert ("batch_stats" in variables) == has_bn
+    kinds = collections.Counter(layer.kind for layer in layers)
+    assert kinds == EXPECTED_KINDS.get(name, {"relu": len(layers)})
+    assert ("batch_stats" in variables) == (name not in NO_BATCH_NORM)
     assert models.eval_transform(name).resize_size == EXPECTED_RESIZE[name]
     assert models.eval_transform(name).crop_size == 224
 
@@ -339,3 +358,44 @@ def test_activation_names_follow_torchvision_sequential_indices():
     assert [layer.name for layer in layers] == [
         "features.2:0", "features.6:0", "features.10:0", "features.13:0", "features.17:0",
         "features.20:0", "features.24:0", "features.27:0", "classifier.1:0", "classifier.4:0"]
+
+
+def test_densenet_names_follow_torchvision_and_score_the_final_relu():
+    layers, _, variables = _abstract("densenet121")
+    names = [layer.name for layer in layers]
+    assert names[:4] == ["features.relu0:0", "features.denseblock1.denselayer1/relu1:0",
+                         "features.denseblock1.denselayer1/relu2:0",
+                         "features.denseblock1.denselayer2/relu1:0"]
+    assert names[13] == "features.transition1/relu:0"
+    assert names[-2:] == ["features.denseblock4.denselayer16/relu2:0", "relu:0"]
+    # The concatenation grows the input of each layer by growth_rate: 64 + 5 * 32 channels
+    # into the 6th layer's norm1, 1024 into norm5.
+    bs = variables["batch_stats"]
+    assert bs["features.denseblock1.denselayer6"]["norm1"]["mean"].shape == (224,)
+    assert bs["features.norm5"]["mean"].shape == (1024,)
+    assert variables["params"]["classifier"]["kernel"].shape == (1024, 7)
+
+
+def test_mobilenet_v3_squeeze_excitation_names_and_shapes():
+    layers, _, variables = _abstract("mobilenet_v3_small")
+    names = [(layer.name, layer.kind) for layer in layers]
+    # features.1: depthwise (ReLU) then SE (ReLU, Hardsigmoid); no expansion (16 -> 16).
+    assert names[:4] == [("features.0/2:0", "hard_silu"), ("features.1/block.0/2:0", "relu"),
+                         ("features.1/block.1/activation:0", "relu"),
+                         ("features.1/block.1/scale_activation:0", "hard_sigmoid")]
+    assert names[-2:] == [("features.12/2:0", "hard_silu"), ("classifier.1:0", "hard_silu")]
+    p = variables["params"]
+    # SE squeeze width: make_divisible(16 // 4, 8) = 8; fc1 is a biased 1x1 conv.
+    assert p["features.1"]["block.1"]["fc1"]["kernel"].shape == (1, 1, 16, 8)
+    assert p["features.1"]["block.1"]["fc2"]["bias"].shape == (16,)
+    assert p["classifier.0"]["kernel"].shape == (576, 1024)
+    # MobileNetV3's BatchNorm2d(eps=0.001): all 34 (stem, 2 in features.1, 3 in each of the
+    # other 10 blocks, last conv).
+    module = models.get_spec("mobilenet_v3_small").build(num_classes=7)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+
+    def eps_1e3(v, x):
+        return module.apply(v, x, mutable=["intermediates"], capture_intermediates=lambda m, _: (
+            isinstance(m, nn.BatchNorm) and m.epsilon == 1e-3))[1]
+
+    assert len(jax.tree_util.tree_leaves(jax.eval_shape(eps_1e3, variables, x))) == 34
