@@ -38,6 +38,8 @@ EXPECTED_CALLS = {
     # V3: stem, per block expand (if wider) + depthwise + 2 in squeeze-excitation, last conv,
     # the classifier's Hardswish (small: 11 blocks, large: 15).
     "mobilenet_v2": 35, "mobilenet_v3_small": 42, "mobilenet_v3_large": 48,
+    # SqueezeNet: stem + 3 per Fire module (8) + the ReLU on the class maps.
+    "squeezenet1_0": 26, "squeezenet1_1": 26,
 }
 # Calls per activation kind where a model is not ReLU-only (counted with torch hooks on
 # torchvision's modules: Hardswish -> hard_silu, Hardsigmoid -> hard_sigmoid).
@@ -47,7 +49,8 @@ EXPECTED_KINDS: dict[str, dict[str, int]] = {
     "mobilenet_v3_large": {"hard_silu": 21, "relu": 19, "hard_sigmoid": 8},
 }
 # Models without BatchNorm.
-NO_BATCH_NORM = {"alexnet", "vgg11", "vgg13", "vgg16", "vgg19"}
+NO_BATCH_NORM = {"alexnet", "vgg11", "vgg13", "vgg16", "vgg19",
+                 "squeezenet1_0", "squeezenet1_1"}
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     name: 232 for name in ("resnet50", "resnet101", "resnet152", "wide_resnet50_2",
@@ -424,3 +427,35 @@ def test_mobilenet_v3_squeeze_excitation_names_and_shapes():
             isinstance(m, nn.BatchNorm) and m.epsilon == 1e-3))[1]
 
     assert len(jax.tree_util.tree_leaves(jax.eval_shape(eps_1e3, variables, x))) == 34
+
+
+def _max_pool_ceil_reference(x, k, s):
+    n, h, w, c = x.shape
+    oh, ow = -(-(h - k) // s) + 1, -(-(w - k) // s) + 1
+    out = np.zeros((n, oh, ow, c))
+    for i in range(oh):
+        for j in range(ow):  # windows clipped at the bottom/right edge
+            out[:, i, j] = x[:, i * s:i * s + k, j * s:j * s + k].max(axis=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("size", [(29, 29), (14, 13), (3, 4), (7, 8)])
+def test_squeezenet_ceil_mode_max_pool(size):
+    from affjax.models.squeezenet import max_pool_ceil
+
+    x = np.random.default_rng(1).standard_normal((2, *size, 3))
+    got = np.asarray(max_pool_ceil(jnp.asarray(x, jnp.float32), 3, 2))
+    np.testing.assert_allclose(got, _max_pool_ceil_reference(x, 3, 2), rtol=1e-6)
+
+
+def test_squeezenet_head_is_a_conv_and_num_classes_is_read_from_it():
+    module, variables = models.create("squeezenet1_1", num_classes=5)
+    sd = models.to_torchvision("squeezenet1_1", variables)
+    assert sd["classifier.1.weight"].shape == (5, 512, 1, 1)
+    module, _ = models.from_torchvision("squeezenet1_1", sd)
+    assert module.num_classes == 5
+    layers, _, _ = _abstract("squeezenet1_0")
+    assert [layer.name for layer in layers][:4] == [
+        "features.1:0", "features.3/squeeze_activation:0", "features.3/expand1x1_activation:0",
+        "features.3/expand3x3_activation:0"]
+    assert layers[-1].name == "classifier.2:0"
