@@ -40,6 +40,9 @@ EXPECTED_CALLS = {
     "mobilenet_v2": 35, "mobilenet_v3_small": 42, "mobilenet_v3_large": 48,
     # SqueezeNet: stem + 3 per Fire module (8) + the ReLU on the class maps.
     "squeezenet1_0": 26, "squeezenet1_1": 26,
+    # ShuffleNet V2: conv1 + 3 per strided unit (3) + 2 per other unit (3 + 7 + 3) + conv5.
+    "shufflenet_v2_x0_5": 37, "shufflenet_v2_x1_0": 37, "shufflenet_v2_x1_5": 37,
+    "shufflenet_v2_x2_0": 37,
 }
 # Calls per activation kind where a model is not ReLU-only (counted with torch hooks on
 # torchvision's modules: Hardswish -> hard_silu, Hardsigmoid -> hard_sigmoid).
@@ -56,7 +59,8 @@ EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     name: 232 for name in ("resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                            "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
                            "resnext101_64x4d")} | {
-    name: 232 for name in ("mobilenet_v2", "mobilenet_v3_large")}
+    name: 232 for name in ("mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x1_5",
+                           "shufflenet_v2_x2_0")}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -459,3 +463,18 @@ def test_squeezenet_head_is_a_conv_and_num_classes_is_read_from_it():
         "features.1:0", "features.3/squeeze_activation:0", "features.3/expand1x1_activation:0",
         "features.3/expand3x3_activation:0"]
     assert layers[-1].name == "classifier.2:0"
+
+
+def test_shufflenet_channel_shuffle_is_torchs_index_order():
+    from affjax.models.shufflenet import channel_shuffle
+
+    c = 10
+    x = np.broadcast_to(np.arange(c, dtype=np.float32), (1, 2, 3, c))
+    got = np.asarray(channel_shuffle(jnp.asarray(x), 2))[0, 1, 2]
+    # torch: view(b, 2, c / 2, h, w).transpose(1, 2): new channel j * 2 + i = old i * c / 2 + j.
+    expected = [i * (c // 2) + j for j in range(c // 2) for i in range(2)]
+    np.testing.assert_array_equal(got, expected)
+    layers, _, _ = _abstract("shufflenet_v2_x0_5")
+    assert [layer.name for layer in layers][:5] == [
+        "conv1.2:0", "stage2.0/branch1.4:0", "stage2.0/branch2.2:0", "stage2.0/branch2.7:0",
+        "stage2.1/branch2.2:0"]
