@@ -43,6 +43,8 @@ EXPECTED_CALLS = {
     # ShuffleNet V2: conv1 + 3 per strided unit (3) + 2 per other unit (3 + 7 + 3) + conv5.
     "shufflenet_v2_x0_5": 37, "shufflenet_v2_x1_0": 37, "shufflenet_v2_x1_5": 37,
     "shufflenet_v2_x2_0": 37,
+    # MNASNet: 2 in the stem + 2 per inverted residual (3 + 3 + 3 + 2 + 4 + 1) + layers.16.
+    "mnasnet0_5": 35, "mnasnet0_75": 35, "mnasnet1_0": 35, "mnasnet1_3": 35,
 }
 # Calls per activation kind where a model is not ReLU-only (counted with torch hooks on
 # torchvision's modules: Hardswish -> hard_silu, Hardsigmoid -> hard_sigmoid).
@@ -60,7 +62,7 @@ EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
                            "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
                            "resnext101_64x4d")} | {
     name: 232 for name in ("mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x1_5",
-                           "shufflenet_v2_x2_0")}
+                           "shufflenet_v2_x2_0", "mnasnet0_75", "mnasnet1_3")}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -478,3 +480,19 @@ def test_shufflenet_channel_shuffle_is_torchs_index_order():
     assert [layer.name for layer in layers][:5] == [
         "conv1.2:0", "stage2.0/branch1.4:0", "stage2.0/branch2.2:0", "stage2.0/branch2.7:0",
         "stage2.1/branch2.2:0"]
+
+
+@pytest.mark.parametrize(("name", "widths"), [("mnasnet0_5", (16, 8, 16, 24, 40, 48, 96, 160)),
+                                              ("mnasnet1_3", (40, 24, 32, 56, 104, 128, 248,
+                                                              416))])
+def test_mnasnet_widths_follow_round_to_multiple_of(name, widths):
+    """torchvision's _get_depths: 8-multiples of alpha * (32, 16, 24, 40, 80, 96, 192, 320)."""
+    layers, _, variables = _abstract(name)
+    p = variables["params"]
+    got = (p["layers.0"]["kernel"].shape[-1], p["layers.6"]["kernel"].shape[-1],
+           *(p[f"layers.{8 + i}.0"]["layers.6"]["kernel"].shape[-1] for i in range(6)))
+    assert got == widths
+    assert variables["batch_stats"]["layers.13.0"]["layers.7"]["mean"].shape == (widths[-1],)
+    assert [layer.name for layer in layers][:4] == ["layers.2:0", "layers.5:0",
+                                                    "layers.8.0/layers.2:0",
+                                                    "layers.8.0/layers.5:0"]

@@ -21,7 +21,8 @@ from affjax.models import parity
 # ModelSpec.parity_size, where every spatial map before the head is larger than 1x1 (AlexNet:
 # 3x3 at 128, VGG: 2x2 at 64), so the NCHW -> NHWC flatten permutation is exercised.
 CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d",
-         "densenet121", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5"]
+         "densenet121", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5",
+         "mnasnet0_5"]
 
 
 @pytest.mark.parametrize("name", CASES)
