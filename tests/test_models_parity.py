@@ -106,6 +106,18 @@ def test_state_dict_names_match_torchvision_exactly():
             np.testing.assert_array_equal(back[k], sd[k].numpy(), err_msg=k)
 
 
+@pytest.mark.parametrize("name", ["densenet121", "mobilenet_v2", "mobilenet_v3_small",
+                                  "squeezenet1_0", "shufflenet_v2_x0_5", "mnasnet0_5"])
+def test_state_dict_names_match_torchvision_exactly_tier2_3(name):
+    sd = torchvision.models.get_model(name, weights=None).state_dict()
+    _, variables = models.from_torchvision(name, sd)
+    back = models.to_torchvision(name, variables)
+    expected = {k for k in sd if not k.endswith("num_batches_tracked")}
+    assert set(back) == expected
+    for k in expected:
+        np.testing.assert_array_equal(back[k], sd[k].numpy(), err_msg=k)
+
+
 def test_pth_round_trip_and_bfloat16_tensors(tmp_path):
     tmodel = parity.torchvision_model("resnet18", seed=2)
     path = tmp_path / "resnet18.pth"
