@@ -3,9 +3,11 @@ evaluation transform. Parity with torchvision itself is in test_models_parity.py
 
 from __future__ import annotations
 
+import collections
 import json
 import struct
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,12 +31,38 @@ EXPECTED_CALLS = {
     "resnet18": 17, "resnet34": 33, "resnet50": 49, "resnet101": 100, "resnet152": 151,
     "wide_resnet50_2": 49, "wide_resnet101_2": 100,
     "resnext50_32x4d": 49, "resnext101_32x8d": 100, "resnext101_64x4d": 100,
+    # DenseNet: stem + 2 per dense layer (121: 58 layers, 161: 78, 169: 82, 201: 98) + 3
+    # transitions + the final functional ReLU (scored, docs/models.md).
+    "densenet121": 121, "densenet161": 161, "densenet169": 169, "densenet201": 201,
+    # MobileNetV2: stem + 1 (first block, no expansion) + 2 per other block (16) + last conv.
+    # V3: stem, per block expand (if wider) + depthwise + 2 in squeeze-excitation, last conv,
+    # the classifier's Hardswish (small: 11 blocks, large: 15).
+    "mobilenet_v2": 35, "mobilenet_v3_small": 42, "mobilenet_v3_large": 48,
+    # SqueezeNet: stem + 3 per Fire module (8) + the ReLU on the class maps.
+    "squeezenet1_0": 26, "squeezenet1_1": 26,
+    # ShuffleNet V2: conv1 + 3 per strided unit (3) + 2 per other unit (3 + 7 + 3) + conv5.
+    "shufflenet_v2_x0_5": 37, "shufflenet_v2_x1_0": 37, "shufflenet_v2_x1_5": 37,
+    "shufflenet_v2_x2_0": 37,
+    # MNASNet: 2 in the stem + 2 per inverted residual (3 + 3 + 3 + 2 + 4 + 1) + layers.16.
+    "mnasnet0_5": 35, "mnasnet0_75": 35, "mnasnet1_0": 35, "mnasnet1_3": 35,
 }
+# Calls per activation kind where a model is not ReLU-only (counted with torch hooks on
+# torchvision's modules: Hardswish -> hard_silu, Hardsigmoid -> hard_sigmoid).
+EXPECTED_KINDS: dict[str, dict[str, int]] = {
+    "mobilenet_v2": {"relu6": 35},
+    "mobilenet_v3_small": {"hard_silu": 19, "relu": 14, "hard_sigmoid": 9},
+    "mobilenet_v3_large": {"hard_silu": 21, "relu": 19, "hard_sigmoid": 8},
+}
+# Models without BatchNorm.
+NO_BATCH_NORM = {"alexnet", "vgg11", "vgg13", "vgg16", "vgg19",
+                 "squeezenet1_0", "squeezenet1_1"}
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     name: 232 for name in ("resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                            "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
-                           "resnext101_64x4d")}
+                           "resnext101_64x4d")} | {
+    name: 232 for name in ("mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x1_5",
+                           "shufflenet_v2_x2_0", "mnasnet0_75", "mnasnet1_3")}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -62,9 +90,9 @@ def test_structure_calls_and_output_shape(name):
     layers, out, variables = _abstract(name)
     assert len(layers) == EXPECTED_CALLS[name]
     assert out.shape == (2, 7) and out.dtype == jnp.float32
-    assert all(layer.kind == "relu" for layer in layers)
-    has_bn = name.startswith(("resnet", "wide", "resnext")) or name.endswith("_bn")
-    assert ("batch_stats" in variables) == has_bn
+    kinds = collections.Counter(layer.kind for layer in layers)
+    assert kinds == EXPECTED_KINDS.get(name, {"relu": len(layers)})
+    assert ("batch_stats" in variables) == (name not in NO_BATCH_NORM)
     assert models.eval_transform(name).resize_size == EXPECTED_RESIZE[name]
     assert models.eval_transform(name).crop_size == 224
 
@@ -214,7 +242,7 @@ def test_safetensors_round_trip(tmp_path, resnet18_state):
     path = tmp_path / "resnet18.safetensors"
     models.save_safetensors(path, sd, metadata={"format": "pt"})
     loaded = models.load_safetensors(path)
-    assert list(loaded) == list(sd)
+    assert sorted(loaded) == sorted(sd)  # the writer orders tensors by dtype, then name
     for k in sd:
         np.testing.assert_array_equal(loaded[k], sd[k])
     _, back = models.from_torchvision("resnet18", str(path))
@@ -250,25 +278,50 @@ def test_safetensors_reader_on_a_handmade_file(tmp_path):
     assert int(loaded["c.num_batches_tracked"][0]) == 5
 
 
+def test_safetensors_writer_bfloat16_and_byte_layout(tmp_path):
+    """bfloat16 JAX arrays and big-endian NumPy arrays are written as the format prescribes."""
+    path = tmp_path / "w.safetensors"
+    bf16 = jnp.array([1.0, -2.5, 3.0], jnp.bfloat16)
+    big = np.arange(4, dtype=">f4")
+    models.save_safetensors(path, {"b": bf16, "big": big}, metadata={"epoch": 3})
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert header["__metadata__"] == {"epoch": "3"}
+    assert header["b"]["dtype"] == "BF16" and header["big"]["dtype"] == "F32"
+    begin, end = header["big"]["data_offsets"]
+    body = raw[8 + n:]
+    np.testing.assert_array_equal(np.frombuffer(body[begin:end], "<f4"), [0, 1, 2, 3])
+    loaded = models.load_safetensors(path)
+    np.testing.assert_array_equal(loaded["b"].astype(np.float32), [1.0, -2.5, 3.0])
+    with pytest.raises(ValueError, match="tensor 'x': dtype complex128 has no safetensors code"):
+        models.save_safetensors(path, {"x": np.zeros(2, np.complex128)})
+
+
 def test_safetensors_reader_rejects_malformed_files(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(b"\x01\x02")
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ValueError, match="bad.safetensors: not a valid .safetensors file.*"
+                                         "header too small"):
         models.load_safetensors(path)
     path.write_bytes(struct.pack("<Q", 10_000) + b"{}")
-    with pytest.raises(ValueError, match="header length 10000 exceeds"):
+    with pytest.raises(ValueError, match="invalid header length"):
         models.load_safetensors(path)
     path.write_bytes(struct.pack("<Q", 4) + b"{x}!")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="invalid JSON"):
         models.load_safetensors(path)
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
-    with pytest.raises(ValueError, match=r"'w' \(F32, shape \(4,\)\) has byte range \[0, 8\) "
-                                         "but needs 16"):
+    with pytest.raises(ValueError, match="invalid shape, data type, or offset"):
         models.load_safetensors(path)
     header = json.dumps({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
-    with pytest.raises(ValueError, match="'w' has a malformed header entry"):
+    with pytest.raises(ValueError, match="unknown variant `Q7`"):
+        models.load_safetensors(path)
+    # A dtype the format knows but NumPy cannot hold.
+    header = json.dumps({"w": {"dtype": "F8_E8M0", "shape": [1], "data_offsets": [0, 1]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
+    with pytest.raises(ValueError, match="tensor 'w' has dtype F8_E8M0, which NumPy cannot hold"):
         models.load_safetensors(path)
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
         models.from_torchvision("resnet18", tmp_path / "nowhere.safetensors")
@@ -339,3 +392,107 @@ def test_activation_names_follow_torchvision_sequential_indices():
     assert [layer.name for layer in layers] == [
         "features.2:0", "features.6:0", "features.10:0", "features.13:0", "features.17:0",
         "features.20:0", "features.24:0", "features.27:0", "classifier.1:0", "classifier.4:0"]
+
+
+def test_densenet_names_follow_torchvision_and_score_the_final_relu():
+    layers, _, variables = _abstract("densenet121")
+    names = [layer.name for layer in layers]
+    assert names[:4] == ["features.relu0:0", "features.denseblock1.denselayer1/relu1:0",
+                         "features.denseblock1.denselayer1/relu2:0",
+                         "features.denseblock1.denselayer2/relu1:0"]
+    assert names[13] == "features.transition1/relu:0"
+    assert names[-2:] == ["features.denseblock4.denselayer16/relu2:0", "relu:0"]
+    # The concatenation grows the input of each layer by growth_rate: 64 + 5 * 32 channels
+    # into the 6th layer's norm1, 1024 into norm5.
+    bs = variables["batch_stats"]
+    assert bs["features.denseblock1.denselayer6"]["norm1"]["mean"].shape == (224,)
+    assert bs["features.norm5"]["mean"].shape == (1024,)
+    assert variables["params"]["classifier"]["kernel"].shape == (1024, 7)
+
+
+def test_mobilenet_v3_squeeze_excitation_names_and_shapes():
+    layers, _, variables = _abstract("mobilenet_v3_small")
+    names = [(layer.name, layer.kind) for layer in layers]
+    # features.1: depthwise (ReLU) then SE (ReLU, Hardsigmoid); no expansion (16 -> 16).
+    assert names[:4] == [("features.0/2:0", "hard_silu"), ("features.1/block.0/2:0", "relu"),
+                         ("features.1/block.1/activation:0", "relu"),
+                         ("features.1/block.1/scale_activation:0", "hard_sigmoid")]
+    assert names[-2:] == [("features.12/2:0", "hard_silu"), ("classifier.1:0", "hard_silu")]
+    p = variables["params"]
+    # SE squeeze width: make_divisible(16 // 4, 8) = 8; fc1 is a biased 1x1 conv.
+    assert p["features.1"]["block.1"]["fc1"]["kernel"].shape == (1, 1, 16, 8)
+    assert p["features.1"]["block.1"]["fc2"]["bias"].shape == (16,)
+    assert p["classifier.0"]["kernel"].shape == (576, 1024)
+    # MobileNetV3's BatchNorm2d(eps=0.001): all 34 (stem, 2 in features.1, 3 in each of the
+    # other 10 blocks, last conv).
+    module = models.get_spec("mobilenet_v3_small").build(num_classes=7)
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+
+    def eps_1e3(v, x):
+        return module.apply(v, x, mutable=["intermediates"], capture_intermediates=lambda m, _: (
+            isinstance(m, nn.BatchNorm) and m.epsilon == 1e-3))[1]
+
+    assert len(jax.tree_util.tree_leaves(jax.eval_shape(eps_1e3, variables, x))) == 34
+
+
+def _max_pool_ceil_reference(x, k, s):
+    n, h, w, c = x.shape
+    oh, ow = -(-(h - k) // s) + 1, -(-(w - k) // s) + 1
+    out = np.zeros((n, oh, ow, c))
+    for i in range(oh):
+        for j in range(ow):  # windows clipped at the bottom/right edge
+            out[:, i, j] = x[:, i * s:i * s + k, j * s:j * s + k].max(axis=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("size", [(29, 29), (14, 13), (3, 4), (7, 8)])
+def test_squeezenet_ceil_mode_max_pool(size):
+    from affjax.models.squeezenet import max_pool_ceil
+
+    x = np.random.default_rng(1).standard_normal((2, *size, 3))
+    got = np.asarray(max_pool_ceil(jnp.asarray(x, jnp.float32), 3, 2))
+    np.testing.assert_allclose(got, _max_pool_ceil_reference(x, 3, 2), rtol=1e-6)
+
+
+def test_squeezenet_head_is_a_conv_and_num_classes_is_read_from_it():
+    module, variables = models.create("squeezenet1_1", num_classes=5)
+    sd = models.to_torchvision("squeezenet1_1", variables)
+    assert sd["classifier.1.weight"].shape == (5, 512, 1, 1)
+    module, _ = models.from_torchvision("squeezenet1_1", sd)
+    assert module.num_classes == 5
+    layers, _, _ = _abstract("squeezenet1_0")
+    assert [layer.name for layer in layers][:4] == [
+        "features.1:0", "features.3/squeeze_activation:0", "features.3/expand1x1_activation:0",
+        "features.3/expand3x3_activation:0"]
+    assert layers[-1].name == "classifier.2:0"
+
+
+def test_shufflenet_channel_shuffle_is_torchs_index_order():
+    from affjax.models.shufflenet import channel_shuffle
+
+    c = 10
+    x = np.broadcast_to(np.arange(c, dtype=np.float32), (1, 2, 3, c))
+    got = np.asarray(channel_shuffle(jnp.asarray(x), 2))[0, 1, 2]
+    # torch: view(b, 2, c / 2, h, w).transpose(1, 2): new channel j * 2 + i = old i * c / 2 + j.
+    expected = [i * (c // 2) + j for j in range(c // 2) for i in range(2)]
+    np.testing.assert_array_equal(got, expected)
+    layers, _, _ = _abstract("shufflenet_v2_x0_5")
+    assert [layer.name for layer in layers][:5] == [
+        "conv1.2:0", "stage2.0/branch1.4:0", "stage2.0/branch2.2:0", "stage2.0/branch2.7:0",
+        "stage2.1/branch2.2:0"]
+
+
+@pytest.mark.parametrize(("name", "widths"), [("mnasnet0_5", (16, 8, 16, 24, 40, 48, 96, 160)),
+                                              ("mnasnet1_3", (40, 24, 32, 56, 104, 128, 248,
+                                                              416))])
+def test_mnasnet_widths_follow_round_to_multiple_of(name, widths):
+    """torchvision's _get_depths: 8-multiples of alpha * (32, 16, 24, 40, 80, 96, 192, 320)."""
+    layers, _, variables = _abstract(name)
+    p = variables["params"]
+    got = (p["layers.0"]["kernel"].shape[-1], p["layers.6"]["kernel"].shape[-1],
+           *(p[f"layers.{8 + i}.0"]["layers.6"]["kernel"].shape[-1] for i in range(6)))
+    assert got == widths
+    assert variables["batch_stats"]["layers.13.0"]["layers.7"]["mean"].shape == (widths[-1],)
+    assert [layer.name for layer in layers][:4] == ["layers.2:0", "layers.5:0",
+                                                    "layers.8.0/layers.2:0",
+                                                    "layers.8.0/layers.5:0"]

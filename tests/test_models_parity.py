@@ -20,7 +20,9 @@ from affjax.models import parity
 # The smallest model of each family (and the BatchNorm and grouped-convolution variants), at
 # ModelSpec.parity_size, where every spatial map before the head is larger than 1x1 (AlexNet:
 # 3x3 at 128, VGG: 2x2 at 64), so the NCHW -> NHWC flatten permutation is exercised.
-CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d"]
+CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d",
+         "densenet121", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5",
+         "mnasnet0_5"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -43,6 +45,38 @@ def test_hooks_see_the_input_before_the_inplace_relu():
     pre = model[0](x).detach().double().numpy()
     np.testing.assert_allclose(pairs[0][0], pre, rtol=1e-6)
     assert (pre < 0).any() and np.array_equal(pairs[0][1], np.maximum(pre, 0))
+
+
+def test_hooks_see_functional_activations_once():
+    """F.relu outside an activation module is recorded as <caller>.relu; nn.ReLU only once."""
+
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            return torch.nn.functional.relu(self.conv(x), inplace=True)
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Inner()
+            self.act = torch.nn.ReLU(inplace=True)
+            self.fc = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.relu(self.fc(self.act(self.block(x)) - 0.5))
+
+    model = Outer()
+    x = torch.randn(16, 4)
+    names, pairs, out = parity.torch_activation_calls(model, x)
+    assert names == ["block.relu", "act", "relu"]
+    pre = model.block.conv(x).detach().double().numpy()
+    assert (pre < 0).any()
+    np.testing.assert_allclose(pairs[0][0], pre, rtol=1e-6)  # seen before the in-place call
+    np.testing.assert_allclose(pairs[0][1], np.maximum(pre, 0), rtol=1e-6)
+    assert torch.nn.functional.relu.__module__ == "torch.nn.functional"  # restored
 
 
 def test_a_wrong_permutation_is_caught():
@@ -70,6 +104,18 @@ def test_state_dict_names_match_torchvision_exactly():
         assert set(back) == expected
         for k in expected:
             np.testing.assert_array_equal(back[k], sd[k].numpy(), err_msg=k)
+
+
+@pytest.mark.parametrize("name", ["densenet121", "mobilenet_v2", "mobilenet_v3_small",
+                                  "squeezenet1_0", "shufflenet_v2_x0_5", "mnasnet0_5"])
+def test_state_dict_names_match_torchvision_exactly_tier2_3(name):
+    sd = torchvision.models.get_model(name, weights=None).state_dict()
+    _, variables = models.from_torchvision(name, sd)
+    back = models.to_torchvision(name, variables)
+    expected = {k for k in sd if not k.endswith("num_batches_tracked")}
+    assert set(back) == expected
+    for k in expected:
+        np.testing.assert_array_equal(back[k], sd[k].numpy(), err_msg=k)
 
 
 def test_pth_round_trip_and_bfloat16_tensors(tmp_path):

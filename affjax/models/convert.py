@@ -176,7 +176,8 @@ def from_torchvision(
     tensors = io.load_state_dict(state_dict)
     if num_classes is None:
         head = tensors.get(f"{spec.head}.weight")
-        num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 1000
+        # a Linear (out, in) or a 1x1 Conv (out, in, 1, 1) head (SqueezeNet)
+        num_classes = int(head.shape[0]) if head is not None and head.ndim in (2, 4) else 1000
     module = build_module(spec, num_classes, kw)
     shapes = _init_shapes(spec, module)
     rules = _rules(spec, shapes)

@@ -1,24 +1,24 @@
 """Reading and writing PyTorch state dicts: ``.pth`` (through torch) and ``.safetensors``.
 
-The ``.safetensors`` reader and writer are plain NumPy (the format is an 8-byte
-little-endian header length, a JSON header naming each tensor's dtype, shape and
-byte range, then the raw little-endian bytes), so safetensors files load without
-torch or the ``safetensors`` package. ``.pth`` files are pickles and need torch,
-imported only when such a file is read.
+``.safetensors`` files are parsed and written by the ``safetensors`` package (its NumPy
+interface; no torch needed). Its NumPy loader has no ``bfloat16``/float8 types, so the reader
+takes the package's validated raw views (``safetensors.deserialize``) and maps each dtype code
+to a NumPy dtype itself (``bfloat16`` and float8 through ``ml_dtypes``, as JAX does). ``.pth``
+files are pickles and need torch, imported only when such a file is read.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 
-# safetensors dtype codes -> NumPy dtypes (little-endian).
+# safetensors dtype codes -> NumPy dtypes (little-endian, as the format stores them).
 _SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
     "U8": np.dtype("<u1"),
@@ -32,13 +32,11 @@ _SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F16": np.dtype("<f2"),
     "F32": np.dtype("<f4"),
     "F64": np.dtype("<f8"),
+    "C64": np.dtype("<c8"),
     "BF16": np.dtype(jnp.bfloat16),
     "F8_E4M3": np.dtype(jnp.float8_e4m3fn),
     "F8_E5M2": np.dtype(jnp.float8_e5m2),
 }
-_DTYPE_CODES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
-# A header larger than this is not a safetensors file (the reference reader uses 100 MB).
-_MAX_HEADER_BYTES = 100_000_000
 
 StateDict = dict[str, np.ndarray]
 
@@ -50,45 +48,28 @@ def load_safetensors(path: str | os.PathLike) -> StateDict:
       path: the file.
 
     Returns:
-      ``{name: array}`` in the file's dtypes (``bfloat16`` and float8 as ``jnp.bfloat16`` etc.).
+      ``{name: array}`` in the file's dtypes (``bfloat16`` and float8 as ``jnp.bfloat16`` etc.),
+      in the file's storage order (the reference writer orders by dtype alignment, then name).
 
     Raises:
-      ValueError: a malformed file (bad header, unknown dtype, byte ranges that do not
-        match the shapes or overlap the end of the file), naming the file and tensor.
+      ValueError: a malformed file (the ``safetensors`` package's diagnosis: bad header, byte
+        ranges that do not match the shapes, ...) or a dtype NumPy cannot hold, naming the
+        file (and the tensor).
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
-    if len(data) < 8:
-        raise ValueError(f"{path}: too short to be a .safetensors file ({len(data)} bytes)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(_MAX_HEADER_BYTES, len(data) - 8):
-        raise ValueError(f"{path}: header length {header_len} exceeds the file; not .safetensors")
     try:
-        header = json.loads(data[8:8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: the .safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: the .safetensors header is not a JSON object")
-    buffer = memoryview(data)[8 + header_len:]
+        views = safetensors.deserialize(data)
+    except Exception as e:  # safetensors' SafetensorError is not exported under a stable name
+        raise ValueError(f"{path}: not a valid .safetensors file ({e})") from None
     out: StateDict = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                f"{path}: tensor {name!r} has a malformed header entry {info!r} (dtype one of "
-                f"{sorted(_SAFETENSORS_DTYPES)}, shape, data_offsets)") from None
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if not 0 <= begin <= end <= len(buffer) or end - begin != expected:
-            raise ValueError(
-                f"{path}: tensor {name!r} ({info['dtype']}, shape {shape}) has byte range "
-                f"[{begin}, {end}) but needs {expected} bytes within {len(buffer)}")
-        out[name] = np.frombuffer(buffer[begin:end], dtype=dtype).reshape(shape).copy()
+    for name, view in views:
+        dtype = _SAFETENSORS_DTYPES.get(view["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {view['dtype']}, which NumPy "
+                             f"cannot hold (supported: {sorted(_SAFETENSORS_DTYPES)})")
+        out[name] = np.frombuffer(view["data"], dtype=dtype).reshape(view["shape"])
     return out
 
 
@@ -98,30 +79,18 @@ def save_safetensors(
     *,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write ``{name: array}`` as a ``.safetensors`` file (C order, little-endian).
+    """Write ``{name: array}`` as a ``.safetensors`` file (``safetensors.numpy.save_file``).
 
-    Arrays may be NumPy arrays, JAX arrays or torch tensors (converted with ``.numpy()``).
-    The header is padded with spaces to a multiple of 8 bytes, as the reference writer does.
+    Arrays may be NumPy arrays, JAX arrays (``bfloat16`` included) or torch tensors (converted
+    with ``.numpy()``, ``bfloat16`` widened to float32). The file stores the tensors in the
+    writer's order (by dtype alignment, then name), not in the mapping's order.
     """
-    arrays = {name: np.ascontiguousarray(to_numpy(t)) for name, t in tensors.items()}
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
+    arrays = {str(name): np.ascontiguousarray(to_numpy(t)) for name, t in tensors.items()}
     for name, a in arrays.items():
-        code = _DTYPE_CODES.get(a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype)
-        if code is None:
+        if a.dtype.newbyteorder("<") not in _SAFETENSORS_DTYPES.values():
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors code")
-        header[name] = {"dtype": code, "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for a in arrays.values():
-            f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+    meta = {str(k): str(v) for k, v in metadata.items()} if metadata else None
+    safetensors.numpy.save_file(arrays, os.fspath(path), metadata=meta)
 
 
 def to_numpy(value: Any) -> np.ndarray:

@@ -37,6 +37,13 @@ import numpy as np
 # torch activation module class names captured by the hooks (the published pipeline's list).
 TORCH_ACTIVATIONS = ("ReLU", "ReLU6", "GELU", "SiLU", "Sigmoid", "Hardswish", "Hardsigmoid",
                      "Tanh", "ELU", "LeakyReLU", "Mish", "Softplus")
+# torch.nn.functional activations also recorded when a model calls them outside an activation
+# module (DenseNet's final ``F.relu``, GoogLeNet/Inception's ``BasicConv2d``), which the
+# published module hooks missed. Such a call is named ``<calling module>.<function>``
+# (``relu`` for a call in the top-level forward); the port scores it with an ``Activation``
+# of that name. Calls made by an activation module's own forward are not counted twice.
+TORCH_FUNCTIONS = ("relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "elu",
+                   "leaky_relu", "mish", "softplus")
 
 
 @dataclasses.dataclass
@@ -87,38 +94,70 @@ def _reduce(t: Any) -> np.ndarray:
 
 def torch_activation_calls(model: Any, x: Any) -> tuple[list[str], list[tuple[np.ndarray,
                                                                                np.ndarray]], Any]:
-    """Run ``model(x)`` with hooks on every activation module.
+    """Run ``model(x)`` with hooks on every activation module (and ``TORCH_FUNCTIONS``).
 
     Returns:
       ``(names, pairs, logits)``: the module name of each call in call order, the reduced
       float64 ``(input, output)`` of each call, and the model output.
     """
     import torch
+    import torch.nn.functional as F  # noqa: N812
 
     names: list[str] = []
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     pending: list[Any] = []
     handles = []
+    stack: list[str] = []  # names of the modules whose forward is running
+    inside = [0]  # > 0 while an activation module's forward runs
 
     def pre_hook(module_name):
         def hook(module, args):
             pending.append(args[0].detach().clone())  # before an in-place ReLU overwrites it
+            inside[0] += 1
         return hook
 
     def post_hook(module_name):
         def hook(module, args, output):
+            inside[0] -= 1
             names.append(module_name)
             pairs.append((_reduce(pending.pop()), _reduce(output)))
         return hook
 
+    def enter(module_name):
+        def hook(module, args):
+            stack.append(module_name)
+        return hook
+
+    def leave(module, args, output):
+        stack.pop()
+
+    def functional(function_name, original):
+        def wrapper(x, *args, **kwargs):
+            if inside[0] or not isinstance(x, torch.Tensor):
+                return original(x, *args, **kwargs)
+            before = _reduce(x)  # before an in-place call overwrites it
+            out = original(x, *args, **kwargs)
+            caller = stack[-1] if stack else ""
+            names.append(f"{caller}.{function_name}" if caller else function_name)
+            pairs.append((before, _reduce(out)))
+            return out
+        return wrapper
+
     for module_name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(module_name)))
+        handles.append(module.register_forward_hook(leave))
         if type(module).__name__ in TORCH_ACTIVATIONS:
             handles.append(module.register_forward_pre_hook(pre_hook(module_name)))
             handles.append(module.register_forward_hook(post_hook(module_name)))
+    originals = {f: getattr(F, f) for f in TORCH_FUNCTIONS}
     try:
+        for f, original in originals.items():
+            setattr(F, f, functional(f, original))
         with torch.no_grad():
             logits = model(x)
     finally:
+        for f, original in originals.items():
+            setattr(F, f, original)
         for h in handles:
             h.remove()
     return names, pairs, logits
