@@ -65,7 +65,8 @@ def activation_kind(fn: Callable) -> str:
 
     Example:
       >>> import functools, jax
-      >>> activation_kind(jax.nn.relu), activation_kind(functools.partial(jax.nn.gelu, approximate=False))
+      >>> exact_gelu = functools.partial(jax.nn.gelu, approximate=False)
+      >>> activation_kind(jax.nn.relu), activation_kind(exact_gelu)
       ('relu', 'gelu')
     """
     while hasattr(fn, "func"):  # functools.partial
