@@ -50,7 +50,6 @@ FIELDS_INSTEAD_OF_EXAMPLE = {
     "affjax.compare.AccuracyError": "exception; raised by read_accuracy",
     "affjax.capture.Call": "NamedTuple of one captured call's tensors",
     "affjax.signature.Layer": "NamedTuple describing one captured layer",
-    "affjax.data.BatchSelection": "NamedTuple result of parse_batches, whose example shows it",
 }
 
 
