@@ -243,10 +243,16 @@ class NnxActivation(nnx.Module):
       >>> act = NnxActivation(jax.nn.relu)
       >>> act(jnp.array([-1.0, 2.0], jnp.float32)).tolist()
       [0.0, 2.0]
-      >>> with capturing() as ctx:
-      ...     _ = act(jnp.ones((4, 3), jnp.float32))
-      >>> [call.kind for call in ctx.calls]
-      ['relu']
+      >>> from affjax import signature
+      >>> class MLP(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.dense, self.act = nnx.Linear(3, 8, rngs=rngs), NnxActivation(jax.nn.relu)
+      ...     def __call__(self, x):
+      ...         return self.act(self.dense(x))
+      >>> x = jax.random.normal(jax.random.key(0), (32, 3), jnp.float32)
+      >>> sig = signature(MLP(nnx.Rngs(0)), None, x)   # NNX: variables=None
+      >>> sig.kinds, sig.dims
+      (['relu'], [8])
     """
 
     def __init__(self, fn: Callable[[jax.Array], jax.Array]):

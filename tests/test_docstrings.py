@@ -10,6 +10,7 @@ import doctest
 import importlib
 import inspect
 
+import jax
 import pytest
 
 DOCUMENTED_MODULES = (
@@ -40,6 +41,7 @@ DOCTEST_MODULES = (
     "affjax.regularizers",
     "affjax.data",
     "affjax.compare",
+    "affjax.plot",
     "affjax.results",
 )
 
@@ -129,14 +131,18 @@ def test_exemptions_are_public_names():
     assert set(FIELDS_INSTEAD_OF_EXAMPLE) <= names
 
 
+# conftest.py enables float64; users mostly run without it. The examples state dtypes
+# explicitly, so they must print the same either way.
+@pytest.mark.parametrize("x64", [True, False], ids=["x64", "x32"])
 @pytest.mark.parametrize("module_name", DOCTEST_MODULES)
-def test_examples_run(module_name):
-    module = importlib.import_module(module_name)
-    result = doctest.testmod(
-        module,
-        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-        verbose=False,
-        report=True,
-    )
+def test_examples_run(module_name, x64):
+    module = importlib.import_module(module_name)  # not getattr: affjax.signature is shadowed
+    with jax.enable_x64(x64):
+        result = doctest.testmod(
+            module,
+            optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+            verbose=False,
+            report=True,
+        )
     assert result.attempted > 0, f"{module_name} has no examples"
     assert result.failed == 0, f"{result.failed} failing examples in {module_name}"
