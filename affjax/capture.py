@@ -52,7 +52,23 @@ TOKEN_MODES: tuple[str, ...] = ("mean_features", "mean_tokens")
 
 
 def activation_kind(fn: Callable) -> str:
-    """A readable name for an activation callable (``relu``, ``gelu``, ...)."""
+    """A readable name for an activation callable (``relu``, ``gelu``, ...).
+
+    Unwraps ``functools.partial``; falls back to the type's name for callable
+    objects without ``__name__``.
+
+    Args:
+      fn: the activation callable.
+
+    Returns:
+      The name, a string.
+
+    Example:
+      >>> import functools, jax
+      >>> exact_gelu = functools.partial(jax.nn.gelu, approximate=False)
+      >>> activation_kind(jax.nn.relu), activation_kind(exact_gelu)
+      ('relu', 'gelu')
+    """
     while hasattr(fn, "func"):  # functools.partial
         fn = fn.func
     name = getattr(fn, "__name__", None) or type(fn).__name__
@@ -71,7 +87,19 @@ def reduce_activation(v: jax.Array, *, tokens: str = "mean_features", where: str
       where: the layer's name, for the error message.
 
     Returns:
-      ``(N, F)`` array in the dtype of ``v``.
+      ``(N, F)`` array in the dtype of ``v``; rank 4 averages over the two
+      spatial axes and keeps the C channels.
+
+    Raises:
+      ValueError: other ranks, naming ``where`` and the shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> v = jnp.ones((8, 5, 3), jnp.float32)          # (N, T, D)
+      >>> reduce_activation(v).shape, reduce_activation(v, tokens="mean_tokens").shape
+      ((8, 5), (8, 3))
+      >>> reduce_activation(jnp.ones((8, 4, 4, 16), jnp.float32)).shape
+      (8, 16)
     """
     if v.ndim == 2:
         return v
@@ -87,7 +115,17 @@ def reduce_activation(v: jax.Array, *, tokens: str = "mean_features", where: str
 
 @dataclasses.dataclass
 class Call:
-    """One captured activation call."""
+    """One captured activation call.
+
+    Attributes:
+      index: position of the call in the forward pass.
+      key: module path (linen), ``id`` of the module (NNX), or ``None`` when the
+        values were recorded directly.
+      kind: activation name (``relu``, ...).
+      values: the reduced ``(x, fn(x))`` pair, each ``(N, F)``, when kept directly.
+      function: whether it was a plain function call rather than an
+        :class:`Activation` module.
+    """
 
     index: int
     key: Any  # module path (linen), id of the module (NNX), or None (direct record)
@@ -98,11 +136,26 @@ class Call:
 
 @dataclasses.dataclass
 class CaptureContext:
+    """The record of one capture, as :func:`capturing` yields it.
+
+    Attributes:
+      tokens: how rank-3 activations are reduced (see :func:`reduce_activation`).
+      calls: the captured :class:`Call` objects, in call order.
+      inside: > 0 while an :class:`Activation` module runs its function, so that
+        the ``jax.nn`` function it wraps is not recorded twice.
+
+    Example:
+      >>> ctx = CaptureContext()
+      >>> ctx.claim(("Dense_0",), "relu").index, len(ctx.calls)
+      (0, 1)
+    """
+
     tokens: str = "mean_features"
     calls: list[Call] = dataclasses.field(default_factory=list)
     inside: int = 0  # > 0 while an Activation module runs its function
 
     def claim(self, key: Any, kind: str, function: bool = False) -> Call:
+        """Append and return a new :class:`Call` for this capture."""
         call = Call(len(self.calls), key, kind, function=function)
         self.calls.append(call)
         return call
@@ -145,10 +198,15 @@ class Activation(nn.Module):
 
     Example:
       >>> import flax.linen as nn, jax
+      >>> import jax.numpy as jnp
       >>> class MLP(nn.Module):
       ...     @nn.compact
       ...     def __call__(self, x):
       ...         return nn.Dense(3)(Activation(jax.nn.relu)(nn.Dense(8)(x)))
+      >>> x = jnp.ones((4, 2), jnp.float32)
+      >>> variables = MLP().init(jax.random.key(0), x)
+      >>> MLP().apply(variables, x).shape   # outside a capture: a plain relu
+      (4, 3)
     """
 
     fn: Callable[[jax.Array], jax.Array]
@@ -173,7 +231,28 @@ class NnxActivation(nnx.Module):
     """The ``flax.nnx`` counterpart of :class:`Activation`.
 
     Each call sows the reduced ``(x, fn(x))`` as ``nnx.Intermediate`` under
-    ``affjax_activation`` during a signature capture.
+    ``affjax_activation`` during a signature capture; outside one it is just
+    ``fn(x)``, same shape and dtype.
+
+    Args:
+      fn: the elementwise callable.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> act = NnxActivation(jax.nn.relu)
+      >>> act(jnp.array([-1.0, 2.0], jnp.float32)).tolist()
+      [0.0, 2.0]
+      >>> from affjax import signature
+      >>> class MLP(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.dense, self.act = nnx.Linear(3, 8, rngs=rngs), NnxActivation(jax.nn.relu)
+      ...     def __call__(self, x):
+      ...         return self.act(self.dense(x))
+      >>> x = jax.random.normal(jax.random.key(0), (32, 3), jnp.float32)
+      >>> sig = signature(MLP(nnx.Rngs(0)), None, x)   # NNX: variables=None
+      >>> sig.kinds, sig.dims
+      (['relu'], [8])
     """
 
     def __init__(self, fn: Callable[[jax.Array], jax.Array]):
@@ -216,7 +295,32 @@ def _function_wrapper(fn: Callable, kind: str) -> Callable:
 
 @contextlib.contextmanager
 def capturing(*, tokens: str = "mean_features", functions: bool = True) -> Iterator[CaptureContext]:
-    """Context in which activation calls are recorded (used by the signature)."""
+    """Context in which activation calls are recorded (used by the signature).
+
+    While it is open, the activation functions named in ``CAPTURED_FUNCTIONS``
+    of ``jax.nn``, ``flax.linen`` and ``flax.nnx`` are replaced by recording
+    wrappers (when ``functions``), and :class:`Activation` /
+    :class:`NnxActivation` calls are recorded. Not thread-safe (it patches
+    module attributes) and not nestable.
+
+    Args:
+      tokens: ``"mean_features"`` or ``"mean_tokens"``, see
+        :func:`reduce_activation`.
+      functions: also record plain ``jax.nn.relu(...)``-style calls.
+
+    Yields:
+      The :class:`CaptureContext` that collects the calls.
+
+    Raises:
+      ValueError: unknown ``tokens``. RuntimeError: a capture already open.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> with capturing() as ctx:
+      ...     y = jax.nn.gelu(jnp.ones((4, 3), jnp.float32))
+      >>> [(call.kind, call.values[0].shape) for call in ctx.calls]
+      [('gelu', (4, 3))]
+    """
     if tokens not in TOKEN_MODES:
         raise ValueError(f"unknown tokens mode {tokens!r}; expected one of {TOKEN_MODES}")
     if _CONTEXT.get() is not None:

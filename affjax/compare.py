@@ -38,7 +38,21 @@ def summary_statistics(scores: Sequence[float]) -> dict[str, float]:
 
 
 def labels_for(results: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> list[str]:
-    """A label per result: the model name, made unique with the weights/dataset, then the file."""
+    """A label per result: the model name, made unique with the weights/dataset, then the file.
+
+    Args:
+      results: results objects with ``model``, ``weights`` and ``dataset``.
+      paths: the file of each result, same length.
+
+    Returns:
+      One label per result, unique as long as the paths are.
+
+    Example:
+      >>> results = [{"model": "resnet18", "weights": "random", "dataset": "random"},
+      ...            {"model": "resnet18", "weights": "imagenet", "dataset": "random"}]
+      >>> labels_for(results, ["a.json", "b.json"])
+      ['resnet18/random/random', 'resnet18/imagenet/random']
+    """
     labels = [str(r["model"]) for r in results]
     if len(set(labels)) < len(labels):
         labels = [f"{r['model']}/{r['weights']}/{r['dataset']}" for r in results]
@@ -50,15 +64,34 @@ def labels_for(results: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> li
 
 
 class AccuracyError(ValueError):
-    """The accuracy table cannot be read or does not cover the compared models."""
+    """The accuracy table cannot be read or does not cover the compared models.
+
+    A ``ValueError``; the message names the file or the missing models.
+    """
 
 
 def read_accuracy(path: str | os.PathLike) -> dict[str, float]:
-    """Read a model -> accuracy table.
+    r"""Read a model -> accuracy table.
 
     Accepted: a JSON object ``{"resnet18": 69.76, ...}``, or a CSV with a header row whose
     first column is the model and which has a column named ``accuracy`` (or ``acc@1``,
     ``top1``); otherwise the second column is used.
+
+    Args:
+      path: a ``.json`` file, or any other suffix read as CSV.
+
+    Returns:
+      model -> accuracy, floats as written (no unit conversion).
+
+    Raises:
+      AccuracyError: unreadable file, wrong layout, or a value that is not a number.
+
+    Example:
+      >>> import tempfile
+      >>> path = Path(tempfile.mkdtemp()) / "acc.csv"
+      >>> _ = path.write_text("model,params,acc@1\nresnet18,11.7,69.76\nvgg11,132.9,69.02\n")
+      >>> read_accuracy(path)
+      {'resnet18': 69.76, 'vgg11': 69.02}
     """
     path = Path(path)
     try:
@@ -95,6 +128,18 @@ def correlations(stats: Mapping[str, Mapping[str, float]], accuracy: Mapping[str
 
     Returns:
       statistic -> ``{"pearson", "pearson_p", "spearman", "spearman_p", "n"}``.
+      A constant statistic gives NaN correlations (SciPy warns); with few
+      models the p-values are unreliable.
+
+    Raises:
+      AccuracyError: a label without accuracy, or fewer than 3 models.
+
+    Example:
+      >>> stats = {name: summary_statistics(s) for name, s in
+      ...          {"a": [0.5, 0.7], "b": [0.6, 0.9], "c": [0.8, 1.0]}.items()}
+      >>> out = correlations(stats, {"a": 60.0, "b": 70.0, "c": 75.0})
+      >>> out["mean"]["spearman"], out["mean"]["n"]
+      (1.0, 3)
     """
     from scipy.stats import pearsonr
     from scipy.stats import spearmanr
@@ -128,6 +173,18 @@ def compare(results: Sequence[Mapping[str, Any]], labels: Sequence[str], *,
 
     Returns:
       ``{"labels", "dtw" (k x k list), "statistics" {label: stats}, "correlations" or None}``.
+
+    Raises:
+      ValueError: fewer than 2 results.
+
+    Example:
+      >>> results = [{"layers": [{"score": s} for s in scores]}
+      ...            for scores in ([0.9, 0.8], [0.9, 0.8, 0.8], [0.5])]
+      >>> out = compare(results, ["a", "b", "c"])
+      >>> [round(d, 6) for d in out["dtw"][0]], round(out["statistics"]["b"]["mean"], 4)
+      ([0.0, 0.0, 0.7], 0.8333)
+      >>> out["correlations"] is None   # no accuracy table given
+      True
     """
     if len(results) < 2:
         raise ValueError(f"compare needs at least 2 results, got {len(results)}")

@@ -26,6 +26,18 @@ class LowRankPlusIdentity(NamedTuple):
       mean: the sample mean, shape ``(d,)``.
       alpha: scalar weight of the sample term.
       shift: scalar multiple of the identity (ridge, plus shrinkage target).
+
+    Keeping the factors instead of the ``(d, d)`` matrix is what lets wide
+    layers (``d > n``) be scored in the span of the samples.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[0.0, 1.0], [2.0, 1.0]], dtype=jnp.float32)
+      >>> parts = covariance_parts(x, ridge=0.5)
+      >>> parts.centered.shape, parts.dense().dtype
+      ((2, 2), dtype('float32'))
+      >>> parts.dense().tolist(), float(parts.trace())
+      ([[2.5, 0.0], [0.0, 0.5]], 3.0)
     """
 
     centered: jax.Array
@@ -62,12 +74,22 @@ def ledoit_wolf_shrinkage(x: ArrayLike) -> tuple[jax.Array, jax.Array]:
 
     Returns:
       ``(s, mu)``, scalars of the input dtype. ``s = 0`` when ``d == 1``.
+      ``s`` lies in ``[0, 1]``; it is ``0`` when the samples are already
+      isotropic-looking and grows towards ``1`` when ``d`` is large
+      compared to ``n``.
 
     Cost is ``O(n d min(n, d))``: the squared Frobenius norm of ``Xc^T Xc``
     is taken from the smaller of the two Gram matrices.
 
     Reference: O. Ledoit and M. Wolf, "A well-conditioned estimator for
     large-dimensional covariance matrices", J. Multivar. Anal. 88 (2004).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]], jnp.float32)
+      >>> s, mu = ledoit_wolf_shrinkage(x)   # already isotropic: no shrinkage
+      >>> round(float(s), 6), round(float(mu), 6)
+      (0.0, 1.0)
     """
     xc, _ = _center(jnp.asarray(x))
     n, d = xc.shape
@@ -97,7 +119,20 @@ def covariance_parts(
       ridge: added to the diagonal.
 
     Returns:
-      A :class:`LowRankPlusIdentity`; ``.dense()`` forms the matrix.
+      A :class:`LowRankPlusIdentity` in the dtype of ``x``; ``.dense()``
+      forms the ``(d, d)`` matrix. With ``"empirical"`` and ``n == 1`` the
+      sample term divides by zero: use at least two samples.
+
+    Raises:
+      ValueError: for an unknown ``covariance`` name.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[0.0], [2.0]], dtype=jnp.float32)
+      >>> covariance_parts(x, covariance="empirical", ridge=0.0).dense().tolist()
+      [[2.0]]
+      >>> covariance_parts(x, covariance="ledoit_wolf", ridge=0.0).dense().tolist()
+      [[1.0]]
     """
     xc, mean = _center(jnp.asarray(x))
     n = xc.shape[0]
@@ -126,8 +161,9 @@ def empirical_covariance(x: ArrayLike, *, ridge: float = 1e-6) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> empirical_covariance(jnp.array([[0.0], [2.0]]), ridge=0.0)
-      Array([[2.]], dtype=float32)
+      >>> cov = empirical_covariance(jnp.array([[0.0], [2.0]], jnp.float32), ridge=0.0)
+      >>> cov.shape, cov.dtype, cov.tolist()
+      ((1, 1), dtype('float32'), [[2.0]])
     """
     return covariance_parts(x, covariance="empirical", ridge=ridge).dense()
 
@@ -142,6 +178,14 @@ def ledoit_wolf_covariance(x: ArrayLike, *, ridge: float = 1e-6) -> jax.Array:
       ridge: added to the diagonal.
 
     Returns:
-      Array ``(d, d)`` in the dtype of ``x``.
+      Array ``(d, d)`` in the dtype of ``x``. It divides by ``n`` (as
+      scikit-learn does), not ``n - 1``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]], jnp.float32)
+      >>> cov = ledoit_wolf_covariance(x, ridge=0.0)
+      >>> cov.shape, cov.dtype, cov.round(6).tolist()
+      ((2, 2), dtype('float32'), [[1.0, 0.0], [0.0, 1.0]])
     """
     return covariance_parts(x, covariance="ledoit_wolf", ridge=ridge).dense()

@@ -49,7 +49,10 @@ Transform = Callable[[Any], Any]
 
 
 class DataError(ValueError):
-    """A dataset cannot be read as asked (unknown name, not prepared, too small, ...)."""
+    """A dataset cannot be read as asked (unknown name, not prepared, too small, ...).
+
+    A ``ValueError``; the message names the dataset or path and says what to do.
+    """
 
 
 def _to_rgb(images: np.ndarray) -> np.ndarray:
@@ -76,6 +79,17 @@ class BatchSelection:
 
     Parsed from the command line by :func:`parse_batches`: ``"all"``, ``"K"`` (the first K
     batches), ``"@I"`` (batch I only, counting from 0) or ``"I:J"`` (batches I..J-1).
+
+    Attributes:
+      start: first batch index, from 0.
+      stop: one past the last batch index, or ``None`` for "to the end".
+
+    Example:
+      >>> selection = BatchSelection(2, 5)
+      >>> str(selection), list(selection.indices(4)), selection.indices(None)
+      ('2:5', [2, 3], range(2, 5))
+      >>> BatchSelection(3).indices(None) is None   # to the end, end unknown
+      True
     """
 
     start: int = 0
@@ -99,7 +113,27 @@ class BatchSelection:
 
 
 def parse_batches(spec: str) -> BatchSelection:
-    """Parse ``"all"``, ``"K"``, ``"@I"`` or ``"I:J"`` (see :class:`BatchSelection`)."""
+    """Parse ``"all"``, ``"K"``, ``"@I"`` or ``"I:J"`` (see :class:`BatchSelection`).
+
+    Args:
+      spec: the ``--batches`` text.
+
+    Returns:
+      A :class:`BatchSelection`; ``str()`` of it gives the text back.
+
+    Raises:
+      DataError: anything else (K <= 0, J <= I, negative I, not a number).
+
+    Example:
+      >>> parse_batches("3"), parse_batches("@4")
+      (BatchSelection(start=0, stop=3), BatchSelection(start=4, stop=5))
+      >>> parse_batches("2:"), str(parse_batches("2:"))
+      (BatchSelection(start=2, stop=None), '2:')
+      >>> parse_batches("0")
+      Traceback (most recent call last):
+      ...
+      affjax.data.DataError: --batches '0' is not understood: ...
+    """
     text = str(spec).strip()
     try:
         if text == "all":
@@ -129,7 +163,25 @@ def parse_batches(spec: str) -> BatchSelection:
 class Dataset:
     """A sequence of images read in a fixed order and cut into batches.
 
-    Subclasses implement :meth:`num_examples` and :meth:`_examples`.
+    Subclasses implement :meth:`num_examples` and :meth:`_examples`. Only full
+    batches are used (a partial last batch is dropped), so every batch has the
+    same shape and the scores compile once.
+
+    Args:
+      transform: the model's evaluation transform, applied per batch to
+        ``(N, H, W, 3)`` images; returns float32 NHWC.
+
+    Example:
+      >>> class Ramp(Dataset):
+      ...     name = "ramp"
+      ...     def num_examples(self):
+      ...         return 5
+      ...     def _examples(self, start, count):
+      ...         stop = min(5, start + count)
+      ...         return [np.full((2, 2, 3), i, np.uint8) for i in range(start, stop)]
+      >>> ds = Ramp(lambda im: im.astype(np.float32))
+      >>> ds.num_batches(2), ds.batch(1, 2)[:, 0, 0, 0].tolist(), ds.batch(2, 2)
+      (2, [2.0, 3.0], None)
     """
 
     name: str
@@ -218,6 +270,19 @@ class RandomImages(Dataset):
     torchvision weights), centre-crops, and normalises ``(v - mean) / std``, with no scaling to
     [0, 1] and no clipping. This is what torchvision's evaluation transform does to a float
     tensor, so it matches the published pipeline.
+
+    Args:
+      transform: the evaluation transform.
+      seed: the stream's seed.
+      size: number of images.
+      shape: ``(H, W, 3)`` of each image.
+
+    Example:
+      >>> ds = RandomImages(lambda im: im, size=6, shape=(8, 8, 3))
+      >>> [(i, b.shape, b.dtype) for i, b in ds.batches(3)]
+      [(0, (3, 8, 8, 3), dtype('float32')), (1, (3, 8, 8, 3), dtype('float32'))]
+      >>> bool(np.array_equal(ds.batch(1, 3)[0], ds.batch(3, 1)[0]))   # image 3 either way
+      True
     """
 
     def __init__(self, transform: Transform, *, seed: int = RANDOM_SEED, size: int = RANDOM_SIZE,
@@ -235,7 +300,32 @@ class RandomImages(Dataset):
 
 
 class ImageFolder(Dataset):
-    """Images under ``root/CLASS/FILE``: classes and files in sorted order, read with Pillow."""
+    """Images under ``root/CLASS/FILE``: classes and files in sorted order, read with Pillow.
+
+    Images are converted to RGB uint8; images of different sizes are transformed
+    one at a time (the transform must bring them to one shape).
+
+    Args:
+      root: the folder, one subfolder per class.
+      transform: the evaluation transform.
+
+    Raises:
+      DataError: no images under ``root``, or an image Pillow cannot read.
+
+    Example:
+      >>> import tempfile
+      >>> from PIL import Image
+      >>> root = Path(tempfile.mkdtemp())
+      >>> for cls in ("cat", "dog"):
+      ...     (root / cls).mkdir()
+      ...     Image.new("RGB", (4, 4), (200, 0, 0)).save(root / cls / "a.png")
+      >>> ds = ImageFolder(root, lambda im: im.astype(np.float32) / 255)
+      >>> ds.num_examples(), [f.parent.name for f in ds.files]
+      (2, ['cat', 'dog'])
+      >>> images = ds.batch(0, 2)
+      >>> images.shape, images.dtype, round(float(images[0, 0, 0, 0]), 4)
+      ((2, 4, 4, 3), dtype('float32'), 0.7843)
+    """
 
     def __init__(self, root: str | os.PathLike, transform: Transform):
         super().__init__(transform)
@@ -285,6 +375,15 @@ class TFDSImages(Dataset):
       data_dir: the TFDS data folder (default: TFDS's own, ``~/tensorflow_datasets``).
       download: download and prepare the dataset if needed (off by default).
       manual_dir: folder with manually downloaded archives (imagenet2012).
+
+    Raises:
+      DataError: unknown name, dataset not prepared (the message gives the
+        ``tfds build`` command), unknown split, no image feature.
+
+    Example:
+      >>> ds = TFDSImages("cifar10", transform, data_dir="~/tensorflow_datasets")  # doctest: +SKIP
+      >>> next(ds.batches(128))[1].shape   # doctest: +SKIP
+      (128, 224, 224, 3)
     """
 
     def __init__(self, name: str, transform: Transform, *, split: str | None = None,
@@ -349,6 +448,20 @@ class TFDSImages(Dataset):
 
 
 def unknown_dataset_message(name: str, detail: str = "") -> str:
+    """The error text for a dataset name that is neither known, a TFDS name, nor a folder.
+
+    Args:
+      name: the name as the user gave it.
+      detail: why it was rejected, added in parentheses when given.
+
+    Returns:
+      One line that names the dataset and lists what is accepted.
+
+    Example:
+      >>> print(unknown_dataset_message("cifar11", "not a TFDS name"))
+      unknown dataset 'cifar11' (not a TFDS name). Use one of random, cifar10, ... the path of a
+      folder with one subfolder of images per class.
+    """
     return (
         f"unknown dataset {name!r}{f' ({detail})' if detail else ''}. Use one of "
         f"{', '.join(NAMED_DATASETS)}, any TFDS image dataset name (see `affjax datasets`), or "
@@ -404,7 +517,18 @@ def load_dataset(
 
 
 def list_tfds_image_datasets() -> list[str]:
-    """All TFDS dataset names (TFDS does not tag image datasets before loading their info)."""
+    """All TFDS dataset names (TFDS does not tag image datasets before loading their info).
+
+    Needs ``tensorflow-datasets``; importing it takes seconds and TFDS may look
+    for community datasets on the network (skipped in the doctest for that).
+
+    Returns:
+      Sorted list of builder names.
+
+    Example:
+      >>> "cifar10" in list_tfds_image_datasets()   # doctest: +SKIP
+      True
+    """
     import tensorflow_datasets as tfds
 
     return sorted(tfds.list_builders())

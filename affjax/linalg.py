@@ -104,9 +104,9 @@ def psd_sqrt(m: ArrayLike) -> jax.Array:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> psd_sqrt(jnp.diag(jnp.array([4.0, 9.0])))
-        Array([[2., 0.],
-                      [0., 3.]], dtype=float32)
+        >>> s = psd_sqrt(jnp.diag(jnp.array([4.0, 9.0], dtype=jnp.float32)))
+        >>> s.dtype, s.round(5).tolist()
+        (dtype('float32'), [[2.0, 0.0], [0.0, 3.0]])
     """
     return _sqrt(jnp.asarray(m))
 
@@ -128,9 +128,9 @@ def psd_inv_sqrt(m: ArrayLike, *, rtol: float | None = None) -> jax.Array:
 
     Example:
         >>> import jax.numpy as jnp
-        >>> psd_inv_sqrt(jnp.diag(jnp.array([4.0, 0.0])))
-        Array([[0.5, 0. ],
-                      [0. , 0. ]], dtype=float32)
+        >>> r = psd_inv_sqrt(jnp.diag(jnp.array([4.0, 0.0], dtype=jnp.float32)))
+        >>> r.dtype, r.round(5).tolist()   # the zero eigenvalue stays zero
+        (dtype('float32'), [[0.5, 0.0], [0.0, 0.0]])
     """
     m = jnp.asarray(m)
     return _inv_sqrt(m, _default_rtol(m) if rtol is None else float(rtol))
@@ -194,9 +194,10 @@ def gram_inv_sqrt(f: ArrayLike, *, rtol: float | None = None) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> gram_inv_sqrt(jnp.array([[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
-      Array([[0.5, 0. ],
-             [0. , 0. ]], dtype=float32)
+      >>> f = jnp.array([[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]], dtype=jnp.float32)
+      >>> r = gram_inv_sqrt(f)   # (f^T f)^{-1/2}, pseudo-inverse on the null direction
+      >>> r.shape, r.dtype, r.round(5).tolist()
+      ((2, 2), dtype('float32'), [[0.5, 0.0], [0.0, 0.0]])
     """
     f = jnp.asarray(f)
     if rtol is None:

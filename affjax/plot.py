@@ -31,6 +31,17 @@ def plot_signature(result: Mapping[str, Any], path: str | os.PathLike, *,
       title: default ``"<model> on <dataset>"`` with the batch count.
 
     The line is the mean over batches, the band mean ± std (absent for one batch).
+
+    Example:
+      >>> import tempfile
+      >>> from pathlib import Path
+      >>> result = {"model": "mlp", "dataset": "random", "batch_size": 32, "layers": [
+      ...     {"name": f"relu:{i}", "kind": "relu", "score": s, "std": 0.01, "scores": [s]}
+      ...     for i, s in enumerate([0.9, 0.8, 0.85])]}
+      >>> path = Path(tempfile.mkdtemp()) / "signature.png"
+      >>> plot_signature(result, path)
+      >>> path.read_bytes()[:4]
+      b'\x89PNG'
     """
     plt = _pyplot()
     layers = result["layers"]
@@ -74,6 +85,16 @@ def plot_dendrogram(labels: Sequence[str], distances: np.ndarray, path: str | os
 
     Returns:
       The ``(k - 1, 4)`` linkage matrix.
+
+    Example:
+      >>> import tempfile
+      >>> from pathlib import Path
+      >>> distances = np.array([[0.0, 1.0, 4.0], [1.0, 0.0, 4.0], [4.0, 4.0, 0.0]])
+      >>> path = Path(tempfile.mkdtemp()) / "dendrogram.png"
+      >>> plot_dendrogram(["a", "b", "c"], distances, path).tolist()
+      [[0.0, 1.0, 1.0, 2.0], [2.0, 3.0, 4.0, 3.0]]
+      >>> path.stat().st_size > 0
+      True
     """
     from scipy.cluster.hierarchy import dendrogram
     from scipy.cluster.hierarchy import linkage

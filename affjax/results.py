@@ -46,14 +46,28 @@ LAYER_KEYS: tuple[str, ...] = ("name", "kind", "dim", "score", "std", "scores")
 
 
 class ResultsError(ValueError):
-    """A results file is unreadable, malformed, or belongs to another run."""
+    """A results file is unreadable, malformed, or belongs to another run.
+
+    A ``ValueError``; the message names the file (or ``source``) and the field.
+    """
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half.
+    r"""Write ``text`` to ``path`` so that readers see the old file or the new one, never half.
 
     The text goes to a temporary file in the same folder (same file system), is flushed to
     disk, then renamed over ``path`` with ``os.replace`` (atomic on POSIX and Windows).
+
+    Args:
+      path: the file to write; its folder must exist.
+      text: written as UTF-8, newlines unchanged.
+
+    Example:
+      >>> import tempfile
+      >>> path = Path(tempfile.mkdtemp()) / "out.json"
+      >>> atomic_write_text(path, "{}\n")
+      >>> path.read_text(), [p.name for p in path.parent.iterdir()]   # no temporary left
+      ('{}\n', ['out.json'])
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -70,7 +84,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def summarise(values: list[float]) -> tuple[float, float]:
-    """Mean and population standard deviation of per-batch values (float64)."""
+    """Mean and population standard deviation of per-batch values (float64).
+
+    Args:
+      values: one value per batch, at least one.
+
+    Returns:
+      ``(mean, std)`` as Python floats; ``std`` uses ``ddof=0`` (0 for one batch).
+
+    Example:
+      >>> summarise([0.5, 0.7])
+      (0.6, 0.09999999999999998)
+    """
     arr = np.asarray(values, np.float64)
     return float(arr.mean()), float(arr.std())
 
@@ -78,8 +103,27 @@ def summarise(values: list[float]) -> tuple[float, float]:
 def validate(result: Any, *, source: str = "results") -> dict:
     """Check a results object against the schema above; return it.
 
+    Args:
+      result: the parsed JSON object.
+      source: the name used in error messages (the file path).
+
+    Returns:
+      A shallow copy of ``result`` as a ``dict``.
+
     Raises:
       ResultsError: naming the first missing or ill-typed field.
+
+    Example:
+      >>> result = {"format": FORMAT, **dict.fromkeys(RUN_KEYS), "batch_indices": [0, 1],
+      ...           "complete": True, "versions": {}, "timing": {},
+      ...           "layers": [{"name": "relu:0", "kind": "relu", "dim": 4, "score": 0.9,
+      ...                       "std": 0.01, "scores": [0.89, 0.91]}]}
+      >>> validate(result)["layers"][0]["score"]
+      0.9
+      >>> validate({**result, "layers": [{"name": "relu:0"}]}, source="run.json")
+      Traceback (most recent call last):
+      ...
+      affjax.results.ResultsError: run.json: layer 0 lacks ['kind', 'dim', 'score', 'std', 'scores']
     """
     if not isinstance(result, Mapping):
         raise ResultsError(f"{source}: expected a JSON object, got {type(result).__name__}")
@@ -106,7 +150,28 @@ def validate(result: Any, *, source: str = "results") -> dict:
 
 
 def load(path: str | os.PathLike) -> dict:
-    """Read and validate a results JSON file."""
+    """Read and validate a results JSON file.
+
+    Args:
+      path: the ``.json`` file.
+
+    Returns:
+      The results object (see :func:`validate`).
+
+    Raises:
+      ResultsError: unreadable file, invalid JSON, or a schema error.
+
+    Example:
+      >>> import tempfile
+      >>> result = {"format": FORMAT, **dict.fromkeys(RUN_KEYS), "batch_indices": [0, 1],
+      ...           "complete": True, "versions": {}, "timing": {},
+      ...           "layers": [{"name": "relu:0", "kind": "relu", "dim": 4, "score": 0.9,
+      ...                       "std": 0.01, "scores": [0.89, 0.91]}]}
+      >>> path = Path(tempfile.mkdtemp()) / "run.json"
+      >>> atomic_write_text(path, to_json(result))
+      >>> load(path) == result
+      True
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -120,11 +185,47 @@ def load(path: str | os.PathLike) -> dict:
 
 
 def to_json(result: Mapping[str, Any]) -> str:
+    """The JSON text of a results object, as written to disk.
+
+    One-space indentation and a final newline. Non-finite scores are written as
+    ``NaN``/``Infinity`` (Python's JSON extension, which :func:`load` reads back)
+    rather than failing: a NaN score is a result worth keeping.
+
+    Args:
+      result: a results object.
+
+    Returns:
+      The text.
+
+    Example:
+      >>> print(to_json({"format": FORMAT, "score": float("nan")}), end="")
+      {
+       "format": "affjax-signature/1",
+       "score": NaN
+      }
+    """
     return json.dumps(result, indent=1, allow_nan=True) + "\n"
 
 
 def to_csv(result: Mapping[str, Any]) -> str:
-    """One row per layer: index, name, kind, dim, score, std, metric means, per-batch scores."""
+    """One row per layer: index, name, kind, dim, score, std, metric means, per-batch scores.
+
+    Args:
+      result: a validated results object.
+
+    Returns:
+      CSV text with a header row; floats are written with ``repr`` (no rounding),
+      per-batch columns are named ``batch_<index>``.
+
+    Example:
+      >>> result = {"format": FORMAT, **dict.fromkeys(RUN_KEYS), "batch_indices": [0, 1],
+      ...           "complete": True, "versions": {}, "timing": {},
+      ...           "layers": [{"name": "relu:0", "kind": "relu", "dim": 4, "score": 0.9,
+      ...                       "std": 0.01, "scores": [0.89, 0.91]}]}
+      >>> print(to_csv(result), end="")
+      index,name,kind,dim,score,std,batch_0,batch_1
+      0,relu:0,relu,4,0.9,0.01,0.89,0.91
+    """
     layers = result["layers"]
     metric_names = list(layers[0].get("metrics", {})) if layers else []
     batch_cols = [f"batch_{b}" for b in result["batch_indices"]]

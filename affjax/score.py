@@ -52,6 +52,18 @@ class AffinityResult(NamedTuple):
       permutation: int32 ``(n,)``, ``T(x_i)`` is matched to ``y[permutation[i]]``;
         all ``-1`` for ``solver="sinkhorn"``.
       dead: bool scalar, whether the dead-output rule set ``A = 0``.
+
+    Float fields are in the input dtype. A NamedTuple, hence a pytree: it
+    passes through ``jax.jit`` and ``jax.vmap`` (leading batch axes).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.random.normal(jax.random.key(0), (64, 2), jnp.float32)
+      >>> r = affinity(x, 3.0 * x)
+      >>> r.A.shape, r.b.shape, r.permutation.shape, r.permutation.dtype
+      ((2, 2), (2,), (64,), dtype('int32'))
+      >>> round(float(r.score), 3), bool(r.dead)
+      (1.0, False)
     """
 
     score: jax.Array
@@ -83,7 +95,24 @@ def _as_samples(name: str, v: ArrayLike) -> jax.Array:
 def check_options(
     covariance: str, solver: str, path: str = "auto", ridge: float = 0.0
 ) -> None:
-    """Raise ``ValueError`` naming an unknown option or a negative ridge."""
+    """Raise ``ValueError`` naming an unknown option or a negative ridge.
+
+    Args:
+      covariance: a name in ``affjax.covariance.COVARIANCES``.
+      solver: a name in ``affjax.transport.SOLVERS``.
+      path: a name in ``PATHS``.
+      ridge: must be ``>= 0`` (NaN is rejected too).
+
+    Returns:
+      ``None``; raises on the first bad option.
+
+    Example:
+      >>> check_options("empirical", "auto", ridge=1e-6)
+      >>> check_options("emprical", "auto")
+      Traceback (most recent call last):
+      ...
+      ValueError: unknown covariance 'emprical'; expected one of ('empirical', 'ledoit_wolf')
+    """
     if covariance not in COVARIANCES:
         raise ValueError(f"unknown covariance {covariance!r}; expected one of {COVARIANCES}")
     if solver not in transport.SOLVERS:
@@ -268,7 +297,7 @@ def affinity(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> x = jax.random.normal(jax.random.key(0), (512, 3))
+      >>> x = jax.random.normal(jax.random.key(0), (512, 3), jnp.float32)
       >>> r = affinity(x, 2.0 * x + 1.0)
       >>> round(float(r.score), 4)
       1.0
@@ -320,7 +349,7 @@ def affinity_score(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> x = jnp.linspace(-1.0, 1.0, 1000)
+      >>> x = jnp.linspace(-1.0, 1.0, 1000, dtype=jnp.float32)
       >>> round(float(affinity_score(x, x**3)), 3)
       0.711
     """

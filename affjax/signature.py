@@ -38,6 +38,12 @@ class Layer:
     """A captured activation call, reduced to ``(samples, features)`` matrices.
 
     A pytree (``x``, ``y`` are leaves), so ``jax.jit(capture_layers)`` can return it.
+
+    Attributes:
+      name: module path and call index, e.g. ``"Activation_0:0"``.
+      kind: activation name (``relu``, ``tanh``, ...).
+      x: ``(N, F)`` reduced input of the call, in the model's dtype.
+      y: ``(N, F)`` reduced output of the call.
     """
 
     name: str
@@ -87,6 +93,19 @@ def capture_layers(
       ``return_output``, ``(layers, output)``, where ``output`` is what
       ``model.apply(variables, x, **apply_kwargs)`` returns: ``(y, updated)`` when
       ``mutable`` is given, without the capture's own collection.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> from affjax import Activation
+      >>> class MLP(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return nn.Dense(1)(Activation(jnp.tanh)(nn.Dense(8)(x)))
+      >>> x = jax.random.normal(jax.random.key(0), (32, 3), jnp.float32)
+      >>> model = MLP(); variables = model.init(jax.random.key(1), x)
+      >>> layers = capture_layers(model, variables, x)
+      >>> [(layer.kind, layer.x.shape, layer.x.dtype) for layer in layers]
+      [('tanh', (32, 8), dtype('float32'))]
     """
     is_nnx = isinstance(model, nnx.Module)
     if is_nnx and variables is not None:
@@ -285,6 +304,15 @@ def score_layers(
 
     Returns:
       ``(L,)`` array in the layers' dtype (float32 for half precision).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.random.normal(jax.random.key(0), (64, 2), jnp.float32)
+      >>> layers = [Layer("affine", "identity", x, 2.0 * x + 1.0),
+      ...           Layer("relu", "relu", x, jax.nn.relu(x))]
+      >>> s = score_layers(layers)
+      >>> s.shape, s.dtype, round(float(s[0]), 3), bool(s[1] < 1.0)
+      ((2,), dtype('float32'), 1.0, True)
     """
     _score.check_options(covariance, solver, ridge=ridge)
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -365,10 +393,11 @@ def signature_scores(
       ...     @nn.compact
       ...     def __call__(self, x):
       ...         return nn.Dense(1)(Activation(jnp.tanh)(nn.Dense(16)(x)))
-      >>> x = jax.random.normal(jax.random.key(0), (256, 4))
+      >>> x = jax.random.normal(jax.random.key(0), (256, 4), jnp.float32)
       >>> model = MLP(); variables = model.init(jax.random.key(1), x)
-      >>> signature_scores(model, variables, x).shape
-      (1,)
+      >>> scores = signature_scores(model, variables, x)
+      >>> scores.shape, scores.dtype
+      ((1,), dtype('float32'))
     """
     _score.check_options(covariance, solver, ridge=ridge)
     layers, output = capture_layers(model, variables, x, tokens=tokens, functions=functions,
@@ -392,6 +421,20 @@ class Signature:
       dims: reduced feature count per call.
       std: ``(L,)`` standard deviation over batches, or ``None``.
       batch_scores: ``(B, L)`` per-batch scores, or ``None``.
+
+    ``str(sig)`` is a table, one row per call; the JSON form stores float64.
+
+    Example:
+      >>> import numpy as np
+      >>> sig = Signature(names=["Activation_0:0", "Activation_1:1"], kinds=["relu", "gelu"],
+      ...                 scores=np.array([0.81, 0.93]), dims=[16, 16])
+      >>> print(sig)
+        #  layer           kind    dim    score
+      -----------------------------------------
+        0  Activation_0:0  relu     16   0.8100
+        1  Activation_1:1  gelu     16   0.9300
+      >>> Signature.from_json(sig.to_json()).scores.tolist()
+      [0.81, 0.93]
     """
 
     names: list[str]
@@ -430,6 +473,7 @@ class Signature:
 
     @classmethod
     def from_json(cls, text: str) -> Signature:
+        """The :class:`Signature` that :meth:`to_json` wrote."""
         d = json.loads(text)
         def arr(a):
             return None if a is None else np.asarray(a, np.float64)
@@ -480,9 +524,32 @@ def signature(
 ) -> Signature:
     """The signature of a model on one batch, with names (see :func:`signature_scores`).
 
+    Args:
+      model, variables, x: as in :func:`signature_scores`.
+      covariance, ridge, solver, sinkhorn_epsilon, include, exclude, kinds,
+        exclude_kinds, tokens, functions, devices, **apply_kwargs: as in
+        :func:`signature_scores`.
+
+    Returns:
+      A :class:`Signature`; ``scores`` is a float64 NumPy copy of the scores
+      computed in the model's dtype.
+
     Example:
-      >>> sig = signature(model, variables, x)   # doctest: +SKIP
-      >>> print(sig)                             # a table, one row per activation call
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> from affjax import Activation
+      >>> class MLP(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return nn.Dense(1)(Activation(jnp.tanh)(nn.Dense(8)(x)))
+      >>> x = jax.random.normal(jax.random.key(0), (64, 3), jnp.float32)
+      >>> model = MLP(); variables = model.init(jax.random.key(1), x)
+      >>> sig = signature(model, variables, x)
+      >>> sig.names, sig.kinds, sig.dims, sig.scores.dtype
+      (['Activation_0:0'], ['tanh'], [8], dtype('float64'))
+      >>> print(sig)   # a table, one row per activation call
+        #  layer           kind    dim    score
+      -----------------------------------------
+        0  Activation_0:0  tanh      8   0...
     """
     _score.check_options(covariance, solver, ridge=ridge)
     capture = _compiled_capture(model, tokens, functions, apply_kwargs)
@@ -514,7 +581,25 @@ def signature_over_batches(
       **kwargs: options of :func:`signature` (``covariance``, ``include``, ...).
 
     Returns:
-      :class:`Signature` with ``scores`` the mean, ``std`` and ``batch_scores``.
+      :class:`Signature` with ``scores`` the mean, ``std`` and ``batch_scores``
+      (``(B, L)``). ``std`` is the population standard deviation (``ddof=0``).
+
+    Raises:
+      ValueError: no batches, or batches whose activation calls differ.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> from affjax import Activation
+      >>> class MLP(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return nn.Dense(1)(Activation(jnp.tanh)(nn.Dense(8)(x)))
+      >>> keys = jax.random.split(jax.random.key(0), 3)
+      >>> batches = [jax.random.normal(k, (32, 3), jnp.float32) for k in keys]
+      >>> model = MLP(); variables = model.init(jax.random.key(1), batches[0])
+      >>> sig = signature_over_batches(model, variables, batches, progress=False)
+      >>> sig.batch_scores.shape, sig.std.shape
+      ((3, 1), (1,))
     """
     rows, first = [], None
     start = time.perf_counter()

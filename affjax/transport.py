@@ -99,7 +99,15 @@ def bures_from_factors(
         ``"cholesky"`` (NaN where it fails) or ``"qr"``.
 
     Returns:
-      ``(A, trace_sqrt)``: ``(k, k)`` and a scalar.
+      ``(A, trace_sqrt)``: ``(k, k)`` and a scalar, in the factors' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> f_x = jnp.eye(2, dtype=jnp.float32)          # C_x = I
+      >>> f_y = 2.0 * jnp.eye(2, dtype=jnp.float32)    # C_y = 4 I
+      >>> a, trace_sqrt = bures_from_factors(f_x, f_y)
+      >>> a.dtype, a.round(4).tolist(), round(float(trace_sqrt), 4)
+      (dtype('float32'), [[2.0, 0.0], [0.0, 2.0]], 4.0)
     """
     r = _lower_factor(factor_y, factor)
     if rtol is None:
@@ -129,9 +137,9 @@ def bures_map(cov_x: ArrayLike, cov_y: ArrayLike, *, rtol: float | None = None) 
 
     Example:
       >>> import jax.numpy as jnp
-      >>> bures_map(jnp.eye(2), 4.0 * jnp.eye(2))
-      Array([[2., 0.],
-             [0., 2.]], dtype=float32)
+      >>> a = bures_map(jnp.eye(2, dtype=jnp.float32), 4.0 * jnp.eye(2, dtype=jnp.float32))
+      >>> a.shape, a.dtype, a.round(4).tolist()
+      ((2, 2), dtype('float32'), [[2.0, 0.0], [0.0, 2.0]])
     """
     return _dense_bures(cov_x, cov_y, rtol)[0]
 
@@ -154,7 +162,17 @@ def bures_w2(
       rtol: as in :func:`bures_map`.
 
     Returns:
-      The distance (not squared), a scalar.
+      The distance (not squared), a scalar in the input dtype. The squared
+      value is a difference of traces and loses relative precision when the
+      two Gaussians are close (about ``sqrt(eps * tr C)`` absolute); a
+      slightly negative squared value from rounding gives 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> eye = jnp.eye(2, dtype=jnp.float32)
+      >>> w = bures_w2(jnp.zeros(2, jnp.float32), eye, jnp.array([3.0, 0.0], jnp.float32), 4 * eye)
+      >>> round(float(w), 4)   # sqrt(3^2 + 2 * (2 - 1)^2)
+      3.3166
     """
     mean_x, mean_y = jnp.asarray(mean_x), jnp.asarray(mean_y)
     cov_x, cov_y = jnp.asarray(cov_x), jnp.asarray(cov_y)
@@ -164,7 +182,22 @@ def bures_w2(
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
-    """``sqrt(max(x, 0))`` whose derivative at 0 is 0 instead of infinite; NaN stays NaN."""
+    """``sqrt(max(x, 0))`` whose derivative at 0 is 0 instead of infinite; NaN stays NaN.
+
+    Args:
+      x: array of any shape, float.
+
+    Returns:
+      Array of the same shape and dtype. Negative inputs (rounding below zero)
+      give 0 and a zero gradient.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> safe_sqrt(jnp.array([4.0, -1e-7, 0.0], jnp.float32)).tolist()
+      [2.0, 0.0, 0.0]
+      >>> float(jax.grad(safe_sqrt)(jnp.float32(0.0)))
+      0.0
+    """
     pos = x > 0
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), jnp.where(jnp.isnan(x), x, 0.0))
 
@@ -173,7 +206,22 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
 
 
 def squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
-    """``(n, m)`` matrix of ``|x_i - y_j|^2`` for rows of ``x`` and ``y``."""
+    """``(n, m)`` matrix of ``|x_i - y_j|^2`` for rows of ``x`` and ``y``.
+
+    Args:
+      x, y: ``(n, d)`` and ``(m, d)`` arrays, float.
+
+    Returns:
+      ``(n, m)`` array in the input dtype. Computed as ``|x|^2 + |y|^2 - 2 x.y``
+      (one matrix product), so nearby points lose relative precision
+      (cancellation); values are clipped at zero.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[0.0, 0.0], [1.0, 0.0]], jnp.float32)
+      >>> squared_distances(x, jnp.array([[0.0, 2.0]], jnp.float32)).tolist()
+      [[4.0], [5.0]]
+    """
     sq = jnp.sum(x**2, axis=1)[:, None] + jnp.sum(y**2, axis=1)[None, :] - 2.0 * x @ y.T
     return jnp.maximum(sq, 0.0)
 
@@ -213,7 +261,28 @@ def _hungarian_assignment(cost: jax.Array) -> jax.Array:
 
 
 def resolve_solver(solver: str, n: int, d: int) -> str:
-    """The concrete solver that ``solver`` names for ``n`` points in ``d`` dims."""
+    """The concrete solver that ``solver`` names for ``n`` points in ``d`` dims.
+
+    ``"auto"`` picks ``"sort"`` for 1-D points, SciPy's assignment on CPU or
+    for large ``n``, and optax's Hungarian algorithm on accelerators.
+
+    Args:
+      solver: one of ``SOLVERS``.
+      n: number of points.
+      d: point dimension.
+
+    Returns:
+      The solver name as a string.
+
+    Raises:
+      ValueError: for an unknown name, or ``"sort"`` with ``d != 1``.
+
+    Example:
+      >>> resolve_solver("auto", 128, 1)
+      'sort'
+      >>> resolve_solver("scipy", 128, 8)
+      'scipy'
+    """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
     if solver == "sort" and d != 1:
@@ -236,7 +305,16 @@ def optimal_permutation(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> 
 
     Returns:
       ``perm``, int32 of shape ``(n,)``: ``x[i]`` is matched to ``y[perm[i]]``.
-      Not differentiable (integer); inputs are treated as constants.
+      Not differentiable (integer); inputs are treated as constants. With ties
+      in the cost, any of the optimal matchings may come back.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[0.0, 0.0], [5.0, 5.0]], jnp.float32)
+      >>> y = jnp.array([[5.0, 4.0], [0.0, 1.0]], jnp.float32)
+      >>> perm = optimal_permutation(x, y, solver="scipy")
+      >>> perm.dtype, perm.tolist()
+      (dtype('int32'), [1, 0])
     """
     x = jax.lax.stop_gradient(jnp.asarray(x))
     y = jax.lax.stop_gradient(jnp.asarray(y))
@@ -277,6 +355,13 @@ def sinkhorn_w2_squared(
       optimal). Gradients are exact for the computed value: the Sinkhorn
       iterations are differentiated by unrolling (OTT-JAX's implicit
       differentiation of the plan is about 1% off for this quantity).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[0.0], [1.0]], jnp.float32)
+      >>> cost = sinkhorn_w2_squared(x, x + 1.0, epsilon=0.01)
+      >>> cost.dtype, round(float(cost), 3)   # exact W2^2 is 1.0
+      (dtype('float32'), 1.0)
     """
     from ott.geometry import pointcloud
     from ott.solvers import linear
@@ -305,6 +390,12 @@ def w2_squared(
 
     Returns:
       A scalar in the input dtype. Differentiable with the matching held fixed.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[0.0, 0.0], [1.0, 0.0]], jnp.float32)
+      >>> float(w2_squared(x, x[::-1] + 1.0, solver="scipy"))   # every point moves by (1, 1)
+      2.0
     """
     x, y = jnp.asarray(x), jnp.asarray(y)
     if x.ndim == 1:
@@ -333,8 +424,9 @@ def exact_w2(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> exact_w2(jnp.array([0.0, 1.0]), jnp.array([1.0, 2.0]), solver="sort")
-      Array(1., dtype=float32)
+      >>> w = exact_w2(jnp.array([0.0, 1.0], jnp.float32), jnp.array([1.0, 2.0], jnp.float32))
+      >>> w.dtype, float(w)
+      (dtype('float32'), 1.0)
     """
     if solver == "sinkhorn":
         raise ValueError("exact_w2 takes an exact solver; use w2_squared(solver='sinkhorn')")
