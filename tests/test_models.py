@@ -29,12 +29,20 @@ EXPECTED_CALLS = {
     "resnet18": 17, "resnet34": 33, "resnet50": 49, "resnet101": 100, "resnet152": 151,
     "wide_resnet50_2": 49, "wide_resnet101_2": 100,
     "resnext50_32x4d": 49, "resnext101_32x8d": 100, "resnext101_64x4d": 100,
+    # ViT: one MLP GELU per encoder layer (B: 12, L: 24, H: 32).
+    "vit_b_16": 12, "vit_b_32": 12, "vit_l_16": 24, "vit_l_32": 24, "vit_h_14": 32,
 }
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     name: 232 for name in ("resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                            "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
-                           "resnext101_64x4d")}
+                           "resnext101_64x4d")} | {
+    "vit_l_16": 242, "vit_h_14": 518}
+# Crop sizes other than 224 (vit_h_14's default weights are SWAG at 518).
+EXPECTED_CROP = {"vit_h_14": 518}
+# Activation kinds other than relu.
+EXPECTED_KIND = {name: "gelu" for name in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32",
+                                           "vit_h_14")}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -62,11 +70,11 @@ def test_structure_calls_and_output_shape(name):
     layers, out, variables = _abstract(name)
     assert len(layers) == EXPECTED_CALLS[name]
     assert out.shape == (2, 7) and out.dtype == jnp.float32
-    assert all(layer.kind == "relu" for layer in layers)
+    assert all(layer.kind == EXPECTED_KIND.get(name, "relu") for layer in layers)
     has_bn = name.startswith(("resnet", "wide", "resnext")) or name.endswith("_bn")
     assert ("batch_stats" in variables) == has_bn
     assert models.eval_transform(name).resize_size == EXPECTED_RESIZE[name]
-    assert models.eval_transform(name).crop_size == 224
+    assert models.eval_transform(name).crop_size == EXPECTED_CROP.get(name, 224)
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +347,25 @@ def test_activation_names_follow_torchvision_sequential_indices():
     assert [layer.name for layer in layers] == [
         "features.2:0", "features.6:0", "features.10:0", "features.13:0", "features.17:0",
         "features.20:0", "features.24:0", "features.27:0", "classifier.1:0", "classifier.4:0"]
+
+
+def test_vit_image_size_sets_the_position_embedding_and_checks_the_input():
+    module, variables = models.create("vit_b_32", image_size=64, num_classes=5)
+    assert variables["params"]["encoder"]["pos_embedding"].shape == (1, 5, 768)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    logits = jax.jit(module.apply)(variables, x)
+    assert logits.shape == (2, 5) and bool(jnp.all(jnp.isfinite(logits)))
+    with pytest.raises(ValueError, match=r"image_size=64.*\(2, 32, 32, 3\)"):
+        module.apply(variables, x[:, :32, :32])
+    with pytest.raises(ValueError, match="not a multiple of the patch size 32"):
+        models.create("vit_b_32", image_size=48)
+    torch_sd = models.to_torchvision("vit_b_32", variables, num_classes=5, image_size=64)
+    attn = "encoder.layers.encoder_layer_0.self_attention"
+    assert torch_sd[f"{attn}.in_proj_weight"].shape == (3 * 768, 768)
+    np.testing.assert_array_equal(
+        torch_sd[f"{attn}.in_proj_weight"][768:1536],  # torch's k rows = Flax k columns
+        np.asarray(variables["params"]["encoder"]["layers.encoder_layer_0"]["self_attention"]
+                   ["in_proj"]["kernel"][:, 768:1536]).T)
+    layers, _, _ = _abstract("vit_b_16")
+    assert [layer.name for layer in layers] == [
+        f"encoder/layers.encoder_layer_{i}/mlp.1:0" for i in range(12)]

@@ -20,13 +20,14 @@ from affjax.models import parity
 # The smallest model of each family (and the BatchNorm and grouped-convolution variants), at
 # ModelSpec.parity_size, where every spatial map before the head is larger than 1x1 (AlexNet:
 # 3x3 at 128, VGG: 2x2 at 64), so the NCHW -> NHWC flatten permutation is exercised.
-CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d"]
+CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d",
+         "vit_b_16"]  # ViT at image_size 32: 2 x 2 patches
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_logits_and_signature_match_torchvision(name):
     r = parity.compare(name, batch=8, seed=0)
-    assert r.size == {"alexnet": 128}.get(name, 64)
+    assert r.size == {"alexnet": 128, "vit_b_16": 32}.get(name, 64)
     assert r.logit_error <= 1e-4, r.logit_error
     assert r.calls == len(r.flax_scores)
     assert r.names_match
@@ -142,3 +143,39 @@ def test_eval_transform_output_matches_torchvision(shape):
     assert np.abs(ours_u8 - ref_uint8).max() <= 0.55 * grey
     assert np.abs(ours_u8 - ref_pil).max() <= 1.1 * grey
     assert np.abs(ours_u8 - ref_pil).mean() <= 0.4 * grey
+
+
+def test_vit_state_dict_names_and_fused_attention_projection():
+    """ViT at image_size 32: exact torchvision names, q/k/v order of the fused in_proj."""
+    tmodel = parity.torchvision_model("vit_b_16", seed=3, image_size=32)
+    sd = tmodel.state_dict()
+    module, variables = models.from_torchvision("vit_b_16", sd, image_size=32)
+    back = models.to_torchvision("vit_b_16", variables, image_size=32)
+    assert set(back) == set(sd)
+    for k in sd:
+        np.testing.assert_array_equal(back[k], sd[k].numpy(), err_msg=k)
+    assert variables["params"]["encoder"]["pos_embedding"].shape == (1, 5, 768)
+    # The first block's attention alone, against torch's MultiheadAttention.
+    attn = tmodel.encoder.layers.encoder_layer_0.self_attention
+    x = torch.randn(2, 5, 768)
+    with torch.no_grad():
+        ref = attn(x, x, x, need_weights=False)[0].numpy()
+    block = variables["params"]["encoder"]["layers.encoder_layer_0"]["self_attention"]
+    from affjax.models.vit import MultiheadAttention
+    out = MultiheadAttention(12).apply({"params": block}, x.numpy())
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="wrongly shaped.*pos_embedding"):
+        models.from_torchvision("vit_b_16", sd)  # built for 224, the weights are for 32
+
+
+def test_channels_last_linear_outputs_are_reduced_over_space():
+    """A 4-D Linear output (N, H, W, C) is averaged over H, W; a conv output over H, W of NCHW."""
+    lin = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.GELU())
+    x = torch.randn(8, 4, 5, 3)
+    names, pairs, out = parity.torch_activation_calls(lin, x)
+    pre = lin[0](x).detach().double().numpy()
+    assert names == ["1"] and pairs[0][0].shape == (8, 6)
+    np.testing.assert_allclose(pairs[0][0], pre.mean(axis=(1, 2)), rtol=1e-6)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.GELU())
+    names, pairs, out = parity.torch_activation_calls(conv, x.permute(0, 3, 1, 2))
+    assert pairs[0][0].shape == (8, 6)
