@@ -31,18 +31,22 @@ EXPECTED_CALLS = {
     "resnext50_32x4d": 49, "resnext101_32x8d": 100, "resnext101_64x4d": 100,
     # ViT: one MLP GELU per encoder layer (B: 12, L: 24, H: 32).
     "vit_b_16": 12, "vit_b_32": 12, "vit_l_16": 24, "vit_l_32": 24, "vit_h_14": 32,
+    # ConvNeXt: one block-MLP GELU per CNBlock (T: 3 + 3 + 9 + 3, others 3 + 3 + 27 + 3).
+    "convnext_tiny": 18, "convnext_small": 36, "convnext_base": 36, "convnext_large": 36,
 }
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     name: 232 for name in ("resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                            "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
                            "resnext101_64x4d")} | {
-    "vit_l_16": 242, "vit_h_14": 518}
+    "vit_l_16": 242, "vit_h_14": 518,
+    "convnext_tiny": 236, "convnext_small": 230, "convnext_base": 232, "convnext_large": 232}
 # Crop sizes other than 224 (vit_h_14's default weights are SWAG at 518).
 EXPECTED_CROP = {"vit_h_14": 518}
 # Activation kinds other than relu.
 EXPECTED_KIND = {name: "gelu" for name in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32",
-                                           "vit_h_14")}
+                                           "vit_h_14", "convnext_tiny", "convnext_small",
+                                           "convnext_base", "convnext_large")}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -369,3 +373,24 @@ def test_vit_image_size_sets_the_position_embedding_and_checks_the_input():
     layers, _, _ = _abstract("vit_b_16")
     assert [layer.name for layer in layers] == [
         f"encoder/layers.encoder_layer_{i}/mlp.1:0" for i in range(12)]
+
+
+def test_convnext_names_layer_scale_rule_and_channels_last_mlp():
+    layers, out, variables = _abstract("convnext_tiny")
+    names = [layer.name for layer in layers]
+    assert names[:4] == ["features.1.0/block.4:0", "features.1.1/block.4:0",
+                         "features.1.2/block.4:0", "features.3.0/block.4:0"]
+    assert names[-1] == "features.7.2/block.4:0"
+    # The GELU sees the channels-last (N, H, W, 4 C) map: reduced to 4 C features.
+    assert [layer.x.shape for layer in layers[:1]] == [(2, 4 * 96)]
+    assert [layer.x.shape for layer in layers[-1:]] == [(2, 4 * 768)]
+    module, variables = models.create("convnext_tiny", num_classes=3)
+    scale = variables["params"]["features.1.0"]["layer_scale"]
+    np.testing.assert_allclose(scale, np.full(96, 1e-6, np.float32))
+    sd = models.to_torchvision("convnext_tiny", variables, num_classes=3)
+    assert sd["features.1.0.layer_scale"].shape == (96, 1, 1)
+    assert sd["features.2.1.weight"].shape == (192, 96, 2, 2)  # downsampling conv, OIHW
+    assert sd["classifier.2.weight"].shape == (3, 768)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        from affjax.models.convnext import ConvNeXt
+        ConvNeXt((8, 16), (1, 1, 1)).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

@@ -21,7 +21,8 @@ from affjax.models import parity
 # ModelSpec.parity_size, where every spatial map before the head is larger than 1x1 (AlexNet:
 # 3x3 at 128, VGG: 2x2 at 64), so the NCHW -> NHWC flatten permutation is exercised.
 CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d",
-         "vit_b_16"]  # ViT at image_size 32: 2 x 2 patches
+         "vit_b_16",  # ViT at image_size 32: 2 x 2 patches
+         "convnext_tiny"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -33,7 +34,12 @@ def test_logits_and_signature_match_torchvision(name):
     assert r.names_match
     np.testing.assert_allclose(r.flax_scores, r.torch_scores, rtol=0, atol=2e-3)
     # The reference is not degenerate: some layer is clearly non-linear, none is NaN.
-    assert np.all(np.isfinite(r.torch_scores)) and r.torch_scores.min() < 0.95
+    # ConvNeXt's init (std 0.02) keeps its GELU inputs small, where GELU is nearly linear:
+    # its scores lie in 0.992-0.999, but differ between layers by far more than the parity
+    # error (1e-7), so the comparison still tells layers apart.
+    assert np.all(np.isfinite(r.torch_scores))
+    assert r.torch_scores.min() < {"convnext_tiny": 0.995}.get(name, 0.95)
+    assert np.ptp(r.torch_scores) > 4e-3
 
 
 def test_hooks_see_the_input_before_the_inplace_relu():
