@@ -33,6 +33,9 @@ EXPECTED_CALLS = {
     "vit_b_16": 12, "vit_b_32": 12, "vit_l_16": 24, "vit_l_32": 24, "vit_h_14": 32,
     # ConvNeXt: one block-MLP GELU per CNBlock (T: 3 + 3 + 9 + 3, others 3 + 3 + 27 + 3).
     "convnext_tiny": 18, "convnext_small": 36, "convnext_base": 36, "convnext_large": 36,
+    # Swin V1/V2: one MLP GELU per block (T: 2 + 2 + 6 + 2, S/B: 2 + 2 + 18 + 2); V2's
+    # position-bias ReLU is input-independent and not a layer (docs/models.md).
+    "swin_t": 12, "swin_s": 24, "swin_b": 24, "swin_v2_t": 12, "swin_v2_s": 24, "swin_v2_b": 24,
 }
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
@@ -40,13 +43,17 @@ EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
                            "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
                            "resnext101_64x4d")} | {
     "vit_l_16": 242, "vit_h_14": 518,
-    "convnext_tiny": 236, "convnext_small": 230, "convnext_base": 232, "convnext_large": 232}
+    "convnext_tiny": 236, "convnext_small": 230, "convnext_base": 232, "convnext_large": 232,
+    "swin_t": 232, "swin_s": 246, "swin_b": 238, "swin_v2_t": 260, "swin_v2_s": 260,
+    "swin_v2_b": 272}
 # Crop sizes other than 224 (vit_h_14's default weights are SWAG at 518).
-EXPECTED_CROP = {"vit_h_14": 518}
+EXPECTED_CROP = {"vit_h_14": 518, "swin_v2_t": 256, "swin_v2_s": 256, "swin_v2_b": 256}
 # Activation kinds other than relu.
 EXPECTED_KIND = {name: "gelu" for name in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32",
                                            "vit_h_14", "convnext_tiny", "convnext_small",
-                                           "convnext_base", "convnext_large")}
+                                           "convnext_base", "convnext_large", "swin_t",
+                                           "swin_s", "swin_b", "swin_v2_t", "swin_v2_s",
+                                           "swin_v2_b")}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -394,3 +401,32 @@ def test_convnext_names_layer_scale_rule_and_channels_last_mlp():
     with pytest.raises(ValueError, match="one entry per stage"):
         from affjax.models.convnext import ConvNeXt
         ConvNeXt((8, 16), (1, 1, 1)).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_swin_window_index_mask_and_names():
+    from affjax.models.swin import _QKV
+    from affjax.models.swin import relative_position_index
+    from affjax.models.swin import shift_mask
+
+    # Window 2: tokens (0,0), (0,1), (1,0), (1,1); index = (dh + 1) * 3 + (dw + 1).
+    coords = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    expected = [(a[0] - b[0] + 1) * 3 + (a[1] - b[1] + 1) for a in coords for b in coords]
+    assert relative_position_index(2).tolist() == expected
+    # 4x4 map, window 2, shift 1: the last window mixes 4 regions, the first is one region.
+    mask = shift_mask(4, 4, 2, (1, 1))
+    assert mask.shape == (4, 4, 4)
+    assert not mask[0].any()
+    np.testing.assert_array_equal(mask[3] == 0, np.eye(4, dtype=bool))
+    # V2 applies the qkv bias without its k third.
+    qkv = _QKV(6, zero_k_bias=True)
+    params = {"params": {"kernel": jnp.zeros((2, 6)), "bias": jnp.arange(1.0, 7.0)}}
+    np.testing.assert_array_equal(qkv.apply(params, jnp.ones((1, 2))), [[1, 2, 0, 0, 5, 6]])
+    for name in ("swin_t", "swin_v2_t"):
+        layers, _, variables = _abstract(name)
+        names = [layer.name for layer in layers]
+        assert names[:3] == ["features.1.0/mlp.1:0", "features.1.1/mlp.1:0",
+                             "features.3.0/mlp.1:0"]
+        assert names[-1] == "features.7.1/mlp.1:0"
+        attn = variables["params"]["features.1.0"]["attn"]
+        assert ("cpb_mlp.0" in attn) == (name == "swin_v2_t")
+        assert ("relative_position_bias_table" in attn) == (name == "swin_t")

@@ -22,7 +22,8 @@ from affjax.models import parity
 # 3x3 at 128, VGG: 2x2 at 64), so the NCHW -> NHWC flatten permutation is exercised.
 CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d",
          "vit_b_16",  # ViT at image_size 32: 2 x 2 patches
-         "convnext_tiny"]
+         "convnext_tiny",
+         "swin_t", "swin_v2_t"]  # Swin V2: other attention, position bias and block order
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -34,11 +35,12 @@ def test_logits_and_signature_match_torchvision(name):
     assert r.names_match
     np.testing.assert_allclose(r.flax_scores, r.torch_scores, rtol=0, atol=2e-3)
     # The reference is not degenerate: some layer is clearly non-linear, none is NaN.
-    # ConvNeXt's init (std 0.02) keeps its GELU inputs small, where GELU is nearly linear:
-    # its scores lie in 0.992-0.999, but differ between layers by far more than the parity
-    # error (1e-7), so the comparison still tells layers apart.
+    # ConvNeXt's and Swin's init (std 0.02) keeps their GELU inputs small, where GELU is
+    # nearly linear: their scores lie in 0.98-0.999, but differ between layers by far more
+    # than the parity error (1e-7), so the comparison still tells layers apart.
     assert np.all(np.isfinite(r.torch_scores))
-    assert r.torch_scores.min() < {"convnext_tiny": 0.995}.get(name, 0.95)
+    assert r.torch_scores.min() < {"convnext_tiny": 0.995, "swin_t": 0.995,
+                                   "swin_v2_t": 0.995}.get(name, 0.95)
     assert np.ptp(r.torch_scores) > 4e-3
 
 
@@ -185,3 +187,23 @@ def test_channels_last_linear_outputs_are_reduced_over_space():
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.GELU())
     names, pairs, out = parity.torch_activation_calls(conv, x.permute(0, 3, 1, 2))
     assert pairs[0][0].shape == (8, 6)
+
+
+def test_swin_recomputed_buffers_equal_torchvision():
+    """The buffers from_torchvision ignores are the ones the port recomputes."""
+    from affjax.models.swin import relative_coords_table
+    from affjax.models.swin import relative_position_index
+
+    for name, window in (("swin_t", 7), ("swin_v2_t", 8)):
+        sd = torchvision.models.get_model(name, weights=None).state_dict()
+        attn = "features.5.3.attn"
+        np.testing.assert_array_equal(relative_position_index(window),
+                                      sd[f"{attn}.relative_position_index"].numpy())
+        if name == "swin_v2_t":
+            np.testing.assert_array_equal(relative_coords_table(window),
+                                          sd[f"{attn}.relative_coords_table"].numpy())
+        module, variables = models.from_torchvision(name, sd)
+        back = models.to_torchvision(name, variables)
+        buffers = {k for k in sd if k.endswith(("relative_position_index",
+                                                "relative_coords_table"))}
+        assert set(back) == set(sd) - buffers

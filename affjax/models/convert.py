@@ -42,7 +42,9 @@ from affjax.models.registry import build_module
 from affjax.models.registry import get_spec
 from affjax.models.transforms import EvalTransform
 
-_IGNORED_SUFFIXES = ("num_batches_tracked",)
+# Buffers the ports recompute rather than read: BatchNorm's counter, Swin's fixed
+# relative-position index and (V2) coordinate table (functions of the window size).
+_IGNORED_SUFFIXES = ("num_batches_tracked", "relative_position_index", "relative_coords_table")
 _SHOW = 5  # names listed per kind of mismatch in error messages
 
 

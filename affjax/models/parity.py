@@ -41,6 +41,11 @@ import numpy as np
 TORCH_ACTIVATIONS = ("ReLU", "ReLU6", "GELU", "SiLU", "Sigmoid", "Hardswish", "Hardsigmoid",
                      "Tanh", "ELU", "LeakyReLU", "Mish", "Softplus")
 
+# torch submodules whose activations are not signature layers: Swin V2's continuous position
+# bias MLP maps a fixed coordinate table (batch axis 1), independent of the input
+# (docs/models.md); the ports compute it without an Activation.
+SKIPPED_MODULES = ("cpb_mlp",)
+
 
 @dataclasses.dataclass
 class ParityResult:
@@ -137,6 +142,8 @@ def torch_activation_calls(model: Any, x: Any) -> tuple[list[str], list[tuple[np
         return hook
 
     for module_name, module in model.named_modules():
+        if any(part in SKIPPED_MODULES for part in module_name.split(".")):
+            continue
         if isinstance(module, torch.nn.Linear):
             handles.append(module.register_forward_hook(linear_hook))
         if type(module).__name__ in TORCH_ACTIVATIONS:
