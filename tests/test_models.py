@@ -36,6 +36,8 @@ EXPECTED_CALLS = {
     # Swin V1/V2: one MLP GELU per block (T: 2 + 2 + 6 + 2, S/B: 2 + 2 + 18 + 2); V2's
     # position-bias ReLU is input-independent and not a layer (docs/models.md).
     "swin_t": 12, "swin_s": 24, "swin_b": 24, "swin_v2_t": 12, "swin_v2_s": 24, "swin_v2_b": 24,
+    # MaxViT-T: stem GELU + 11 layers x (MBConv 2 GELU + SE SiLU, Sigmoid + 2 MLP GELU) + Tanh.
+    "maxvit_t": 68,
 }
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
@@ -45,15 +47,14 @@ EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     "vit_l_16": 242, "vit_h_14": 518,
     "convnext_tiny": 236, "convnext_small": 230, "convnext_base": 232, "convnext_large": 232,
     "swin_t": 232, "swin_s": 246, "swin_b": 238, "swin_v2_t": 260, "swin_v2_s": 260,
-    "swin_v2_b": 272}
+    "swin_v2_b": 272, "maxvit_t": 224}
 # Crop sizes other than 224 (vit_h_14's default weights are SWAG at 518).
 EXPECTED_CROP = {"vit_h_14": 518, "swin_v2_t": 256, "swin_v2_s": 256, "swin_v2_b": 256}
 # Activation kinds other than relu.
-EXPECTED_KIND = {name: "gelu" for name in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32",
-                                           "vit_h_14", "convnext_tiny", "convnext_small",
-                                           "convnext_base", "convnext_large", "swin_t",
-                                           "swin_s", "swin_b", "swin_v2_t", "swin_v2_s",
-                                           "swin_v2_b")}
+EXPECTED_KIND = {name: {"gelu"} for name in (
+    "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "convnext_tiny",
+    "convnext_small", "convnext_base", "convnext_large", "swin_t", "swin_s", "swin_b",
+    "swin_v2_t", "swin_v2_s", "swin_v2_b")} | {"maxvit_t": {"gelu", "silu", "sigmoid", "tanh"}}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -81,8 +82,8 @@ def test_structure_calls_and_output_shape(name):
     layers, out, variables = _abstract(name)
     assert len(layers) == EXPECTED_CALLS[name]
     assert out.shape == (2, 7) and out.dtype == jnp.float32
-    assert all(layer.kind == EXPECTED_KIND.get(name, "relu") for layer in layers)
-    has_bn = name.startswith(("resnet", "wide", "resnext")) or name.endswith("_bn")
+    assert {layer.kind for layer in layers} == EXPECTED_KIND.get(name, {"relu"})
+    has_bn = name.startswith(("resnet", "wide", "resnext", "maxvit")) or name.endswith("_bn")
     assert ("batch_stats" in variables) == has_bn
     assert models.eval_transform(name).resize_size == EXPECTED_RESIZE[name]
     assert models.eval_transform(name).crop_size == EXPECTED_CROP.get(name, 224)
@@ -430,3 +431,23 @@ def test_swin_window_index_mask_and_names():
         attn = variables["params"]["features.1.0"]["attn"]
         assert ("cpb_mlp.0" in attn) == (name == "swin_v2_t")
         assert ("relative_position_bias_table" in attn) == (name == "swin_t")
+
+
+def test_maxvit_call_order_and_input_size():
+    layers, _, variables = _abstract("maxvit_t")
+    names = [layer.name for layer in layers]
+    first = "blocks.0.layers.0.layers"
+    assert names[:7] == ["stem.0.2:0", f"{first}.MBconv/layers.conv_a.2:0",
+                         f"{first}.MBconv/layers.conv_b.2:0",
+                         f"{first}.MBconv/layers.squeeze_excitation/activation:0",
+                         f"{first}.MBconv/layers.squeeze_excitation/scale_activation:0",
+                         f"{first}.window_attention/mlp_layer.2:0",
+                         f"{first}.grid_attention/mlp_layer.2:0"]
+    assert [layer.kind for layer in layers[:5]] == ["gelu", "gelu", "gelu", "silu", "sigmoid"]
+    assert names[-1] == "classifier.4:0" and layers[-1].kind == "tanh"
+    # SE acts on the pooled (N, 1, 1, 16) map; the MLP GELU on (N, groups, tokens, 256).
+    assert layers[3].x.shape == (2, 16) and layers[5].x.shape == (2, 256)
+    assert "proj.1" in variables["params"][f"{first}.MBconv"]  # AvgPool + 1x1 conv
+    module = models.get_spec("maxvit_t").build(num_classes=3)
+    with pytest.raises(ValueError, match="partition size 7"):
+        jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 112, 112, 3)))
