@@ -29,7 +29,8 @@ CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d",
 
 @pytest.mark.parametrize("name", CASES)
 def test_logits_and_signature_match_torchvision(name):
-    r = parity.compare(name, batch=8, seed=0)
+    # MaxViT only runs at 224: batch 4 keeps its case near 50 s of CI time.
+    r = parity.compare(name, batch={"maxvit_t": 4}.get(name, 8), seed=0)
     assert r.size == {"alexnet": 128, "vit_b_16": 32, "maxvit_t": 224}.get(name, 64)
     assert r.logit_error <= 1e-4, r.logit_error
     assert r.calls == len(r.flax_scores)
