@@ -45,6 +45,15 @@ EXPECTED_CALLS = {
     "shufflenet_v2_x2_0": 37,
     # MNASNet: 2 in the stem + 2 per inverted residual (3 + 3 + 3 + 2 + 4 + 1) + layers.16.
     "mnasnet0_5": 35, "mnasnet0_75": 35, "mnasnet1_0": 35, "mnasnet1_3": 35,
+    # ViT: one MLP GELU per encoder layer (B: 12, L: 24, H: 32).
+    "vit_b_16": 12, "vit_b_32": 12, "vit_l_16": 24, "vit_l_32": 24, "vit_h_14": 32,
+    # ConvNeXt: one block-MLP GELU per CNBlock (T: 3 + 3 + 9 + 3, others 3 + 3 + 27 + 3).
+    "convnext_tiny": 18, "convnext_small": 36, "convnext_base": 36, "convnext_large": 36,
+    # Swin V1/V2: one MLP GELU per block (T: 2 + 2 + 6 + 2, S/B: 2 + 2 + 18 + 2); V2's
+    # position-bias ReLU is input-independent and not a layer (docs/models.md).
+    "swin_t": 12, "swin_s": 24, "swin_b": 24, "swin_v2_t": 12, "swin_v2_s": 24, "swin_v2_b": 24,
+    # MaxViT-T: stem GELU + 11 layers x (MBConv 2 GELU + SE SiLU, Sigmoid + 2 MLP GELU) + Tanh.
+    "maxvit_t": 68,
 }
 # Calls per activation kind where a model is not ReLU-only (counted with torch hooks on
 # torchvision's modules: Hardswish -> hard_silu, Hardsigmoid -> hard_sigmoid).
@@ -55,14 +64,29 @@ EXPECTED_KINDS: dict[str, dict[str, int]] = {
 }
 # Models without BatchNorm.
 NO_BATCH_NORM = {"alexnet", "vgg11", "vgg13", "vgg16", "vgg19",
-                 "squeezenet1_0", "squeezenet1_1"}
+                 "squeezenet1_0", "squeezenet1_1",
+                 # LayerNorm only
+                 "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14",
+                 "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+                 "swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b"}
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     name: 232 for name in ("resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                            "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
                            "resnext101_64x4d")} | {
     name: 232 for name in ("mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x1_5",
-                           "shufflenet_v2_x2_0", "mnasnet0_75", "mnasnet1_3")}
+                           "shufflenet_v2_x2_0", "mnasnet0_75", "mnasnet1_3")} | {
+    "vit_l_16": 242, "vit_h_14": 518,
+    "convnext_tiny": 236, "convnext_small": 230, "convnext_base": 232, "convnext_large": 232,
+    "swin_t": 232, "swin_s": 246, "swin_b": 238, "swin_v2_t": 260, "swin_v2_s": 260,
+    "swin_v2_b": 272, "maxvit_t": 224}
+# Crop sizes other than 224 (vit_h_14's default weights are SWAG at 518).
+EXPECTED_CROP = {"vit_h_14": 518, "swin_v2_t": 256, "swin_v2_s": 256, "swin_v2_b": 256}
+# Activation kinds other than relu.
+EXPECTED_KIND = {name: {"gelu"} for name in (
+    "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "convnext_tiny",
+    "convnext_small", "convnext_base", "convnext_large", "swin_t", "swin_s", "swin_b",
+    "swin_v2_t", "swin_v2_s", "swin_v2_b")} | {"maxvit_t": {"gelu", "silu", "sigmoid", "tanh"}}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -91,10 +115,13 @@ def test_structure_calls_and_output_shape(name):
     assert len(layers) == EXPECTED_CALLS[name]
     assert out.shape == (2, 7) and out.dtype == jnp.float32
     kinds = collections.Counter(layer.kind for layer in layers)
-    assert kinds == EXPECTED_KINDS.get(name, {"relu": len(layers)})
+    if name in EXPECTED_KINDS:
+        assert kinds == EXPECTED_KINDS[name]
+    else:
+        assert set(kinds) == EXPECTED_KIND.get(name, {"relu"})
     assert ("batch_stats" in variables) == (name not in NO_BATCH_NORM)
     assert models.eval_transform(name).resize_size == EXPECTED_RESIZE[name]
-    assert models.eval_transform(name).crop_size == 224
+    assert models.eval_transform(name).crop_size == EXPECTED_CROP.get(name, 224)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +171,7 @@ def test_unknown_name_and_option():
     with pytest.raises(ValueError, match="unknown model 'resnet17'.*resnet18"):
         models.create("resnet17")
     with pytest.raises(ValueError, match="unknown model"):
-        models.eval_transform("vit_b_16")
+        models.eval_transform("vit_b_8")  # not a torchvision name
     with pytest.raises(TypeError, match="resnet18: bad option.*activation"):
         models.create("resnet18", widht=2)
     with pytest.raises(ValueError, match="num_classes"):
@@ -496,3 +523,95 @@ def test_mnasnet_widths_follow_round_to_multiple_of(name, widths):
     assert [layer.name for layer in layers][:4] == ["layers.2:0", "layers.5:0",
                                                     "layers.8.0/layers.2:0",
                                                     "layers.8.0/layers.5:0"]
+
+
+def test_vit_image_size_sets_the_position_embedding_and_checks_the_input():
+    module, variables = models.create("vit_b_32", image_size=64, num_classes=5)
+    assert variables["params"]["encoder"]["pos_embedding"].shape == (1, 5, 768)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    logits = jax.jit(module.apply)(variables, x)
+    assert logits.shape == (2, 5) and bool(jnp.all(jnp.isfinite(logits)))
+    with pytest.raises(ValueError, match=r"image_size=64.*\(2, 32, 32, 3\)"):
+        module.apply(variables, x[:, :32, :32])
+    with pytest.raises(ValueError, match="not a multiple of the patch size 32"):
+        models.create("vit_b_32", image_size=48)
+    torch_sd = models.to_torchvision("vit_b_32", variables, num_classes=5, image_size=64)
+    attn = "encoder.layers.encoder_layer_0.self_attention"
+    assert torch_sd[f"{attn}.in_proj_weight"].shape == (3 * 768, 768)
+    np.testing.assert_array_equal(
+        torch_sd[f"{attn}.in_proj_weight"][768:1536],  # torch's k rows = Flax k columns
+        np.asarray(variables["params"]["encoder"]["layers.encoder_layer_0"]["self_attention"]
+                   ["in_proj"]["kernel"][:, 768:1536]).T)
+    layers, _, _ = _abstract("vit_b_16")
+    assert [layer.name for layer in layers] == [
+        f"encoder/layers.encoder_layer_{i}/mlp.1:0" for i in range(12)]
+
+
+def test_convnext_names_layer_scale_rule_and_channels_last_mlp():
+    layers, out, variables = _abstract("convnext_tiny")
+    names = [layer.name for layer in layers]
+    assert names[:4] == ["features.1.0/block.4:0", "features.1.1/block.4:0",
+                         "features.1.2/block.4:0", "features.3.0/block.4:0"]
+    assert names[-1] == "features.7.2/block.4:0"
+    # The GELU sees the channels-last (N, H, W, 4 C) map: reduced to 4 C features.
+    assert [layer.x.shape for layer in layers[:1]] == [(2, 4 * 96)]
+    assert [layer.x.shape for layer in layers[-1:]] == [(2, 4 * 768)]
+    module, variables = models.create("convnext_tiny", num_classes=3)
+    scale = variables["params"]["features.1.0"]["layer_scale"]
+    np.testing.assert_allclose(scale, np.full(96, 1e-6, np.float32))
+    sd = models.to_torchvision("convnext_tiny", variables, num_classes=3)
+    assert sd["features.1.0.layer_scale"].shape == (96, 1, 1)
+    assert sd["features.2.1.weight"].shape == (192, 96, 2, 2)  # downsampling conv, OIHW
+    assert sd["classifier.2.weight"].shape == (3, 768)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        from affjax.models.convnext import ConvNeXt
+        ConvNeXt((8, 16), (1, 1, 1)).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_swin_window_index_mask_and_names():
+    from affjax.models.swin import _QKV
+    from affjax.models.swin import relative_position_index
+    from affjax.models.swin import shift_mask
+
+    # Window 2: tokens (0,0), (0,1), (1,0), (1,1); index = (dh + 1) * 3 + (dw + 1).
+    coords = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    expected = [(a[0] - b[0] + 1) * 3 + (a[1] - b[1] + 1) for a in coords for b in coords]
+    assert relative_position_index(2).tolist() == expected
+    # 4x4 map, window 2, shift 1: the last window mixes 4 regions, the first is one region.
+    mask = shift_mask(4, 4, 2, (1, 1))
+    assert mask.shape == (4, 4, 4)
+    assert not mask[0].any()
+    np.testing.assert_array_equal(mask[3] == 0, np.eye(4, dtype=bool))
+    # V2 applies the qkv bias without its k third.
+    qkv = _QKV(6, zero_k_bias=True)
+    params = {"params": {"kernel": jnp.zeros((2, 6)), "bias": jnp.arange(1.0, 7.0)}}
+    np.testing.assert_array_equal(qkv.apply(params, jnp.ones((1, 2))), [[1, 2, 0, 0, 5, 6]])
+    for name in ("swin_t", "swin_v2_t"):
+        layers, _, variables = _abstract(name)
+        names = [layer.name for layer in layers]
+        assert names[:3] == ["features.1.0/mlp.1:0", "features.1.1/mlp.1:0",
+                             "features.3.0/mlp.1:0"]
+        assert names[-1] == "features.7.1/mlp.1:0"
+        attn = variables["params"]["features.1.0"]["attn"]
+        assert ("cpb_mlp.0" in attn) == (name == "swin_v2_t")
+        assert ("relative_position_bias_table" in attn) == (name == "swin_t")
+
+
+def test_maxvit_call_order_and_input_size():
+    layers, _, variables = _abstract("maxvit_t")
+    names = [layer.name for layer in layers]
+    first = "blocks.0.layers.0.layers"
+    assert names[:7] == ["stem.0.2:0", f"{first}.MBconv/layers.conv_a.2:0",
+                         f"{first}.MBconv/layers.conv_b.2:0",
+                         f"{first}.MBconv/layers.squeeze_excitation/activation:0",
+                         f"{first}.MBconv/layers.squeeze_excitation/scale_activation:0",
+                         f"{first}.window_attention/mlp_layer.2:0",
+                         f"{first}.grid_attention/mlp_layer.2:0"]
+    assert [layer.kind for layer in layers[:5]] == ["gelu", "gelu", "gelu", "silu", "sigmoid"]
+    assert names[-1] == "classifier.4:0" and layers[-1].kind == "tanh"
+    # SE acts on the pooled (N, 1, 1, 16) map; the MLP GELU on (N, groups, tokens, 256).
+    assert layers[3].x.shape == (2, 16) and layers[5].x.shape == (2, 256)
+    assert "proj.1" in variables["params"][f"{first}.MBconv"]  # AvgPool + 1x1 conv
+    module = models.get_spec("maxvit_t").build(num_classes=3)
+    with pytest.raises(ValueError, match="partition size 7"):
+        jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 112, 112, 3)))

@@ -42,7 +42,9 @@ from affjax.models.registry import build_module
 from affjax.models.registry import get_spec
 from affjax.models.transforms import EvalTransform
 
-_IGNORED_SUFFIXES = ("num_batches_tracked",)
+# Buffers the ports recompute rather than read: BatchNorm's counter, Swin's fixed
+# relative-position index and (V2) coordinate table (functions of the window size).
+_IGNORED_SUFFIXES = ("num_batches_tracked", "relative_position_index", "relative_coords_table")
 _SHOW = 5  # names listed per kind of mismatch in error messages
 
 
@@ -89,7 +91,8 @@ def default_rule(spec: ModelSpec, collection: str, path: tuple[str, ...], leaf: 
 
 
 def _init_shapes(spec: ModelSpec, module: nn.Module) -> Any:
-    x = jax.ShapeDtypeStruct((1, spec.min_size, spec.min_size, 3), jnp.float32)
+    side = spec.init_size(module)
+    x = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
     return jax.eval_shape(module.init, jax.random.key(0), x)
 
 
@@ -130,7 +133,8 @@ def create(name: str, *, seed: int = 0, num_classes: int = 1000,
     """
     spec = get_spec(name)
     module = build_module(spec, num_classes, kw)
-    x = jnp.zeros((1, spec.min_size, spec.min_size, 3), jnp.float32)
+    side = spec.init_size(module)
+    x = jnp.zeros((1, side, side, 3), jnp.float32)
     variables = jax.jit(module.init)(jax.random.key(seed), x)
     return module, dict(variables)
 

@@ -10,7 +10,10 @@ compare
   torch forward hooks on every activation module (one entry per call, in call order, the
   input captured by a pre-hook because torchvision's ReLUs are in-place), reduced as the
   published pipeline does ((N, C, H, W) -> mean over H, W; (N, T, D) -> mean over D) and
-  scored with :func:`affjax.affinity_score` in float64;
+  scored with :func:`affjax.affinity_score` in float64. One exception: a 4-D activation input
+  produced by an ``nn.Linear`` is channels-last (N, H, W, C) (ConvNeXt and Swin MLPs) and is
+  averaged over H, W keeping C, as the port's NHWC reduction does (the published hooks
+  treated every 4-D tensor as NCHW; docs/models.md);
 * the names: the Flax signature names, ``/`` -> ``.`` and the call index dropped, must equal
   the torch module names in call order.
 
@@ -45,6 +48,11 @@ TORCH_ACTIVATIONS = ("ReLU", "ReLU6", "GELU", "SiLU", "Sigmoid", "Hardswish", "H
 TORCH_FUNCTIONS = ("relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "elu",
                    "leaky_relu", "mish", "softplus")
 
+# torch submodules whose activations are not signature layers: Swin V2's continuous position
+# bias MLP maps a fixed coordinate table (batch axis 1), independent of the input
+# (docs/models.md); the ports compute it without an Activation.
+SKIPPED_MODULES = ("cpb_mlp",)
+
 
 @dataclasses.dataclass
 class ParityResult:
@@ -62,17 +70,21 @@ class ParityResult:
     seconds: float
 
 
-def torchvision_model(name: str, *, seed: int = 0) -> Any:
+def torchvision_model(name: str, *, seed: int = 0, **kwargs: Any) -> Any:
     """torchvision's ``name`` in eval mode with random weights and random BatchNorm state.
 
-    Running means ~ U(-0.5, 0.5), running variances ~ U(0.5, 2), BatchNorm weights
-    ~ U(0.5, 1.5) and biases ~ U(-0.5, 0.5), so the import of every BatchNorm tensor matters.
+    ``kwargs`` go to torchvision's constructor (``image_size=64`` for ViT). Running means
+    ~ U(-0.5, 0.5), running variances ~ U(0.5, 2), BatchNorm weights ~ U(0.5, 1.5) and biases
+    ~ U(-0.5, 0.5), so the import of every BatchNorm tensor matters.
+    Any other parameter torchvision initialises to a constant (zero biases, LayerNorm weights,
+    ViT's zero head and class token, ConvNeXt's layer scale 1e-6) gets U(-0.5, 0.5) added, so
+    that its import matters too (a zero head would make every logit 0).
     """
     import torch
     import torchvision
 
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None)
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -80,13 +92,19 @@ def torchvision_model(name: str, *, seed: int = 0) -> Any:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
+        batch_norm_params = {id(p) for m in model.modules()
+                             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                             for p in m.parameters()}
+        for p in model.parameters():
+            if id(p) not in batch_norm_params and p.numel() > 1 and bool(p.min() == p.max()):
+                p.add_(torch.empty_like(p).uniform_(-0.5, 0.5))
     return model.eval()
 
 
-def _reduce(t: Any) -> np.ndarray:
+def _reduce(t: Any, *, channels_last: bool = False) -> np.ndarray:
     a = t.detach().double().numpy()
-    if a.ndim == 4:  # (N, C, H, W)
-        return a.mean(axis=(2, 3))
+    if a.ndim == 4:  # (N, C, H, W), or (N, H, W, C) when channels_last
+        return a.mean(axis=(1, 2) if channels_last else (2, 3))
     if a.ndim == 3:  # (N, T, D): tokens act as features
         return a.mean(axis=2)
     return a.reshape(a.shape[0], -1)
@@ -95,6 +113,9 @@ def _reduce(t: Any) -> np.ndarray:
 def torch_activation_calls(model: Any, x: Any) -> tuple[list[str], list[tuple[np.ndarray,
                                                                                np.ndarray]], Any]:
     """Run ``model(x)`` with hooks on every activation module (and ``TORCH_FUNCTIONS``).
+
+    A 4-D input that is the output of an ``nn.Linear`` (channels-last MLPs of ConvNeXt and
+    Swin) is reduced over axes 1, 2 (keeping channels), any other 4-D tensor over 2, 3 (NCHW).
 
     Returns:
       ``(names, pairs, logits)``: the module name of each call in call order, the reduced
@@ -105,22 +126,31 @@ def torch_activation_calls(model: Any, x: Any) -> tuple[list[str], list[tuple[np
 
     names: list[str] = []
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
-    pending: list[Any] = []
+    pending: list[tuple[Any, bool]] = []
+    linear_outputs: dict[int, Any] = {}  # id -> tensor (kept alive so ids are not reused)
     handles = []
     stack: list[str] = []  # names of the modules whose forward is running
     inside = [0]  # > 0 while an activation module's forward runs
 
+    def linear_hook(module, args, output):
+        if output.ndim == 4:
+            linear_outputs[id(output)] = output
+
     def pre_hook(module_name):
         def hook(module, args):
-            pending.append(args[0].detach().clone())  # before an in-place ReLU overwrites it
+            x = args[0]
+            channels_last = linear_outputs.get(id(x)) is x
+            pending.append((x.detach().clone(), channels_last))  # before an in-place ReLU
             inside[0] += 1
         return hook
 
     def post_hook(module_name):
         def hook(module, args, output):
             inside[0] -= 1
+            x, channels_last = pending.pop()
             names.append(module_name)
-            pairs.append((_reduce(pending.pop()), _reduce(output)))
+            pairs.append((_reduce(x, channels_last=channels_last),
+                          _reduce(output, channels_last=channels_last)))
         return hook
 
     def enter(module_name):
@@ -130,6 +160,12 @@ def torch_activation_calls(model: Any, x: Any) -> tuple[list[str], list[tuple[np
 
     def leave(module, args, output):
         stack.pop()
+
+    def mute(module, args):
+        inside[0] += 1
+
+    def unmute(module, args, output):
+        inside[0] -= 1
 
     def functional(function_name, original):
         def wrapper(x, *args, **kwargs):
@@ -146,6 +182,14 @@ def torch_activation_calls(model: Any, x: Any) -> tuple[list[str], list[tuple[np
     for module_name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(enter(module_name)))
         handles.append(module.register_forward_hook(leave))
+        if module_name.split(".")[-1] in SKIPPED_MODULES:
+            # Not layers (docs/models.md); mute functional activations inside them too.
+            handles.append(module.register_forward_pre_hook(mute))
+            handles.append(module.register_forward_hook(unmute))
+        if any(part in SKIPPED_MODULES for part in module_name.split(".")):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
         if type(module).__name__ in TORCH_ACTIVATIONS:
             handles.append(module.register_forward_pre_hook(pre_hook(module_name)))
             handles.append(module.register_forward_hook(post_hook(module_name)))
@@ -184,11 +228,13 @@ def compare(name: str, *, size: int | None = None, batch: int = 8, seed: int = 0
         raise RuntimeError("parity.compare scores the torch reference in float64: enable "
                            "jax_enable_x64 first")
     start = time.perf_counter()
-    tmodel = torchvision_model(name, seed=seed)
+    spec = models.get_spec(name)
+    size_kw = {spec.size_argument: size} if spec.size_argument else {}
+    tmodel = torchvision_model(name, seed=seed, **size_kw)
     x = np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
     torch_names, pairs, logits = torch_activation_calls(tmodel, torch.from_numpy(x))
     ref = logits.numpy()
-    module, variables = models.from_torchvision(name, tmodel.state_dict())
+    module, variables = models.from_torchvision(name, tmodel.state_dict(), **size_kw)
     parameters = sum(p.numel() for p in tmodel.parameters())
     del tmodel
     x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
@@ -240,7 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for name in names:
         spec = models.get_spec(name)
-        size = max(args.size or spec.parity_size, spec.min_size)
+        size = args.size or spec.parity_size
+        if not spec.size_argument:  # otherwise the model is built for this size
+            size = max(size, spec.min_size)
         r = compare(name, size=size, batch=args.batch, seed=args.seed)
         results.append(r)
         print(f"{r.name:<20} params {r.parameters:>12,}  logit err {r.logit_error:.1e}  "

@@ -65,6 +65,10 @@ class ModelSpec:
         express (fused attention projections, class tokens with another layout, ...).
       torch_module: optional mapping from a Flax module path to the torch module name; the
         default joins the path with ``"."`` (Flax modules are named after torch's).
+      size_argument: for models whose parameter shapes depend on the input side (ViT's
+        position embedding), the name of the constructor argument giving it (``"image_size"``)
+        in both torchvision and the port. Initialisation then uses that side instead of
+        ``min_size``, and the parity check passes the input side to both constructors.
     """
 
     name: str
@@ -77,6 +81,11 @@ class ModelSpec:
     flatten: Mapping[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
     rules: RuleFn | None = None
     torch_module: Callable[[tuple[str, ...]], str] | None = None
+    size_argument: str | None = None
+
+    def init_size(self, module: nn.Module) -> int:
+        """The square input side at which ``module`` (built from this spec) is initialised."""
+        return int(getattr(module, self.size_argument)) if self.size_argument else self.min_size
 
     def torch_prefix(self, path: tuple[str, ...]) -> str:
         return self.torch_module(path) if self.torch_module else ".".join(path)
