@@ -29,12 +29,31 @@ EXPECTED_CALLS = {
     "resnet18": 17, "resnet34": 33, "resnet50": 49, "resnet101": 100, "resnet152": 151,
     "wide_resnet50_2": 49, "wide_resnet101_2": 100,
     "resnext50_32x4d": 49, "resnext101_32x8d": 100, "resnext101_64x4d": 100,
+    # EfficientNet: stem + last conv SiLU; per MBConv block expansion SiLU (not when the ratio
+    # is 1, B0-B7's first stage), depthwise SiLU, SE SiLU, SE Sigmoid; per FusedMBConv one
+    # SiLU. Blocks per stage ceil(n * depth_mult) of (1, 2, 2, 3, 3, 4, 1) for B0-B7.
+    "efficientnet_b0": 65, "efficientnet_b1": 92, "efficientnet_b2": 92,
+    "efficientnet_b3": 104, "efficientnet_b4": 128, "efficientnet_b5": 155,
+    "efficientnet_b6": 179, "efficientnet_b7": 218,
+    "efficientnet_v2_s": 132, "efficientnet_v2_m": 191, "efficientnet_v2_l": 264,
 }
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     name: 232 for name in ("resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                            "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d",
-                           "resnext101_64x4d")}
+                           "resnext101_64x4d")} | {
+    "efficientnet_b0": 256, "efficientnet_b1": 255, "efficientnet_b2": 288,
+    "efficientnet_b3": 320, "efficientnet_b4": 384, "efficientnet_b5": 456,
+    "efficientnet_b6": 528, "efficientnet_b7": 600, "efficientnet_v2_s": 384,
+    "efficientnet_v2_m": 480, "efficientnet_v2_l": 480}
+# Crop size where it is not 224, activation kinds where they are not only ReLU.
+EXPECTED_CROP = {
+    "efficientnet_b1": 240, "efficientnet_b2": 288, "efficientnet_b3": 300,
+    "efficientnet_b4": 380, "efficientnet_b5": 456, "efficientnet_b6": 528,
+    "efficientnet_b7": 600, "efficientnet_v2_s": 384, "efficientnet_v2_m": 480,
+    "efficientnet_v2_l": 480}
+EXPECTED_KINDS = {name: {"silu", "sigmoid"} for name in EXPECTED_CALLS
+                  if name.startswith("efficientnet")}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -62,11 +81,11 @@ def test_structure_calls_and_output_shape(name):
     layers, out, variables = _abstract(name)
     assert len(layers) == EXPECTED_CALLS[name]
     assert out.shape == (2, 7) and out.dtype == jnp.float32
-    assert all(layer.kind == "relu" for layer in layers)
-    has_bn = name.startswith(("resnet", "wide", "resnext")) or name.endswith("_bn")
+    assert {layer.kind for layer in layers} == EXPECTED_KINDS.get(name, {"relu"})
+    has_bn = name.startswith(("resnet", "wide", "resnext", "efficientnet")) or name.endswith("_bn")
     assert ("batch_stats" in variables) == has_bn
     assert models.eval_transform(name).resize_size == EXPECTED_RESIZE[name]
-    assert models.eval_transform(name).crop_size == 224
+    assert models.eval_transform(name).crop_size == EXPECTED_CROP.get(name, 224)
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +358,24 @@ def test_activation_names_follow_torchvision_sequential_indices():
     assert [layer.name for layer in layers] == [
         "features.2:0", "features.6:0", "features.10:0", "features.13:0", "features.17:0",
         "features.20:0", "features.24:0", "features.27:0", "classifier.1:0", "classifier.4:0"]
+
+
+def test_efficientnet_names_follow_torchvision_including_squeeze_excitation():
+    layers, _, _ = _abstract("efficientnet_b0")
+    names = [layer.name for layer in layers]
+    # Stage 1 has expansion ratio 1 (no expansion conv): depthwise SiLU, then the SE pair.
+    assert names[:8] == [
+        "features.0.2:0", "features.1.0/block.0.2:0", "features.1.0/block.1/activation:0",
+        "features.1.0/block.1/scale_activation:0", "features.2.0/block.0.2:0",
+        "features.2.0/block.1.2:0", "features.2.0/block.2/activation:0",
+        "features.2.0/block.2/scale_activation:0"]
+    assert names[-1] == "features.8.2:0"
+    assert [layer.kind for layer in layers[:4]] == ["silu", "silu", "silu", "sigmoid"]
+    layers, _, _ = _abstract("efficientnet_v2_s")
+    names = [layer.name for layer in layers]
+    # Fused stages: one SiLU per block (block.0.2), the MBConv stages as in V1.
+    assert names[:3] == ["features.0.2:0", "features.1.0/block.0.2:0", "features.1.1/block.0.2:0"]
+    assert names[11:15] == ["features.4.0/block.0.2:0", "features.4.0/block.1.2:0",
+                            "features.4.0/block.2/activation:0",
+                            "features.4.0/block.2/scale_activation:0"]
+    assert names[-1] == "features.7.2:0"
