@@ -36,6 +36,14 @@ EXPECTED_CALLS = {
     "efficientnet_b3": 104, "efficientnet_b4": 128, "efficientnet_b5": 155,
     "efficientnet_b6": 179, "efficientnet_b7": 218,
     "efficientnet_v2_s": 132, "efficientnet_v2_m": 191, "efficientnet_v2_l": 264,
+    # RegNet: stem ReLU + per block f.a, f.b and the post-residual ReLU (X: 3) plus the SE
+    # ReLU and Sigmoid (Y: 5); blocks = torchvision's `depth` parameter.
+    "regnet_x_400mf": 1 + 3 * 22, "regnet_x_800mf": 1 + 3 * 16, "regnet_x_1_6gf": 1 + 3 * 18,
+    "regnet_x_3_2gf": 1 + 3 * 25, "regnet_x_8gf": 1 + 3 * 23, "regnet_x_16gf": 1 + 3 * 22,
+    "regnet_x_32gf": 1 + 3 * 23,
+    "regnet_y_400mf": 1 + 5 * 16, "regnet_y_800mf": 1 + 5 * 14, "regnet_y_1_6gf": 1 + 5 * 27,
+    "regnet_y_3_2gf": 1 + 5 * 21, "regnet_y_8gf": 1 + 5 * 17, "regnet_y_16gf": 1 + 5 * 18,
+    "regnet_y_32gf": 1 + 5 * 20, "regnet_y_128gf": 1 + 5 * 27,
 }
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
@@ -45,15 +53,17 @@ EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     "efficientnet_b0": 256, "efficientnet_b1": 255, "efficientnet_b2": 288,
     "efficientnet_b3": 320, "efficientnet_b4": 384, "efficientnet_b5": 456,
     "efficientnet_b6": 528, "efficientnet_b7": 600, "efficientnet_v2_s": 384,
-    "efficientnet_v2_m": 480, "efficientnet_v2_l": 480}
+    "efficientnet_v2_m": 480, "efficientnet_v2_l": 480} | {
+    name: 232 for name in EXPECTED_CALLS if name.startswith("regnet")} | {"regnet_y_128gf": 384}
 # Crop size where it is not 224, activation kinds where they are not only ReLU.
 EXPECTED_CROP = {
     "efficientnet_b1": 240, "efficientnet_b2": 288, "efficientnet_b3": 300,
     "efficientnet_b4": 380, "efficientnet_b5": 456, "efficientnet_b6": 528,
     "efficientnet_b7": 600, "efficientnet_v2_s": 384, "efficientnet_v2_m": 480,
-    "efficientnet_v2_l": 480}
+    "efficientnet_v2_l": 480, "regnet_y_128gf": 384}
 EXPECTED_KINDS = {name: {"silu", "sigmoid"} for name in EXPECTED_CALLS
-                  if name.startswith("efficientnet")}
+                  if name.startswith("efficientnet")} | {
+    name: {"relu", "sigmoid"} for name in EXPECTED_CALLS if name.startswith("regnet_y")}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -82,7 +92,8 @@ def test_structure_calls_and_output_shape(name):
     assert len(layers) == EXPECTED_CALLS[name]
     assert out.shape == (2, 7) and out.dtype == jnp.float32
     assert {layer.kind for layer in layers} == EXPECTED_KINDS.get(name, {"relu"})
-    has_bn = name.startswith(("resnet", "wide", "resnext", "efficientnet")) or name.endswith("_bn")
+    has_bn = (name.startswith(("resnet", "wide", "resnext", "efficientnet", "regnet"))
+              or name.endswith("_bn"))
     assert ("batch_stats" in variables) == has_bn
     assert models.eval_transform(name).resize_size == EXPECTED_RESIZE[name]
     assert models.eval_transform(name).crop_size == EXPECTED_CROP.get(name, 224)
@@ -379,3 +390,21 @@ def test_efficientnet_names_follow_torchvision_including_squeeze_excitation():
                             "features.4.0/block.2/activation:0",
                             "features.4.0/block.2/scale_activation:0"]
     assert names[-1] == "features.7.2:0"
+
+
+def test_regnet_names_follow_torchvision():
+    layers, _, _ = _abstract("regnet_y_400mf")
+    assert [layer.name for layer in layers[:7]] == [
+        "stem.2:0", "trunk_output.block1.block1-0/f.a.2:0", "trunk_output.block1.block1-0/f.b.2:0",
+        "trunk_output.block1.block1-0/f.se/activation:0",
+        "trunk_output.block1.block1-0/f.se/scale_activation:0",
+        "trunk_output.block1.block1-0/activation:0", "trunk_output.block2.block2-0/f.a.2:0"]
+    assert layers[-1].name == "trunk_output.block4.block4-5/activation:0"
+    layers, _, variables = _abstract("regnet_x_400mf")
+    assert [layer.name for layer in layers[1:4]] == [
+        "trunk_output.block1.block1-0/f.a.2:0", "trunk_output.block1.block1-0/f.b.2:0",
+        "trunk_output.block1.block1-0/activation:0"]
+    # regnet_x_400mf stages: widths (32, 64, 160, 400), group width 16 -> 2 groups in stage 1.
+    block = variables["params"]["trunk_output.block1.block1-0"]
+    assert block["f.b.0"]["kernel"].shape == (3, 3, 16, 32)
+    assert variables["params"]["fc"]["kernel"].shape == (400, 7)

@@ -20,7 +20,8 @@ from affjax.models import parity
 # The smallest model of each family (and the BatchNorm and grouped-convolution variants), at
 # ModelSpec.parity_size, where every spatial map before the head is larger than 1x1 (AlexNet:
 # 3x3 at 128, VGG: 2x2 at 64), so the NCHW -> NHWC flatten permutation is exercised.
-CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d", "efficientnet_b0"]
+CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d", "efficientnet_b0",
+         "regnet_y_400mf"]
 
 
 @pytest.mark.parametrize("name", CASES)
