@@ -44,6 +44,8 @@ EXPECTED_CALLS = {
     "regnet_y_400mf": 1 + 5 * 16, "regnet_y_800mf": 1 + 5 * 14, "regnet_y_1_6gf": 1 + 5 * 27,
     "regnet_y_3_2gf": 1 + 5 * 21, "regnet_y_8gf": 1 + 5 * 17, "regnet_y_16gf": 1 + 5 * 18,
     "regnet_y_32gf": 1 + 5 * 20, "regnet_y_128gf": 1 + 5 * 27,
+    # GoogLeNet: one (functional) ReLU per BasicConv2d: conv1-3 + 6 per inception block x 9.
+    "googlenet": 3 + 6 * 9,
 }
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
@@ -92,7 +94,8 @@ def test_structure_calls_and_output_shape(name):
     assert len(layers) == EXPECTED_CALLS[name]
     assert out.shape == (2, 7) and out.dtype == jnp.float32
     assert {layer.kind for layer in layers} == EXPECTED_KINDS.get(name, {"relu"})
-    has_bn = (name.startswith(("resnet", "wide", "resnext", "efficientnet", "regnet"))
+    has_bn = (name.startswith(("resnet", "wide", "resnext", "efficientnet", "regnet",
+                                "googlenet"))
               or name.endswith("_bn"))
     assert ("batch_stats" in variables) == has_bn
     assert models.eval_transform(name).resize_size == EXPECTED_RESIZE[name]
@@ -408,3 +411,33 @@ def test_regnet_names_follow_torchvision():
     block = variables["params"]["trunk_output.block1.block1-0"]
     assert block["f.b.0"]["kernel"].shape == (3, 3, 16, 32)
     assert variables["params"]["fc"]["kernel"].shape == (400, 7)
+
+
+def test_googlenet_names_and_the_ignored_aux_heads():
+    layers, _, variables = _abstract("googlenet")
+    names = [layer.name for layer in layers]
+    assert names[:9] == ["conv1/relu:0", "conv2/relu:0", "conv3/relu:0",
+                         "inception3a/branch1/relu:0", "inception3a/branch2.0/relu:0",
+                         "inception3a/branch2.1/relu:0", "inception3a/branch3.0/relu:0",
+                         "inception3a/branch3.1/relu:0", "inception3a/branch4.1/relu:0"]
+    assert names[-1] == "inception5b/branch4.1/relu:0"
+    assert not any(k.startswith("aux") for k in variables["params"])
+    spec = models.get_spec("googlenet")
+    assert spec.ignored_prefixes == ("aux1.", "aux2.")
+    assert spec.torchvision_kwargs["transform_input"] is True
+
+
+def test_max_pool_ceil_mode_shapes_follow_torch():
+    from affjax.models.googlenet import max_pool_ceil
+
+    # torch: ceil((H + 2p - k) / s) + 1, minus one if the last window starts in the padding.
+    for size, k, s, p, expected in ((112, 3, 2, 0, 56), (7, 2, 2, 0, 4), (8, 3, 2, 0, 4),
+                                    (5, 3, 1, 1, 5), (6, 3, 2, 1, 4)):
+        x = jnp.arange(size * size, dtype=jnp.float32).reshape(1, size, size, 1)
+        out = max_pool_ceil(x, k, stride=s, padding=p)
+        assert out.shape == (1, expected, expected, 1), (size, k, s, p)
+    # The partial last window of a 7x7 map pooled 2x2/2 is the last row/column alone.
+    x = jnp.arange(49, dtype=jnp.float32).reshape(1, 7, 7, 1)
+    out = max_pool_ceil(x, 2, stride=2)
+    np.testing.assert_array_equal(out[0, :, :, 0], [[8, 10, 12, 13], [22, 24, 26, 27],
+                                                    [36, 38, 40, 41], [43, 45, 47, 48]])

@@ -21,7 +21,7 @@ from affjax.models import parity
 # ModelSpec.parity_size, where every spatial map before the head is larger than 1x1 (AlexNet:
 # 3x3 at 128, VGG: 2x2 at 64), so the NCHW -> NHWC flatten permutation is exercised.
 CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d", "efficientnet_b0",
-         "regnet_y_400mf"]
+         "regnet_y_400mf", "googlenet"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -44,6 +44,46 @@ def test_hooks_see_the_input_before_the_inplace_relu():
     pre = model[0](x).detach().double().numpy()
     np.testing.assert_allclose(pairs[0][0], pre, rtol=1e-6)
     assert (pre < 0).any() and np.array_equal(pairs[0][1], np.maximum(pre, 0))
+
+
+def test_hooks_see_functional_relus_of_basic_conv2d():
+    """GoogLeNet/Inception apply F.relu(inplace=True) inside BasicConv2d: the reference hooks
+    the bn output (cloned before the in-place ReLU) and the module output."""
+    from torchvision.models.googlenet import BasicConv2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(BasicConv2d(3, 5, kernel_size=3)).eval()
+    x = torch.randn(16, 3, 6, 6)
+    names, pairs, out = parity.torch_activation_calls(model, x)
+    assert names == ["0.relu"]
+    with torch.no_grad():
+        pre = model[0].bn(model[0].conv(x)).double().numpy()
+    assert (pre < 0).any()
+    np.testing.assert_allclose(pairs[0][0], pre.mean(axis=(2, 3)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(pairs[0][1], np.maximum(pre, 0).mean(axis=(2, 3)), rtol=1e-6,
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize(("name", "aux"), [("googlenet", ("aux1.", "aux2."))])
+def test_aux_heads_are_ignored_and_transform_input_matters(name, aux):
+    tmodel = parity.torchvision_model(name, seed=3)
+    sd = tmodel.state_dict()
+    assert any(k.startswith(aux) for k in sd)  # the weights files hold the aux heads
+    module, variables = models.from_torchvision(name, sd)
+    back = models.to_torchvision(name, variables)
+    assert set(back) == {k for k in sd if not k.startswith(aux)
+                         and not k.endswith("num_batches_tracked")}
+    x = np.random.default_rng(3).standard_normal((2, 3, 96, 96)).astype(np.float32)
+    with torch.no_grad():
+        ref = tmodel(torch.from_numpy(x)).numpy()
+        tmodel.transform_input = False
+        ref_plain = tmodel(torch.from_numpy(x)).numpy()
+    x_nhwc = x.transpose(0, 2, 3, 1)
+    out = np.asarray(module.apply(variables, x_nhwc))
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert np.abs(ref_plain - ref).max() > 1e-2 * np.abs(ref).max()
+    plain = module.clone(transform_input=False).apply(variables, x_nhwc)
+    assert np.abs(np.asarray(plain) - ref_plain).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_a_wrong_permutation_is_caught():

@@ -8,7 +8,9 @@ compare
 * the logits: ``max |flax - torch| / max |torch|`` (float32 on both sides);
 * the signature: affjax's (``affjax.signature`` on the Flax model) against one computed from
   torch forward hooks on every activation module (one entry per call, in call order, the
-  input captured by a pre-hook because torchvision's ReLUs are in-place), reduced as the
+  input captured by a pre-hook because torchvision's ReLUs are in-place) and on the modules
+  that apply ``F.relu`` as a function (``FUNCTIONAL_ACTIVATIONS``: GoogLeNet's and
+  Inception's ``BasicConv2d``, input = its ``bn`` output, output = its output), reduced as the
   published pipeline does ((N, C, H, W) -> mean over H, W; (N, T, D) -> mean over D) and
   scored with :func:`affjax.affinity_score` in float64;
 * the names: the Flax signature names, ``/`` -> ``.`` and the call index dropped, must equal
@@ -55,25 +57,47 @@ class ParityResult:
     seconds: float
 
 
+# Models whose torchvision initialisation (normal, std 0.01 or 0.1) shrinks the signal so much
+# that, with random BatchNorm statistics, the logits no longer depend on the input (GoogLeNet:
+# spread over the batch 6e-9 of the logit scale): the comparison then re-initialises every
+# Conv2d/Linear weight He-normal (fan in), so the logits test the whole convolution path.
+HE_INIT_MODELS = frozenset({"googlenet", "inception_v3"})
+
+
 def torchvision_model(name: str, *, seed: int = 0) -> Any:
     """torchvision's ``name`` in eval mode with random weights and random BatchNorm state.
 
     Running means ~ U(-0.5, 0.5), running variances ~ U(0.5, 2), BatchNorm weights
-    ~ U(0.5, 1.5) and biases ~ U(-0.5, 0.5), so the import of every BatchNorm tensor matters.
+    ~ U(0.5, 1.5) and biases ~ U(-0.5, 0.5), so the import of every BatchNorm tensor matters;
+    He-normal weights for the models in ``HE_INIT_MODELS``; torchvision constructor options
+    from ``ModelSpec.torchvision_kwargs``.
     """
     import torch
     import torchvision
 
+    from affjax import models
+
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None)
+    # The constructor options of the default weights (GoogLeNet/Inception: transform_input).
+    kwargs = dict(models.get_spec(name).torchvision_kwargs)
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
     with torch.no_grad():
         for m in model.modules():
+            if name in HE_INIT_MODELS and isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
     return model.eval()
+
+
+# Modules that apply an activation as a function (``F.relu``), which module hooks cannot see:
+# class name -> (child whose output is the activation's input, name of the virtual activation).
+# The module's own output is the activation's output; the call is named
+# ``<module>.<virtual name>``, matching the ports' ``Activation`` (GoogLeNet, Inception v3).
+FUNCTIONAL_ACTIVATIONS = {"BasicConv2d": ("bn", "relu")}
 
 
 def _reduce(t: Any) -> np.ndarray:
@@ -111,10 +135,17 @@ def torch_activation_calls(model: Any, x: Any) -> tuple[list[str], list[tuple[np
             pairs.append((_reduce(pending.pop()), _reduce(output)))
         return hook
 
+    def input_hook(module, args, output):
+        pending.append(output.detach().clone())  # before F.relu(..., inplace=True)
+
     for module_name, module in model.named_modules():
         if type(module).__name__ in TORCH_ACTIVATIONS:
             handles.append(module.register_forward_pre_hook(pre_hook(module_name)))
             handles.append(module.register_forward_hook(post_hook(module_name)))
+        elif type(module).__name__ in FUNCTIONAL_ACTIVATIONS:
+            child, virtual = FUNCTIONAL_ACTIVATIONS[type(module).__name__]
+            handles.append(getattr(module, child).register_forward_hook(input_hook))
+            handles.append(module.register_forward_hook(post_hook(f"{module_name}.{virtual}")))
     try:
         with torch.no_grad():
             logits = model(x)

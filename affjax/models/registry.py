@@ -65,6 +65,12 @@ class ModelSpec:
         express (fused attention projections, class tokens with another layout, ...).
       torch_module: optional mapping from a Flax module path to the torch module name; the
         default joins the path with ``"."`` (Flax modules are named after torch's).
+      ignored_prefixes: torch state-dict names starting with one of these are accepted and
+        not converted (GoogLeNet's and Inception v3's auxiliary heads, which pretrained
+        weights files contain but which only run in training).
+      torchvision_kwargs: the torchvision constructor options that the default weights set
+        (``transform_input=True`` for GoogLeNet and Inception v3); the parity reference builds
+        torchvision's model with them.
     """
 
     name: str
@@ -77,6 +83,8 @@ class ModelSpec:
     flatten: Mapping[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
     rules: RuleFn | None = None
     torch_module: Callable[[tuple[str, ...]], str] | None = None
+    ignored_prefixes: tuple[str, ...] = ()
+    torchvision_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def torch_prefix(self, path: tuple[str, ...]) -> str:
         return self.torch_module(path) if self.torch_module else ".".join(path)
