@@ -46,6 +46,9 @@ EXPECTED_CALLS = {
     "regnet_y_32gf": 1 + 5 * 20, "regnet_y_128gf": 1 + 5 * 27,
     # GoogLeNet: one (functional) ReLU per BasicConv2d: conv1-3 + 6 per inception block x 9.
     "googlenet": 3 + 6 * 9,
+    # Inception v3: 5 stem BasicConv2d + 7 per InceptionA (x3) + 4 (B) + 10 per C (x4)
+    # + 6 (D) + 9 per E (x2).
+    "inception_v3": 5 + 7 * 3 + 4 + 10 * 4 + 6 + 9 * 2,
 }
 # torchvision's default-weights transforms (IMAGENET1K_V2 where it exists: resize 232).
 EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
@@ -56,13 +59,14 @@ EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     "efficientnet_b3": 320, "efficientnet_b4": 384, "efficientnet_b5": 456,
     "efficientnet_b6": 528, "efficientnet_b7": 600, "efficientnet_v2_s": 384,
     "efficientnet_v2_m": 480, "efficientnet_v2_l": 480} | {
-    name: 232 for name in EXPECTED_CALLS if name.startswith("regnet")} | {"regnet_y_128gf": 384}
+    name: 232 for name in EXPECTED_CALLS if name.startswith("regnet")} | {"regnet_y_128gf": 384,
+                                                                        "inception_v3": 342}
 # Crop size where it is not 224, activation kinds where they are not only ReLU.
 EXPECTED_CROP = {
     "efficientnet_b1": 240, "efficientnet_b2": 288, "efficientnet_b3": 300,
     "efficientnet_b4": 380, "efficientnet_b5": 456, "efficientnet_b6": 528,
     "efficientnet_b7": 600, "efficientnet_v2_s": 384, "efficientnet_v2_m": 480,
-    "efficientnet_v2_l": 480, "regnet_y_128gf": 384}
+    "efficientnet_v2_l": 480, "regnet_y_128gf": 384, "inception_v3": 299}
 EXPECTED_KINDS = {name: {"silu", "sigmoid"} for name in EXPECTED_CALLS
                   if name.startswith("efficientnet")} | {
     name: {"relu", "sigmoid"} for name in EXPECTED_CALLS if name.startswith("regnet_y")}
@@ -95,7 +99,7 @@ def test_structure_calls_and_output_shape(name):
     assert out.shape == (2, 7) and out.dtype == jnp.float32
     assert {layer.kind for layer in layers} == EXPECTED_KINDS.get(name, {"relu"})
     has_bn = (name.startswith(("resnet", "wide", "resnext", "efficientnet", "regnet",
-                                "googlenet"))
+                                "googlenet", "inception"))
               or name.endswith("_bn"))
     assert ("batch_stats" in variables) == has_bn
     assert models.eval_transform(name).resize_size == EXPECTED_RESIZE[name]
@@ -441,3 +445,19 @@ def test_max_pool_ceil_mode_shapes_follow_torch():
     out = max_pool_ceil(x, 2, stride=2)
     np.testing.assert_array_equal(out[0, :, :, 0], [[8, 10, 12, 13], [22, 24, 26, 27],
                                                     [36, 38, 40, 41], [43, 45, 47, 48]])
+
+
+def test_inception_v3_names_and_minimum_size():
+    layers, _, variables = _abstract("inception_v3")
+    names = [layer.name for layer in layers]
+    assert names[:6] == ["Conv2d_1a_3x3/relu:0", "Conv2d_2a_3x3/relu:0", "Conv2d_2b_3x3/relu:0",
+                         "Conv2d_3b_1x1/relu:0", "Conv2d_4a_3x3/relu:0",
+                         "Mixed_5b/branch1x1/relu:0"]
+    assert names[-3:] == ["Mixed_7c/branch3x3dbl_3a/relu:0", "Mixed_7c/branch3x3dbl_3b/relu:0",
+                          "Mixed_7c/branch_pool/relu:0"]
+    assert variables["params"]["Mixed_6b"]["branch7x7_2"]["conv"]["kernel"].shape == (
+        1, 7, 128, 128)
+    assert not any(k.startswith("AuxLogits") for k in variables["params"])
+    module = models.get_spec("inception_v3").build(num_classes=7)
+    with pytest.raises(ValueError, match=r"at least 75x75, got \(74, 80\)"):
+        jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 74, 80, 3)))

@@ -21,13 +21,13 @@ from affjax.models import parity
 # ModelSpec.parity_size, where every spatial map before the head is larger than 1x1 (AlexNet:
 # 3x3 at 128, VGG: 2x2 at 64), so the NCHW -> NHWC flatten permutation is exercised.
 CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d", "efficientnet_b0",
-         "regnet_y_400mf", "googlenet"]
+         "regnet_y_400mf", "googlenet", "inception_v3"]
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_logits_and_signature_match_torchvision(name):
     r = parity.compare(name, batch=8, seed=0)
-    assert r.size == {"alexnet": 128}.get(name, 64)
+    assert r.size == {"alexnet": 128, "inception_v3": 107}.get(name, 64)
     assert r.logit_error <= 1e-4, r.logit_error
     assert r.calls == len(r.flax_scores)
     assert r.names_match
@@ -64,7 +64,8 @@ def test_hooks_see_functional_relus_of_basic_conv2d():
                                atol=1e-7)
 
 
-@pytest.mark.parametrize(("name", "aux"), [("googlenet", ("aux1.", "aux2."))])
+@pytest.mark.parametrize(("name", "aux"), [("googlenet", ("aux1.", "aux2.")),
+                                          ("inception_v3", ("AuxLogits.",))])
 def test_aux_heads_are_ignored_and_transform_input_matters(name, aux):
     tmodel = parity.torchvision_model(name, seed=3)
     sd = tmodel.state_dict()
