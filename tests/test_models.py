@@ -54,6 +54,26 @@ EXPECTED_CALLS = {
     "swin_t": 12, "swin_s": 24, "swin_b": 24, "swin_v2_t": 12, "swin_v2_s": 24, "swin_v2_b": 24,
     # MaxViT-T: stem GELU + 11 layers x (MBConv 2 GELU + SE SiLU, Sigmoid + 2 MLP GELU) + Tanh.
     "maxvit_t": 68,
+    # EfficientNet: stem + last conv SiLU; per MBConv block expansion SiLU (not when the ratio
+    # is 1, B0-B7's first stage), depthwise SiLU, SE SiLU, SE Sigmoid; per FusedMBConv one
+    # SiLU. Blocks per stage ceil(n * depth_mult) of (1, 2, 2, 3, 3, 4, 1) for B0-B7.
+    "efficientnet_b0": 65, "efficientnet_b1": 92, "efficientnet_b2": 92,
+    "efficientnet_b3": 104, "efficientnet_b4": 128, "efficientnet_b5": 155,
+    "efficientnet_b6": 179, "efficientnet_b7": 218,
+    "efficientnet_v2_s": 132, "efficientnet_v2_m": 191, "efficientnet_v2_l": 264,
+    # RegNet: stem ReLU + per block f.a, f.b and the post-residual ReLU (X: 3) plus the SE
+    # ReLU and Sigmoid (Y: 5); blocks = torchvision's `depth` parameter.
+    "regnet_x_400mf": 1 + 3 * 22, "regnet_x_800mf": 1 + 3 * 16, "regnet_x_1_6gf": 1 + 3 * 18,
+    "regnet_x_3_2gf": 1 + 3 * 25, "regnet_x_8gf": 1 + 3 * 23, "regnet_x_16gf": 1 + 3 * 22,
+    "regnet_x_32gf": 1 + 3 * 23,
+    "regnet_y_400mf": 1 + 5 * 16, "regnet_y_800mf": 1 + 5 * 14, "regnet_y_1_6gf": 1 + 5 * 27,
+    "regnet_y_3_2gf": 1 + 5 * 21, "regnet_y_8gf": 1 + 5 * 17, "regnet_y_16gf": 1 + 5 * 18,
+    "regnet_y_32gf": 1 + 5 * 20, "regnet_y_128gf": 1 + 5 * 27,
+    # GoogLeNet: one (functional) ReLU per BasicConv2d: conv1-3 + 6 per inception block x 9.
+    "googlenet": 3 + 6 * 9,
+    # Inception v3: 5 stem BasicConv2d + 7 per InceptionA (x3) + 4 (B) + 10 per C (x4)
+    # + 6 (D) + 9 per E (x2).
+    "inception_v3": 5 + 7 * 3 + 4 + 10 * 4 + 6 + 9 * 2,
 }
 # Calls per activation kind where a model is not ReLU-only (counted with torch hooks on
 # torchvision's modules: Hardswish -> hard_silu, Hardsigmoid -> hard_sigmoid).
@@ -79,14 +99,27 @@ EXPECTED_RESIZE = {name: 256 for name in EXPECTED_CALLS} | {
     "vit_l_16": 242, "vit_h_14": 518,
     "convnext_tiny": 236, "convnext_small": 230, "convnext_base": 232, "convnext_large": 232,
     "swin_t": 232, "swin_s": 246, "swin_b": 238, "swin_v2_t": 260, "swin_v2_s": 260,
-    "swin_v2_b": 272, "maxvit_t": 224}
+    "swin_v2_b": 272, "maxvit_t": 224} | {
+    "efficientnet_b0": 256, "efficientnet_b1": 255, "efficientnet_b2": 288,
+    "efficientnet_b3": 320, "efficientnet_b4": 384, "efficientnet_b5": 456,
+    "efficientnet_b6": 528, "efficientnet_b7": 600, "efficientnet_v2_s": 384,
+    "efficientnet_v2_m": 480, "efficientnet_v2_l": 480} | {
+    name: 232 for name in EXPECTED_CALLS if name.startswith("regnet")} | {"regnet_y_128gf": 384,
+                                                                        "inception_v3": 342}
 # Crop sizes other than 224 (vit_h_14's default weights are SWAG at 518).
-EXPECTED_CROP = {"vit_h_14": 518, "swin_v2_t": 256, "swin_v2_s": 256, "swin_v2_b": 256}
-# Activation kinds other than relu.
+EXPECTED_CROP = {
+    "vit_h_14": 518, "swin_v2_t": 256, "swin_v2_s": 256, "swin_v2_b": 256,
+    "efficientnet_b1": 240, "efficientnet_b2": 288, "efficientnet_b3": 300,
+    "efficientnet_b4": 380, "efficientnet_b5": 456, "efficientnet_b6": 528,
+    "efficientnet_b7": 600, "efficientnet_v2_s": 384, "efficientnet_v2_m": 480,
+    "efficientnet_v2_l": 480, "regnet_y_128gf": 384, "inception_v3": 299}
+# Activation kinds other than relu (the set; EXPECTED_KINDS above has counts where known).
 EXPECTED_KIND = {name: {"gelu"} for name in (
     "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "convnext_tiny",
     "convnext_small", "convnext_base", "convnext_large", "swin_t", "swin_s", "swin_b",
-    "swin_v2_t", "swin_v2_s", "swin_v2_b")} | {"maxvit_t": {"gelu", "silu", "sigmoid", "tanh"}}
+    "swin_v2_t", "swin_v2_s", "swin_v2_b")} | {"maxvit_t": {"gelu", "silu", "sigmoid", "tanh"}} | {
+    name: {"silu", "sigmoid"} for name in EXPECTED_CALLS if name.startswith("efficientnet")} | {
+    name: {"relu", "sigmoid"} for name in EXPECTED_CALLS if name.startswith("regnet_y")}
 
 
 def _abstract(name, num_classes=7, batch=2, **kw):
@@ -615,3 +648,88 @@ def test_maxvit_call_order_and_input_size():
     module = models.get_spec("maxvit_t").build(num_classes=3)
     with pytest.raises(ValueError, match="partition size 7"):
         jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 112, 112, 3)))
+
+
+def test_efficientnet_names_follow_torchvision_including_squeeze_excitation():
+    layers, _, _ = _abstract("efficientnet_b0")
+    names = [layer.name for layer in layers]
+    # Stage 1 has expansion ratio 1 (no expansion conv): depthwise SiLU, then the SE pair.
+    assert names[:8] == [
+        "features.0.2:0", "features.1.0/block.0.2:0", "features.1.0/block.1/activation:0",
+        "features.1.0/block.1/scale_activation:0", "features.2.0/block.0.2:0",
+        "features.2.0/block.1.2:0", "features.2.0/block.2/activation:0",
+        "features.2.0/block.2/scale_activation:0"]
+    assert names[-1] == "features.8.2:0"
+    assert [layer.kind for layer in layers[:4]] == ["silu", "silu", "silu", "sigmoid"]
+    layers, _, _ = _abstract("efficientnet_v2_s")
+    names = [layer.name for layer in layers]
+    # Fused stages: one SiLU per block (block.0.2), the MBConv stages as in V1.
+    assert names[:3] == ["features.0.2:0", "features.1.0/block.0.2:0", "features.1.1/block.0.2:0"]
+    assert names[11:15] == ["features.4.0/block.0.2:0", "features.4.0/block.1.2:0",
+                            "features.4.0/block.2/activation:0",
+                            "features.4.0/block.2/scale_activation:0"]
+    assert names[-1] == "features.7.2:0"
+
+
+def test_regnet_names_follow_torchvision():
+    layers, _, _ = _abstract("regnet_y_400mf")
+    assert [layer.name for layer in layers[:7]] == [
+        "stem.2:0", "trunk_output.block1.block1-0/f.a.2:0", "trunk_output.block1.block1-0/f.b.2:0",
+        "trunk_output.block1.block1-0/f.se/activation:0",
+        "trunk_output.block1.block1-0/f.se/scale_activation:0",
+        "trunk_output.block1.block1-0/activation:0", "trunk_output.block2.block2-0/f.a.2:0"]
+    assert layers[-1].name == "trunk_output.block4.block4-5/activation:0"
+    layers, _, variables = _abstract("regnet_x_400mf")
+    assert [layer.name for layer in layers[1:4]] == [
+        "trunk_output.block1.block1-0/f.a.2:0", "trunk_output.block1.block1-0/f.b.2:0",
+        "trunk_output.block1.block1-0/activation:0"]
+    # regnet_x_400mf stages: widths (32, 64, 160, 400), group width 16 -> 2 groups in stage 1.
+    block = variables["params"]["trunk_output.block1.block1-0"]
+    assert block["f.b.0"]["kernel"].shape == (3, 3, 16, 32)
+    assert variables["params"]["fc"]["kernel"].shape == (400, 7)
+
+
+def test_googlenet_names_and_the_ignored_aux_heads():
+    layers, _, variables = _abstract("googlenet")
+    names = [layer.name for layer in layers]
+    assert names[:9] == ["conv1/relu:0", "conv2/relu:0", "conv3/relu:0",
+                         "inception3a/branch1/relu:0", "inception3a/branch2.0/relu:0",
+                         "inception3a/branch2.1/relu:0", "inception3a/branch3.0/relu:0",
+                         "inception3a/branch3.1/relu:0", "inception3a/branch4.1/relu:0"]
+    assert names[-1] == "inception5b/branch4.1/relu:0"
+    assert not any(k.startswith("aux") for k in variables["params"])
+    spec = models.get_spec("googlenet")
+    assert spec.ignored_prefixes == ("aux1.", "aux2.")
+    assert spec.torchvision_kwargs["transform_input"] is True
+
+
+def test_max_pool_ceil_mode_shapes_follow_torch():
+    from affjax.models.googlenet import max_pool_ceil
+
+    # torch: ceil((H + 2p - k) / s) + 1, minus one if the last window starts in the padding.
+    for size, k, s, p, expected in ((112, 3, 2, 0, 56), (7, 2, 2, 0, 4), (8, 3, 2, 0, 4),
+                                    (5, 3, 1, 1, 5), (6, 3, 2, 1, 4)):
+        x = jnp.arange(size * size, dtype=jnp.float32).reshape(1, size, size, 1)
+        out = max_pool_ceil(x, k, stride=s, padding=p)
+        assert out.shape == (1, expected, expected, 1), (size, k, s, p)
+    # The partial last window of a 7x7 map pooled 2x2/2 is the last row/column alone.
+    x = jnp.arange(49, dtype=jnp.float32).reshape(1, 7, 7, 1)
+    out = max_pool_ceil(x, 2, stride=2)
+    np.testing.assert_array_equal(out[0, :, :, 0], [[8, 10, 12, 13], [22, 24, 26, 27],
+                                                    [36, 38, 40, 41], [43, 45, 47, 48]])
+
+
+def test_inception_v3_names_and_minimum_size():
+    layers, _, variables = _abstract("inception_v3")
+    names = [layer.name for layer in layers]
+    assert names[:6] == ["Conv2d_1a_3x3/relu:0", "Conv2d_2a_3x3/relu:0", "Conv2d_2b_3x3/relu:0",
+                         "Conv2d_3b_1x1/relu:0", "Conv2d_4a_3x3/relu:0",
+                         "Mixed_5b/branch1x1/relu:0"]
+    assert names[-3:] == ["Mixed_7c/branch3x3dbl_3a/relu:0", "Mixed_7c/branch3x3dbl_3b/relu:0",
+                          "Mixed_7c/branch_pool/relu:0"]
+    assert variables["params"]["Mixed_6b"]["branch7x7_2"]["conv"]["kernel"].shape == (
+        1, 7, 128, 128)
+    assert not any(k.startswith("AuxLogits") for k in variables["params"])
+    module = models.get_spec("inception_v3").build(num_classes=7)
+    with pytest.raises(ValueError, match=r"at least 75x75, got \(74, 80\)"):
+        jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 74, 80, 3)))

@@ -26,14 +26,16 @@ CASES = ["alexnet", "vgg11", "vgg11_bn", "resnet18", "resnext50_32x4d",
          "vit_b_16",  # ViT at image_size 32: 2 x 2 patches
          "convnext_tiny",
          "swin_t", "swin_v2_t",  # Swin V2: other attention, position bias and block order
-         "maxvit_t"]  # at 224, the only side its partition size 7 allows
+         "maxvit_t",  # at 224, the only side its partition size 7 allows
+         "efficientnet_b0", "regnet_y_400mf", "googlenet", "inception_v3"]
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_logits_and_signature_match_torchvision(name):
     # MaxViT only runs at 224: batch 4 keeps its case near 50 s of CI time.
     r = parity.compare(name, batch={"maxvit_t": 4}.get(name, 8), seed=0)
-    assert r.size == {"alexnet": 128, "vit_b_16": 32, "maxvit_t": 224}.get(name, 64)
+    assert r.size == {"alexnet": 128, "vit_b_16": 32, "maxvit_t": 224,
+                      "inception_v3": 107}.get(name, 64)
     assert r.logit_error <= 1e-4, r.logit_error
     assert r.calls == len(r.flax_scores)
     assert r.names_match
@@ -88,6 +90,47 @@ def test_hooks_see_functional_activations_once():
     np.testing.assert_allclose(pairs[0][0], pre, rtol=1e-6)  # seen before the in-place call
     np.testing.assert_allclose(pairs[0][1], np.maximum(pre, 0), rtol=1e-6)
     assert torch.nn.functional.relu.__module__ == "torch.nn.functional"  # restored
+
+
+def test_hooks_see_functional_relus_of_basic_conv2d():
+    """GoogLeNet/Inception apply F.relu(inplace=True) inside BasicConv2d: the reference hooks
+    the bn output (cloned before the in-place ReLU) and the module output."""
+    from torchvision.models.googlenet import BasicConv2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(BasicConv2d(3, 5, kernel_size=3)).eval()
+    x = torch.randn(16, 3, 6, 6)
+    names, pairs, out = parity.torch_activation_calls(model, x)
+    assert names == ["0.relu"]
+    with torch.no_grad():
+        pre = model[0].bn(model[0].conv(x)).double().numpy()
+    assert (pre < 0).any()
+    np.testing.assert_allclose(pairs[0][0], pre.mean(axis=(2, 3)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(pairs[0][1], np.maximum(pre, 0).mean(axis=(2, 3)), rtol=1e-6,
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize(("name", "aux"), [("googlenet", ("aux1.", "aux2.")),
+                                          ("inception_v3", ("AuxLogits.",))])
+def test_aux_heads_are_ignored_and_transform_input_matters(name, aux):
+    tmodel = parity.torchvision_model(name, seed=3)
+    sd = tmodel.state_dict()
+    assert any(k.startswith(aux) for k in sd)  # the weights files hold the aux heads
+    module, variables = models.from_torchvision(name, sd)
+    back = models.to_torchvision(name, variables)
+    assert set(back) == {k for k in sd if not k.startswith(aux)
+                         and not k.endswith("num_batches_tracked")}
+    x = np.random.default_rng(3).standard_normal((2, 3, 96, 96)).astype(np.float32)
+    with torch.no_grad():
+        ref = tmodel(torch.from_numpy(x)).numpy()
+        tmodel.transform_input = False
+        ref_plain = tmodel(torch.from_numpy(x)).numpy()
+    x_nhwc = x.transpose(0, 2, 3, 1)
+    out = np.asarray(module.apply(variables, x_nhwc))
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert np.abs(ref_plain - ref).max() > 1e-2 * np.abs(ref).max()
+    plain = module.clone(transform_input=False).apply(variables, x_nhwc)
+    assert np.abs(np.asarray(plain) - ref_plain).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_a_wrong_permutation_is_caught():

@@ -19,8 +19,9 @@ batch_stats/var        running_var             as is
 params/<other>         <other>                 as is (class tokens, positional embeddings)
 =====================  ======================  =====================================
 
-``*.num_batches_tracked`` tensors are accepted and ignored. A family overrides single
-leaves with ``ModelSpec.rules``.
+``*.num_batches_tracked`` tensors are accepted and ignored, and so are tensors under a
+spec's ``ignored_prefixes`` (auxiliary heads). A family overrides single leaves with
+``ModelSpec.rules``.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def from_torchvision(
             continue
         flat[flat_key] = jnp.asarray(
             rule.to_flax(np.asarray(value, np.float32)), dtype=leaves[flat_key].dtype)
-    unexpected = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES))
+    unexpected = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)
+                        and not (spec.ignored_prefixes and k.startswith(spec.ignored_prefixes)))
     if missing or unexpected or wrong:
         raise _mismatch_error(name, missing, unexpected, wrong)
     return module, dict(traverse_util.unflatten_dict(flat))

@@ -8,7 +8,9 @@ compare
 * the logits: ``max |flax - torch| / max |torch|`` (float32 on both sides);
 * the signature: affjax's (``affjax.signature`` on the Flax model) against one computed from
   torch forward hooks on every activation module (one entry per call, in call order, the
-  input captured by a pre-hook because torchvision's ReLUs are in-place), reduced as the
+  input captured by a pre-hook because torchvision's ReLUs are in-place) and on the
+  ``torch.nn.functional`` activations called outside activation modules (``TORCH_FUNCTIONS``:
+  DenseNet's last ReLU, GoogLeNet's and Inception's ``BasicConv2d``), reduced as the
   published pipeline does ((N, C, H, W) -> mean over H, W; (N, T, D) -> mean over D) and
   scored with :func:`affjax.affinity_score` in float64. One exception: a 4-D activation input
   produced by an ``nn.Linear`` is channels-last (N, H, W, C) (ConvNeXt and Swin MLPs) and is
@@ -70,23 +72,37 @@ class ParityResult:
     seconds: float
 
 
+# Models whose torchvision initialisation (normal, std 0.01 or 0.1) shrinks the signal so much
+# that, with random BatchNorm statistics, the logits no longer depend on the input (GoogLeNet:
+# spread over the batch 6e-9 of the logit scale): the comparison then re-initialises every
+# Conv2d/Linear weight He-normal (fan in), so the logits test the whole convolution path.
+HE_INIT_MODELS = frozenset({"googlenet", "inception_v3"})
+
+
 def torchvision_model(name: str, *, seed: int = 0, **kwargs: Any) -> Any:
     """torchvision's ``name`` in eval mode with random weights and random BatchNorm state.
 
-    ``kwargs`` go to torchvision's constructor (``image_size=64`` for ViT). Running means
-    ~ U(-0.5, 0.5), running variances ~ U(0.5, 2), BatchNorm weights ~ U(0.5, 1.5) and biases
-    ~ U(-0.5, 0.5), so the import of every BatchNorm tensor matters.
-    Any other parameter torchvision initialises to a constant (zero biases, LayerNorm weights,
-    ViT's zero head and class token, ConvNeXt's layer scale 1e-6) gets U(-0.5, 0.5) added, so
-    that its import matters too (a zero head would make every logit 0).
+    ``kwargs`` go to torchvision's constructor (``image_size=64`` for ViT), after the options
+    of the default weights (``ModelSpec.torchvision_kwargs``: GoogLeNet/Inception's
+    ``transform_input``). Running means ~ U(-0.5, 0.5), running variances ~ U(0.5, 2),
+    BatchNorm weights ~ U(0.5, 1.5) and biases ~ U(-0.5, 0.5), so the import of every
+    BatchNorm tensor matters. Any other parameter torchvision initialises to a constant (zero
+    biases, LayerNorm weights, ViT's zero head and class token, ConvNeXt's layer scale 1e-6)
+    gets U(-0.5, 0.5) added, so that its import matters too (a zero head would make every
+    logit 0). He-normal weights for the models in ``HE_INIT_MODELS``.
     """
     import torch
     import torchvision
 
+    from affjax import models
+
     torch.manual_seed(seed)
+    kwargs = {**models.get_spec(name).torchvision_kwargs, **kwargs}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     with torch.no_grad():
         for m in model.modules():
+            if name in HE_INIT_MODELS and isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)

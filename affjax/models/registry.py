@@ -69,6 +69,12 @@ class ModelSpec:
         position embedding), the name of the constructor argument giving it (``"image_size"``)
         in both torchvision and the port. Initialisation then uses that side instead of
         ``min_size``, and the parity check passes the input side to both constructors.
+      ignored_prefixes: torch state-dict names starting with one of these are accepted and
+        not converted (GoogLeNet's and Inception v3's auxiliary heads, which pretrained
+        weights files contain but which only run in training).
+      torchvision_kwargs: the torchvision constructor options that the default weights set
+        (``transform_input=True`` for GoogLeNet and Inception v3); the parity reference builds
+        torchvision's model with them.
     """
 
     name: str
@@ -81,6 +87,8 @@ class ModelSpec:
     flatten: Mapping[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
     rules: RuleFn | None = None
     torch_module: Callable[[tuple[str, ...]], str] | None = None
+    ignored_prefixes: tuple[str, ...] = ()
+    torchvision_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     size_argument: str | None = None
 
     def init_size(self, module: nn.Module) -> int:
