@@ -214,6 +214,12 @@ def to_torchvision(name: str, variables: Mapping[str, Any], *,
     Returns float32 NumPy arrays under torchvision's names (without ``num_batches_tracked``);
     ``torchvision.models.get_model(name).load_state_dict(..., strict=False)`` accepts it after
     ``torch.from_numpy``, and ``from_torchvision(name, ...)`` gives ``variables`` back.
+
+    Example:
+      >>> _, variables = create("resnet18", num_classes=10)           # doctest: +SKIP
+      >>> sd = to_torchvision("resnet18", variables, num_classes=10)  # doctest: +SKIP
+      >>> sd["fc.weight"].shape                                       # doctest: +SKIP
+      (10, 512)
     """
     spec = get_spec(name)
     module = build_module(spec, num_classes, kw)

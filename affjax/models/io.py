@@ -55,6 +55,9 @@ def load_safetensors(path: str | os.PathLike) -> StateDict:
       ValueError: a malformed file (the ``safetensors`` package's diagnosis: bad header, byte
         ranges that do not match the shapes, ...) or a dtype NumPy cannot hold, naming the
         file (and the tensor).
+    Example:
+      >>> sd = load_safetensors("resnet18.safetensors")       # doctest: +SKIP
+      >>> module, variables = affjax.models.from_torchvision("resnet18", sd)  # doctest: +SKIP
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
@@ -84,6 +87,11 @@ def save_safetensors(
     Arrays may be NumPy arrays, JAX arrays (``bfloat16`` included) or torch tensors (converted
     with ``.numpy()``, ``bfloat16`` widened to float32). The file stores the tensors in the
     writer's order (by dtype alignment, then name), not in the mapping's order.
+
+    Example:
+      >>> _, variables = affjax.models.create("resnet18")                      # doctest: +SKIP
+      >>> sd = affjax.models.to_torchvision("resnet18", variables)             # doctest: +SKIP
+      >>> save_safetensors("resnet18.safetensors", sd)                         # doctest: +SKIP
     """
     arrays = {str(name): np.ascontiguousarray(to_numpy(t)) for name, t in tensors.items()}
     for name, a in arrays.items():
@@ -133,6 +141,11 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
       FileNotFoundError: a path that does not exist.
       ValueError: an unknown file extension or a malformed file.
       ImportError: a ``.pth`` file without torch installed.
+
+    Example:
+      >>> sd = load_state_dict("resnet18-f37072fd.pth")   # doctest: +SKIP
+      >>> sd["fc.weight"].shape                           # doctest: +SKIP
+      (1000, 512)
     """
     if isinstance(source, Mapping):
         return {str(k): to_numpy(v) for k, v in source.items()}

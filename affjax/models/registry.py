@@ -106,7 +106,12 @@ _INFRASTRUCTURE = frozenset({"convert", "io", "layers", "parity", "registry", "t
 
 
 def register(spec: ModelSpec) -> ModelSpec:
-    """Add a model to the zoo (called by family files at import time)."""
+    """Add a model to the zoo (called by family files at import time).
+
+    Example:
+      >>> register(ModelSpec(name="my_net", family="mine", build=MyNet,   # doctest: +SKIP
+      ...                    transform=EvalTransform(256, 224), head="fc"))
+    """
     if spec.name in _SPECS and _SPECS[spec.name] is not spec:
         raise ValueError(f"model {spec.name!r} is registered twice "
                          f"(families {_SPECS[spec.name].family!r} and {spec.family!r})")
@@ -138,7 +143,12 @@ def list_models() -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The :class:`ModelSpec` of ``name``; ``ValueError`` listing the valid names otherwise."""
+    """The :class:`ModelSpec` of ``name``; ``ValueError`` listing the valid names otherwise.
+
+    Example:
+      >>> get_spec("resnet18").transform.crop_size   # doctest: +SKIP
+      224
+    """
     _load_families()
     if not isinstance(name, str) or name not in _SPECS:
         raise ValueError(f"unknown model {name!r}; ported models are: {', '.join(sorted(_SPECS))}")
