@@ -55,6 +55,7 @@ def load_safetensors(path: str | os.PathLike) -> StateDict:
       ValueError: a malformed file (the ``safetensors`` package's diagnosis: bad header, byte
         ranges that do not match the shapes, ...) or a dtype NumPy cannot hold, naming the
         file (and the tensor).
+
     Example:
       >>> sd = load_safetensors("resnet18.safetensors")       # doctest: +SKIP
       >>> module, variables = affjax.models.from_torchvision("resnet18", sd)  # doctest: +SKIP
