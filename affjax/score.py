@@ -209,7 +209,11 @@ def _compute(
         )
         w2_sq = jnp.mean(jnp.sum((mapped - b[perm]) ** 2, axis=1))
 
-    ratio = jnp.clip(w2_sq / (2.0 * trace_cov_y), 0.0, 1.0)
+    # A constant output with ridge = 0 has trace C_y = 0; its dead map is exact (W2 = 0): 1.
+    # The safe denominator keeps the unused branch's gradient finite.
+    positive = trace_cov_y > 0
+    denom = jnp.where(positive, 2.0 * trace_cov_y, 1.0)
+    ratio = jnp.clip(jnp.where(positive, w2_sq / denom, 0.0), 0.0, 1.0)
     score = 1.0 - safe_sqrt(ratio)
     finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))
     score = jnp.where(finite, score, jnp.nan)

@@ -68,3 +68,14 @@ def test_sort_path_equals_assignment_path(data):
     sort = float(affjax.affinity_score(x, y, solver="sort"))
     for solver in ("scipy", "hungarian"):
         assert abs(float(affjax.affinity_score(x, y, solver=solver)) - sort) < 1e-10
+
+
+def test_constant_output_without_ridge_scores_one():
+    # Found by test_invariances: trace C_y = 0 gave 0 / 0. The dead map is exact there.
+    x = -1.3 + 0.05 * np.random.default_rng(0).normal(size=(8, 1))
+    y = np.maximum(x, 0.0)
+    assert float(affjax.affinity_score(x, y, ridge=0.0)) == 1.0
+    assert float(affjax.affinity_score(x + 3.0, y + 2.0, ridge=0.0)) == 1.0
+    y2 = np.zeros((8, 3))
+    x2 = np.random.default_rng(1).normal(size=(8, 3))
+    assert float(affjax.affinity_score(x2, y2, ridge=0.0)) == 1.0
