@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from affjax.capture import Activation
+from affjax.models.layers import SqueezeExcitation
 from affjax.models.layers import conv
 from affjax.models.layers import dense
 from affjax.models.layers import kaiming_normal_fan_out
@@ -94,26 +95,6 @@ _V2_L = _v2_stages(((True, 1, 3, 1, 32, 32, 4), (True, 4, 3, 2, 32, 64, 7),
                     (True, 4, 3, 2, 64, 96, 7), (False, 4, 3, 2, 96, 192, 10),
                     (False, 6, 3, 1, 192, 224, 19), (False, 6, 3, 2, 224, 384, 25),
                     (False, 6, 3, 1, 384, 640, 7)))
-
-
-class SqueezeExcitation(nn.Module):
-    """``torchvision.ops.SqueezeExcitation``: pool, 1x1 conv, ``activation``, 1x1 conv,
-    ``scale_activation``, rescale the input. Both activations are scored (on ``(N, 1, 1, C)``).
-    """
-
-    squeeze_channels: int
-    activation: Callable[[jax.Array], jax.Array] = jax.nn.silu
-    scale_activation: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = jnp.mean(x, axis=(1, 2), keepdims=True)
-        scale = conv(self.squeeze_channels, 1, kernel_init=kaiming_normal_fan_out,
-                     name="fc1")(scale)
-        scale = Activation(self.activation, name="activation")(scale)
-        scale = conv(x.shape[-1], 1, kernel_init=kaiming_normal_fan_out, name="fc2")(scale)
-        scale = Activation(self.scale_activation, name="scale_activation")(scale)
-        return scale * x
 
 
 class MBConv(nn.Module):

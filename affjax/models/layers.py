@@ -7,10 +7,14 @@ padding, adaptive pooling (no Flax equivalent). These helpers fix those once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from affjax.capture import Activation
 
 # torch.nn.init.kaiming_normal_(mode="fan_out", nonlinearity="relu"), used by torchvision's
 # ResNet and VGG convolutions.
@@ -86,3 +90,25 @@ def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
     ph = jnp.asarray(_adaptive_pool_matrix(h, oh), x.dtype)
     pw = jnp.asarray(_adaptive_pool_matrix(w, ow), x.dtype)
     return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x, precision=jax.lax.Precision.HIGHEST)
+
+
+class SqueezeExcitation(nn.Module):
+    """``torchvision.ops.SqueezeExcitation``: global mean, ``fc1`` (1x1 conv), ``activation``,
+    ``fc2``, ``scale_activation``, times the input. Both activations are scored (on
+    ``(N, 1, 1, C)`` maps), under torch's names. Shared by EfficientNet, RegNet Y, MobileNetV3
+    and MaxViT; ``kernel_init`` is the family's initialiser of the two 1x1 convolutions.
+    """
+
+    squeeze_channels: int
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.silu
+    scale_activation: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid
+    kernel_init: Callable = kaiming_normal_fan_out
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = jnp.mean(x, axis=(1, 2), keepdims=True)
+        scale = conv(self.squeeze_channels, 1, kernel_init=self.kernel_init, name="fc1")(scale)
+        scale = Activation(self.activation, name="activation")(scale)
+        scale = conv(x.shape[-1], 1, kernel_init=self.kernel_init, name="fc2")(scale)
+        scale = Activation(self.scale_activation, name="scale_activation")(scale)
+        return scale * x

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from affjax.capture import Activation
+from affjax.models.layers import SqueezeExcitation
 from affjax.models.layers import conv
 from affjax.models.registry import ModelSpec
 from affjax.models.registry import register
@@ -47,22 +48,6 @@ _layer_norm = functools.partial(nn.LayerNorm, epsilon=1e-5, use_fast_variance=Fa
 def _batch_norm(*, train: bool, name: str) -> nn.BatchNorm:
     """``nn.BatchNorm2d(eps=1e-3, momentum=0.01)`` (MaxViT's norm layer)."""
     return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, name=name)
-
-
-class SqueezeExcitation(nn.Module):
-    """``torchvision.ops.SqueezeExcitation``: pool, fc1, activation, fc2, scale_activation."""
-
-    squeeze_channels: int
-    activation: Callable[[jax.Array], jax.Array] = jax.nn.silu
-    scale_activation: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = jnp.mean(x, axis=(1, 2), keepdims=True)
-        scale = _conv(self.squeeze_channels, 1, name="fc1")(scale)
-        scale = Activation(self.activation, name="activation")(scale)
-        scale = _conv(x.shape[-1], 1, name="fc2")(scale)
-        return Activation(self.scale_activation, name="scale_activation")(scale) * x
 
 
 class MBConv(nn.Module):
@@ -90,7 +75,7 @@ class MBConv(nn.Module):
                   name="layers.conv_b.0")(y)
         y = _batch_norm(train=train, name="layers.conv_b.1")(y)
         y = Activation(self.activation, name="layers.conv_b.2")(y)
-        y = SqueezeExcitation(out // 4, name="layers.squeeze_excitation")(y)
+        y = SqueezeExcitation(out // 4, kernel_init=_normal, name="layers.squeeze_excitation")(y)
         y = _conv(out, 1, name="layers.conv_c")(y)
         return res + y  # stochastic depth: identity in inference
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from affjax.capture import Activation
+from affjax.models.layers import SqueezeExcitation
 from affjax.models.layers import conv
 from affjax.models.layers import dense
 from affjax.models.layers import kaiming_normal_fan_out
@@ -176,24 +177,6 @@ _V3_SMALL = _v3(
     (48, 5, 288, 96, True, "HS", 2), (96, 5, 576, 96, True, "HS", 1),
     (96, 5, 576, 96, True, "HS", 1),
 )
-
-
-class SqueezeExcitation(nn.Module):
-    """``torchvision.ops.SqueezeExcitation``: global mean, ``fc1`` (1x1 conv), ``activation``,
-    ``fc2``, ``scale_activation``, times the input."""
-
-    squeeze: int
-    activation: Fn = jax.nn.relu
-    scale_activation: Fn = jax.nn.hard_sigmoid
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
-        s = conv(self.squeeze, 1, kernel_init=kaiming_normal_fan_out, name="fc1")(s)
-        s = Activation(self.activation, name="activation")(s)
-        s = conv(x.shape[-1], 1, kernel_init=kaiming_normal_fan_out, name="fc2")(s)
-        s = Activation(self.scale_activation, name="scale_activation")(s)
-        return s * x
 
 
 _V3_BN = {"bn_epsilon": 1e-3, "bn_momentum": 0.99}  # torch eps 0.001, momentum 0.01

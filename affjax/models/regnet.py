@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from affjax.capture import Activation
-from affjax.models.efficientnet import SqueezeExcitation
 from affjax.models.efficientnet import make_divisible
+from affjax.models.layers import SqueezeExcitation
 from affjax.models.layers import batch_norm
 from affjax.models.layers import conv
 from affjax.models.layers import dense
