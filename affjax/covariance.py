@@ -58,8 +58,12 @@ class LowRankPlusIdentity(NamedTuple):
 
 
 def _center(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    mean = jnp.mean(x, axis=0)
-    return x - mean, mean
+    # Shifted by the first sample: identical rows centre to exact zeros (a float sum of n
+    # equal values is not n times the value), so a constant output has covariance 0, and
+    # large offsets cancel before the sum rather than after it.
+    first = jax.lax.stop_gradient(x[:1])
+    offset = jnp.mean(x - first, axis=0)
+    return x - first - offset, first[0] + offset
 
 
 def ledoit_wolf_shrinkage(x: ArrayLike) -> tuple[jax.Array, jax.Array]:

@@ -224,3 +224,17 @@ def test_dead_but_varying_output_matches_reference(dtype):
     tol = 1e-6 if dtype == np.float64 else 1e-3
     assert abs(float(res.score) - ref["score"]) < tol
     assert abs(float(res.w2) ** 2 - ref["w2_squared"]) < tol * ref["w2_squared"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("value", [1.1, 0.7, 3e5])
+@pytest.mark.parametrize("ridge", [0.0, 1e-6])
+def test_constant_nonzero_output_scores_one(dtype, value, ridge):
+    # A float sum of n equal values is not n times the value; centring must still give exact
+    # zeros, or rounding noise poses as a (tiny) covariance: with ridge 0 it scored 0.06.
+    x = np.random.default_rng(0).standard_normal((37, 3)).astype(dtype)
+    y = np.full_like(x, value)
+    res = affjax.affinity(x, y, ridge=ridge)
+    assert float(res.score) == 1.0
+    assert float(res.trace_cov_y) == pytest.approx(ridge * 3, rel=1e-6, abs=1e-30)
+    np.testing.assert_array_equal(np.asarray(res.b), np.full(3, value, dtype))
