@@ -157,6 +157,64 @@ def _check_finite(x: jax.Array, y: jax.Array) -> None:
             )
 
 
+@jax.custom_jvp
+def _span_coordinates(
+    xc: jax.Array, yc: jax.Array, basis: jax.Array, coords: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``xc @ basis`` and ``yc @ basis``, read off the QR ``[xc; yc]^T = basis @ coords``.
+
+    The columns of the triangular factor are the samples' coordinates, so the
+    value needs no product, and ``basis`` (LAPACK's ``orgqr``, as costly as the
+    QR itself) is only formed where it is used: in the derivative (the basis
+    held constant) and in the full map of :func:`affinity`.
+    """
+    n = xc.shape[0]
+    return coords[:, :n].T, coords[:, n:].T
+
+
+@_span_coordinates.defjvp
+def _span_coordinates_jvp(primals, tangents):
+    xc, yc, basis, coords = primals
+    dxc, dyc = tangents[:2]
+    return _span_coordinates(xc, yc, basis, coords), (dxc @ basis, dyc @ basis)
+
+
+def _uses_span(n: int, d: int, path: str) -> bool:
+    return path == "span" or (path == "auto" and d > 2 * n)
+
+
+def cholesky_hopeless_for(
+    y: jax.Array, *, covariance: str = "empirical", ridge: float = 1e-6, path: str = "auto"
+) -> jax.Array:
+    """Whether the score of ``y`` would find Cholesky of ``C_y`` broken down.
+
+    Batched callers (signatures under ``vmap``) use it to go straight to QR for a
+    whole group; see :func:`affjax.transport.cholesky_hopeless`.
+
+    Args:
+      y: ``(n, d)`` post-activation samples.
+      covariance, ridge, path: as in :func:`affinity`.
+
+    Returns:
+      A bool scalar.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> y = jax.nn.relu(jax.random.normal(jax.random.key(0), (16, 40), jnp.float32))
+      >>> bool(cholesky_hopeless_for(y))        # 16 samples in 40 dimensions
+      True
+      >>> bool(cholesky_hopeless_for(y[:, :4]))  # 16 samples in 4: no known eigenvalue
+      False
+    """
+    n, d = y.shape
+    k = 2 * n if _uses_span(n, d, path) else d
+    if n - 1 >= k:  # the shift need not be an eigenvalue
+        return jnp.asarray(False)
+    cy = covariance_parts(y, covariance=covariance, ridge=ridge)
+    trace_k = cy.alpha * jnp.sum(cy.centered**2) + k * cy.shift
+    return transport.cholesky_hopeless(cy.shift, trace_k, k, y.dtype)
+
+
 def _compute(
     x: jax.Array,
     y: jax.Array,
@@ -172,11 +230,11 @@ def _compute(
     cx = covariance_parts(x, covariance=covariance, ridge=ridge)
     cy = covariance_parts(y, covariance=covariance, ridge=ridge)
 
-    if path == "span" or (path == "auto" and d > 2 * n):
-        # Orthonormal basis (d, 2n) of a space holding every centred sample.
-        stacked = jnp.concatenate([cx.centered, cy.centered], axis=0)
-        basis = jax.lax.stop_gradient(jnp.linalg.qr(stacked.T, mode="reduced")[0])
-        a, b = cx.centered @ basis, cy.centered @ basis
+    if _uses_span(n, d, path):
+        # Orthonormal basis Q (d, 2n) of a space holding every centred sample.
+        stacked = jax.lax.stop_gradient(jnp.concatenate([cx.centered, cy.centered], axis=0))
+        basis, coords = jnp.linalg.qr(stacked.T, mode="reduced")
+        a, b = _span_coordinates(cx.centered, cy.centered, basis, coords)
     else:
         basis = None
         a, b = cx.centered, cy.centered
@@ -185,7 +243,12 @@ def _compute(
     # C = alpha a^T a + shift I = F^T F with F = [sqrt(alpha) a; sqrt(shift) I].
     factor_x = jnp.concatenate([jnp.sqrt(cx.alpha) * a, jnp.sqrt(cx.shift) * eye])
     factor_y = jnp.concatenate([jnp.sqrt(cy.alpha) * b, jnp.sqrt(cy.shift) * eye])
-    a_k, trace_sqrt = transport.bures_from_factors(factor_x, factor_y, factor=factor)
+    # Fewer centred samples than coordinates: the shift is an eigenvalue of C_y, and
+    # where float rounding hides it the Cholesky attempt is skipped.
+    known_eigenvalue = cy.shift if n - 1 < k else None
+    a_k, trace_sqrt = transport.bures_from_factors(
+        factor_x, factor_y, factor=factor, smallest_eigenvalue_y=known_eigenvalue
+    )
 
     trace_cov_x, trace_cov_y = cx.trace(), cy.trace()
     dead = trace_cov_y <= 2 * ridge * d

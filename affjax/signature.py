@@ -236,13 +236,22 @@ def _stacked_scores(xs, ys, *, covariance, ridge, solver, sequential, sinkhorn_e
         return jax.vmap(one)(xs, ys)
 
     with jax.default_matmul_precision("highest"):
-        # The score's Cholesky-or-QR choice is a cond, which vmap turns into a select
-        # that runs both. Try Cholesky on the whole group; redo the group with QR only
-        # if some layer's factor broke down (a NaN; non-finite inputs stay NaN either way).
-        first = scores("cholesky")
-        return jax.lax.cond(
-            jnp.all(jnp.isfinite(first)), lambda: first, lambda: scores("qr")
-        )
+        if sequential:  # inside the loop the score's Cholesky-or-QR cond runs one branch
+            return scores("auto")
+        # vmap turns that cond into a select that runs both. Go straight to QR where
+        # some layer's Cholesky is known to fail; otherwise try Cholesky on the whole
+        # group and redo it with QR only if some layer's factor broke down (a NaN;
+        # non-finite inputs stay NaN either way).
+        hopeless = jnp.any(jax.vmap(functools.partial(
+            _score.cholesky_hopeless_for, covariance=covariance, ridge=ridge))(ys))
+
+        def cholesky_first():
+            first = scores("cholesky")
+            return jax.lax.cond(
+                jnp.all(jnp.isfinite(first)), lambda: first, lambda: scores("qr")
+            )
+
+        return jax.lax.cond(hopeless, lambda: scores("qr"), cholesky_first)
 
 
 @functools.cache

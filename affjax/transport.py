@@ -47,7 +47,41 @@ HUNGARIAN_MAX_N_ON_ACCELERATOR = 1024
 FACTORS: tuple[str, ...] = ("auto", "cholesky", "qr")
 
 
-def _lower_factor(factor: jax.Array, method: str = "auto") -> jax.Array:
+def cholesky_hopeless(
+    smallest_eigenvalue: ArrayLike, trace: ArrayLike, k: int, dtype: jnp.dtype
+) -> jax.Array:
+    """Whether Cholesky of a ``k x k`` Gram matrix ``F^T F`` is bound to break down.
+
+    True when a known eigenvalue (``smallest_eigenvalue``) sits at or below the
+    rounding error of forming the Gram matrix in ``dtype``, about
+    ``k eps trace`` (``trace >= l_max``; the factor 8 is a margin). The usual
+    case: a float32 covariance with ridge 1e-6 whose samples span fewer than
+    ``k`` dimensions (d >= n, and every wide layer), where the ridge is an
+    eigenvalue. Such factors go straight to QR instead of trying Cholesky first.
+
+    Args:
+      smallest_eigenvalue: a known eigenvalue of ``F^T F`` (scalar).
+      trace: ``trace(F^T F)`` (scalar).
+      k: the size of the Gram matrix.
+      dtype: the dtype it is formed in.
+
+    Returns:
+      A bool scalar.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> bool(cholesky_hopeless(1e-6, 100.0, 512, jnp.float32))
+      True
+      >>> bool(cholesky_hopeless(1e-6, 100.0, 512, jnp.float64))
+      False
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    return jnp.asarray(smallest_eigenvalue) <= 8.0 * k * eps * jnp.asarray(trace)
+
+
+def _lower_factor(
+    factor: jax.Array, method: str = "auto", hopeless: jax.Array | None = None
+) -> jax.Array:
     """``R`` with ``R R^T = F^T F``: Cholesky, or QR of ``F`` when Cholesky fails.
 
     Both are backward stable for ``F^T F`` to the same order; Cholesky is several
@@ -56,19 +90,27 @@ def _lower_factor(factor: jax.Array, method: str = "auto") -> jax.Array:
     ``"cholesky"`` or ``"qr"`` forces one: under ``vmap`` the ``"auto"`` choice
     becomes a select that runs both, so batched callers (signatures) try
     ``"cholesky"`` on the whole batch and redo it with ``"qr"`` only if needed.
+    ``hopeless`` (a bool scalar, see :func:`cholesky_hopeless`): with ``"auto"``,
+    skip the Cholesky attempt where it is known to fail.
     """
     if method not in FACTORS:
         raise ValueError(f"factor method must be one of {FACTORS}, got {method!r}")
-    if method == "qr":
+
+    def qr():
         return jnp.linalg.qr(factor, mode="r").T
-    chol = jnp.linalg.cholesky(factor.T @ factor)
-    if method == "cholesky":
-        return chol
-    return jax.lax.cond(
-        jnp.all(jnp.isfinite(chol)),
-        lambda: chol,
-        lambda: jnp.linalg.qr(factor, mode="r").T,
-    )
+
+    if method == "qr":
+        return qr()
+
+    def cholesky_or_qr():
+        chol = jnp.linalg.cholesky(factor.T @ factor)
+        if method == "cholesky":
+            return chol
+        return jax.lax.cond(jnp.all(jnp.isfinite(chol)), lambda: chol, qr)
+
+    if method == "cholesky" or hopeless is None:
+        return cholesky_or_qr()
+    return jax.lax.cond(hopeless, qr, cholesky_or_qr)
 
 
 def bures_from_factors(
@@ -77,6 +119,7 @@ def bures_from_factors(
     *,
     rtol: float | None = None,
     factor: str = "auto",
+    smallest_eigenvalue_y: ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Bures map and ``trace (C_y^1/2 C_x C_y^1/2)^1/2`` from covariance factors.
 
@@ -97,6 +140,10 @@ def bures_from_factors(
         rounding level of ``F_x R`` as computed (see ``docs/numerics.md``).
       factor: how ``R`` is computed: ``"auto"`` (Cholesky, QR where it fails),
         ``"cholesky"`` (NaN where it fails) or ``"qr"``.
+      smallest_eigenvalue_y: an eigenvalue of ``C_y`` known to the caller (the
+        ridge, when the samples span fewer than ``k`` dimensions). With
+        ``factor="auto"``, Cholesky is not tried where rounding makes it fail
+        for sure (see :func:`cholesky_hopeless`). The result is the same.
 
     Returns:
       ``(A, trace_sqrt)``: ``(k, k)`` and a scalar, in the factors' dtype.
@@ -109,7 +156,16 @@ def bures_from_factors(
       >>> a.dtype, a.round(4).tolist(), round(float(trace_sqrt), 4)
       (dtype('float32'), [[2.0, 0.0], [0.0, 2.0]], 4.0)
     """
-    r = _lower_factor(factor_y, factor)
+    hopeless = (
+        None if smallest_eigenvalue_y is None
+        else cholesky_hopeless(
+            smallest_eigenvalue_y,
+            jnp.sum(factor_y * factor_y),
+            factor_y.shape[-1],
+            factor_y.dtype,
+        )
+    )
+    r = _lower_factor(factor_y, factor, hopeless)
     if rtol is None:
         rtol = 4.0 * r.shape[-1] ** 0.5 * float(jnp.finfo(r.dtype).eps)
     inv_sqrt, trace_sqrt = gram_inv_sqrt_and_trace_sqrt(factor_x @ r, rtol)

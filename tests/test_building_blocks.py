@@ -95,6 +95,33 @@ def test_bures_map_and_distance(d):
     assert abs(float(affjax.bures_w2(mx, cx, my, cy)) - expected) < 1e-8
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_bures_from_factors_skips_a_hopeless_cholesky_with_the_same_result(dtype):
+    from affjax.transport import bures_from_factors
+    from affjax.transport import cholesky_hopeless
+
+    # 10 samples in 30 dimensions plus a 1e-6 ridge: 21 eigenvalues of C_y equal the ridge.
+    rng = np.random.default_rng(3)
+    n, d, ridge = 10, 30, 1e-6
+    xc, yc = (v - v.mean(0) for v in rng.normal(size=(2, n, d)))
+    eye = np.sqrt(ridge) * np.eye(d)
+    f_x = jnp.asarray(np.concatenate([xc / np.sqrt(n - 1), eye]), dtype)
+    f_y = jnp.asarray(np.concatenate([np.maximum(yc, 0) / np.sqrt(n - 1), eye]), dtype)
+    trace = float(jnp.sum(f_y * f_y))
+    hopeless = bool(cholesky_hopeless(ridge, trace, d, dtype))
+    assert hopeless == (dtype == jnp.float32)  # 8 k eps trace: 1e-4 in float32, 1e-13 in 64
+    assert not bool(cholesky_hopeless(1.0, trace, d, dtype))
+    skipped = bures_from_factors(f_x, f_y, smallest_eigenvalue_y=ridge)
+    by_qr = bures_from_factors(f_x, f_y, factor="qr")
+    tol = 1e-5 if dtype == jnp.float32 else 1e-8  # float64: Cholesky against QR, cond ~1e7
+    for got, want in zip(skipped, by_qr, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol)
+    if dtype == jnp.float64:  # Cholesky runs and agrees with the QR factor
+        np.testing.assert_allclose(np.asarray(skipped[0]),
+                                   np.asarray(bures_from_factors(f_x, f_y, factor="cholesky")[0]),
+                                   rtol=1e-8, atol=1e-8)
+
+
 @pytest.mark.parametrize("solver", ["auto", "scipy", "hungarian"])
 @pytest.mark.parametrize("n, d", [(2, 2), (37, 3), (120, 10)])
 def test_exact_w2_matches_emd2(n, d, solver):

@@ -410,3 +410,24 @@ def test_return_output_is_the_model_output_from_the_same_pass():
     out, scores = affjax.signature_scores(mod, None, x, return_output=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(mod(x)), atol=1e-6)
     assert scores.shape == (1,)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_group_of_wide_float32_layers_skips_cholesky_and_equals_per_layer_scores(sequential):
+    # n = 16 samples in d = 24 and 40 dimensions: the ridge is an eigenvalue of C_y far
+    # below float32 rounding, so Cholesky is known to fail and the group goes to QR.
+    from affjax.score import cholesky_hopeless_for
+    from affjax.signature import _stacked_scores
+
+    for d in (24, 40):  # dense path (d <= 2n) and span path (d > 2n)
+        rng = np.random.default_rng(d)
+        xs = jnp.asarray(rng.normal(size=(3, 16, d)), jnp.float32)
+        ys = jax.nn.relu(xs)
+        assert bool(cholesky_hopeless_for(ys[0]))
+        assert not bool(cholesky_hopeless_for(ys[0].astype(jnp.float64)))
+        got = jax.jit(lambda a, b: _stacked_scores(
+            a, b, covariance="empirical", ridge=1e-6, solver="scipy",
+            sequential=sequential))(xs, ys)
+        expected = [float(affjax.affinity_score(x, y, solver="scipy"))
+                    for x, y in zip(xs, ys, strict=True)]
+        np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
