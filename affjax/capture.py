@@ -143,6 +143,9 @@ class CaptureContext:
       calls: the captured :class:`Call` objects, in call order.
       inside: > 0 while an :class:`Activation` module runs its function, so that
         the ``jax.nn`` function it wraps is not recorded twice.
+      on_full_tensors: called as ``on_full_tensors(x, y)`` with the full
+        pre/post-activation tensors of each recorded call, in call order, before
+        they are reduced (for statistics of whole activation maps); or ``None``.
 
     Example:
       >>> ctx = CaptureContext()
@@ -153,6 +156,7 @@ class CaptureContext:
     tokens: str = "mean_features"
     calls: list[Call] = dataclasses.field(default_factory=list)
     inside: int = 0  # > 0 while an Activation module runs its function
+    on_full_tensors: Callable[[jax.Array, jax.Array], None] | None = None
 
     def claim(self, key: Any, kind: str, function: bool = False) -> Call:
         """Append and return a new :class:`Call` for this capture."""
@@ -169,6 +173,8 @@ _CONTEXT: contextvars.ContextVar[CaptureContext | None] = contextvars.ContextVar
 def _reduced_pair(
     ctx: CaptureContext, x: jax.Array, y: jax.Array, where: str
 ) -> tuple[jax.Array, jax.Array]:
+    if ctx.on_full_tensors is not None:
+        ctx.on_full_tensors(x, y)
     return (reduce_activation(x, tokens=ctx.tokens, where=where),
             reduce_activation(y, tokens=ctx.tokens, where=where))
 
@@ -294,7 +300,12 @@ def _function_wrapper(fn: Callable, kind: str) -> Callable:
 
 
 @contextlib.contextmanager
-def capturing(*, tokens: str = "mean_features", functions: bool = True) -> Iterator[CaptureContext]:
+def capturing(
+    *,
+    tokens: str = "mean_features",
+    functions: bool = True,
+    on_full_tensors: Callable[[jax.Array, jax.Array], None] | None = None,
+) -> Iterator[CaptureContext]:
     """Context in which activation calls are recorded (used by the signature).
 
     While it is open, the activation functions named in ``CAPTURED_FUNCTIONS``
@@ -307,6 +318,7 @@ def capturing(*, tokens: str = "mean_features", functions: bool = True) -> Itera
       tokens: ``"mean_features"`` or ``"mean_tokens"``, see
         :func:`reduce_activation`.
       functions: also record plain ``jax.nn.relu(...)``-style calls.
+      on_full_tensors: see :class:`CaptureContext`.
 
     Yields:
       The :class:`CaptureContext` that collects the calls.
@@ -325,7 +337,7 @@ def capturing(*, tokens: str = "mean_features", functions: bool = True) -> Itera
         raise ValueError(f"unknown tokens mode {tokens!r}; expected one of {TOKEN_MODES}")
     if _CONTEXT.get() is not None:
         raise RuntimeError("a signature capture is already running (nested captures)")
-    ctx = CaptureContext(tokens=tokens)
+    ctx = CaptureContext(tokens=tokens, on_full_tensors=on_full_tensors)
     token = _CONTEXT.set(ctx)
     patched: list[tuple[Any, str, Any]] = []
     try:

@@ -179,36 +179,27 @@ def _jitted_capture(model: Any, metrics: bool) -> Any:
     """One compiled forward pass per model: the reduced pairs, plus full-tensor sparsity.
 
     The published sparsity is measured on the full activation tensors, which the capture
-    reduces at once; with ``metrics`` the capture's (private) reduction hook
-    ``affjax.capture._reduced_pair`` is wrapped while tracing to measure them first. Each
-    recorded call reduces exactly one pair, in forward order, so the list lines up with the
-    layers (checked).
+    reduces at once; with ``metrics`` it is measured through the capture's
+    ``on_full_tensors`` hook, one call per layer in forward order (checked).
     """
     import jax
     import jax.numpy as jnp
 
-    from affjax import capture as capture_module
     from affjax.metrics import sparsity
     from affjax.signature import capture_layers
 
     def run(variables, x):
         if not metrics:
             return capture_layers(model, variables, x), None
-        original = capture_module._reduced_pair
         recorded = []
 
-        def reduced_pair(ctx, a, b, where):
+        def on_full_tensors(a, b):
             recorded.append(jnp.stack([sparsity(a), sparsity(b)]))
-            return original(ctx, a, b, where)
 
-        capture_module._reduced_pair = reduced_pair
-        try:
-            layers = capture_layers(model, variables, x)
-        finally:
-            capture_module._reduced_pair = original
+        layers = capture_layers(model, variables, x, on_full_tensors=on_full_tensors)
         if len(recorded) != len(layers):
             raise RuntimeError(f"sparsity hook saw {len(recorded)} calls for {len(layers)} "
-                               "layers; affjax.capture changed, update affjax.cli")
+                               "layers")
         return layers, jnp.stack(recorded)
 
     return jax.jit(run)

@@ -415,8 +415,13 @@ class TFDSImages(Dataset):
     def _open(self, start: int) -> None:
         import tensorflow_datasets as tfds
 
+        # Images stay encoded until after the skip: a resumed run does not decode the
+        # examples of the batches it already has.
         try:
-            ds = self.builder.as_dataset(split=self.split, shuffle_files=False)
+            ds = self.builder.as_dataset(
+                split=self.split, shuffle_files=False,
+                decoders={self.image_key: tfds.decode.SkipDecoding()},
+            )
         except AssertionError as e:  # TFDS's "could not find data in ..."
             raise self._not_prepared(str(e).split(".")[0]) from None
         except (KeyError, ValueError) as e:
@@ -426,6 +431,8 @@ class TFDSImages(Dataset):
             ) from None
         if start:
             ds = ds.skip(start)
+        image = self.builder.info.features[self.image_key]
+        ds = ds.map(lambda example: image.decode_example(example[self.image_key]))
         self._cursor = (start, iter(tfds.as_numpy(ds)))
 
     def num_examples(self) -> int | None:
@@ -440,7 +447,7 @@ class TFDSImages(Dataset):
         position, it = self._cursor
         out = []
         for example in it:
-            out.append(np.asarray(example[self.image_key]))
+            out.append(np.asarray(example))
             if len(out) == count:
                 break
         self._cursor = (position + len(out), it)

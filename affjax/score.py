@@ -200,9 +200,11 @@ def cholesky_hopeless_for(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> y = jax.nn.relu(jax.random.normal(jax.random.key(0), (16, 40), jnp.float32))
-      >>> bool(cholesky_hopeless_for(y))        # 16 samples in 40 dimensions
+      >>> y = jax.nn.relu(30.0 * jax.random.normal(jax.random.key(0), (16, 40), jnp.float32))
+      >>> bool(cholesky_hopeless_for(y))         # 16 samples in 40 dimensions, l_max ~ 1e3
       True
+      >>> bool(cholesky_hopeless_for(y / 30.0))  # l_max ~ 1: the ridge is resolved
+      False
       >>> bool(cholesky_hopeless_for(y[:, :4]))  # 16 samples in 4: no known eigenvalue
       False
     """
@@ -211,8 +213,9 @@ def cholesky_hopeless_for(
     if n - 1 >= k:  # the shift need not be an eigenvalue
         return jnp.asarray(False)
     cy = covariance_parts(y, covariance=covariance, ridge=ridge)
-    trace_k = cy.alpha * jnp.sum(cy.centered**2) + k * cy.shift
-    return transport.cholesky_hopeless(cy.shift, trace_k, k, y.dtype)
+    # The largest eigenvalue is the same in the basis of the span.
+    largest = cy.alpha * transport.gram_largest_eigenvalue(cy.centered) + cy.shift
+    return transport.cholesky_hopeless(cy.shift, largest, y.dtype)
 
 
 def _compute(

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
@@ -73,6 +74,7 @@ def capture_layers(
     tokens: str = "mean_features",
     functions: bool = True,
     return_output: bool = False,
+    on_full_tensors: Callable[[jax.Array, jax.Array], None] | None = None,
     **apply_kwargs: Any,
 ) -> list[Layer] | tuple[list[Layer], Any]:
     """Run the model once and return its activation calls in forward order.
@@ -86,6 +88,10 @@ def capture_layers(
       functions: also capture activation functions called by attribute
         (``nn.relu(x)``), see :mod:`affjax.capture`.
       return_output: also return what the model returned, from the same pass.
+      on_full_tensors: called as ``on_full_tensors(x, y)`` with the full,
+        unreduced pre/post-activation tensors of each captured call, in forward
+        order (one call per returned layer), while the model is traced; for
+        statistics of whole activation maps, such as the published sparsity.
       **apply_kwargs: passed to ``model.apply`` (linen) or ``model(...)`` (NNX).
 
     Returns:
@@ -110,7 +116,8 @@ def capture_layers(
     is_nnx = isinstance(model, nnx.Module)
     if is_nnx and variables is not None:
         raise TypeError("an nnx.Module carries its own state: pass variables=None")
-    with _capture.capturing(tokens=tokens, functions=functions) as ctx:
+    with _capture.capturing(tokens=tokens, functions=functions,
+                            on_full_tensors=on_full_tensors) as ctx:
         if is_nnx:
             output, nnx_state = nnx.capture(model, nnx.Intermediate)(x, **apply_kwargs)
         else:
@@ -236,11 +243,10 @@ def _stacked_scores(xs, ys, *, covariance, ridge, solver, sequential, sinkhorn_e
         return jax.vmap(one)(xs, ys)
 
     with jax.default_matmul_precision("highest"):
-        if sequential:  # inside the loop the score's Cholesky-or-QR cond runs one branch
-            return scores("auto")
-        # vmap turns that cond into a select that runs both. Go straight to QR where
-        # some layer's Cholesky is known to fail; otherwise try Cholesky on the whole
-        # group and redo it with QR only if some layer's factor broke down (a NaN;
+        # The score's Cholesky-or-QR choice is a cond, which vmap turns into a select that
+        # runs both (and inside the CPU loop it measured slower than this). Go straight to
+        # QR where some layer's Cholesky is known to fail; otherwise try Cholesky on the
+        # whole group and redo it with QR only if some layer's factor broke down (a NaN;
         # non-finite inputs stay NaN either way).
         hopeless = jnp.any(jax.vmap(functools.partial(
             _score.cholesky_hopeless_for, covariance=covariance, ridge=ridge))(ys))

@@ -139,6 +139,28 @@ def test_reduction_of_conv_maps_and_tokens():
     assert abs(float(expected) - sig.scores[0]) < 1e-6
 
 
+def test_on_full_tensors_sees_each_unreduced_pair_in_forward_order():
+    from affjax.signature import capture_layers
+
+    class Conv(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = affjax.Activation(jax.nn.relu, name="conv_act")(nn.Conv(5, (3, 3))(x))
+            return nn.gelu(nn.Dense(3)(h.mean(axis=(1, 2))))  # a plain function call
+
+    x = jax.random.normal(jax.random.key(0), (40, 6, 6, 2))
+    model = Conv()
+    v = _init(model, x)
+    seen = []
+    layers = capture_layers(model, v, x, on_full_tensors=lambda a, b: seen.append((a, b)))
+    assert [a.shape for a, _ in seen] == [(40, 6, 6, 5), (40, 3)]
+    assert [layer.kind for layer in layers] == ["relu", "gelu"]
+    for (a, b), layer, fn in zip(seen, layers, (jax.nn.relu, jax.nn.gelu), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(fn(a)), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(layer.x), np.asarray(reduce_activation(a)),
+                                   rtol=1e-6)
+
+
 def test_reduce_activation_shapes_and_errors():
     v = jnp.ones((4, 3, 5, 6))
     assert reduce_activation(v).shape == (4, 6)
@@ -414,14 +436,15 @@ def test_return_output_is_the_model_output_from_the_same_pass():
 
 @pytest.mark.parametrize("sequential", [True, False])
 def test_group_of_wide_float32_layers_skips_cholesky_and_equals_per_layer_scores(sequential):
-    # n = 16 samples in d = 24 and 40 dimensions: the ridge is an eigenvalue of C_y far
-    # below float32 rounding, so Cholesky is known to fail and the group goes to QR.
+    # n = 16 samples in d = 24 and 40 dimensions: the ridge is an eigenvalue of C_y, and
+    # at this scale far below float32 rounding of the largest one, so Cholesky is known
+    # to fail and the group goes to QR.
     from affjax.score import cholesky_hopeless_for
     from affjax.signature import _stacked_scores
 
     for d in (24, 40):  # dense path (d <= 2n) and span path (d > 2n)
         rng = np.random.default_rng(d)
-        xs = jnp.asarray(rng.normal(size=(3, 16, d)), jnp.float32)
+        xs = jnp.asarray(30 * rng.normal(size=(3, 16, d)), jnp.float32)
         ys = jax.nn.relu(xs)
         assert bool(cholesky_hopeless_for(ys[0]))
         assert not bool(cholesky_hopeless_for(ys[0].astype(jnp.float64)))
