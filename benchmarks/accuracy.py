@@ -1,6 +1,6 @@
 """Numerical accuracy of ``affjax.affinity_score``, printed as Markdown tables.
 
-Three parts:
+Four parts, and a fifth on request:
 
 a. float32 (and float64) error against the independent float64 NumPy/SciPy/POT reference
    (``tests/reference.py``) over the generated hard cases of ``tests/cases.py``: every kind,
@@ -14,6 +14,9 @@ c. Rank-deficient inputs (kind ``low_rank``: x of rank 8) at scales 1, 10, 100, 
    ridge sits many decades below the signal and float32 runs out of digits.
 d. Finite-sample bias of the estimator itself: the score of coordinate-wise maps of
    ``N(0, I_d)`` (whose population score does not depend on d) against n and d.
+e. (``--parts e``) Why the dense path takes an SVD: the float32 error of a variant with one
+   ``eigh`` of the Gram matrix ``R^T C_x R`` instead, beside affjax's, on the part (a) shapes
+   with ``n >= 2d``.
 
 Usage (from the repository root)::
 
@@ -38,6 +41,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -372,6 +376,62 @@ def part_d(dims, sizes, seeds) -> list[dict]:
     return rows
 
 
+# --- (e) the one-eigh variant that the dense path does not use ------------------------
+
+
+@jax.jit
+def gram_eigh_score(x, y):
+    """The score with ``eigh`` of the Gram matrix ``R^T C_x R`` in place of the SVD of
+    ``F_x R`` (empirical covariance, ridge 1e-6, scipy assignment): one eigendecomposition
+    per score, as fast as a dense score can be, in the input dtype. Eigenvalues at or below
+    ``k eps max`` (the rounding level of ``eigh``) count as zero.
+    """
+    from affjax import transport
+    from affjax.covariance import covariance_parts
+
+    cx, cy = covariance_parts(x, ridge=1e-6), covariance_parts(y, ridge=1e-6)
+    k = x.shape[1]
+    eye = jnp.eye(k, dtype=x.dtype)
+    cov_x = cx.alpha * cx.centered.T @ cx.centered + cx.shift * eye
+    # The same lower factor of C_y as affjax's (a QR, stable where Cholesky breaks down).
+    f_y = jnp.concatenate([jnp.sqrt(cy.alpha) * cy.centered, jnp.sqrt(cy.shift) * eye])
+    r = jnp.linalg.qr(f_y, mode="r").T
+    w, v = jnp.linalg.eigh(r.T @ cov_x @ r)
+    keep = w > k * jnp.finfo(x.dtype).eps * w[-1]
+    inv_sqrt = (v * jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, w, 1.0)), 0.0)) @ v.T
+    a = r @ inv_sqrt @ r.T
+    a = jnp.where(cy.trace() <= 2e-6 * k, 0.0, 0.5 * (a + a.T))
+    mapped = cx.centered @ a
+    perm = transport.optimal_permutation(mapped, cy.centered, solver="scipy")
+    w2 = jnp.mean(jnp.sum((mapped - cy.centered[perm]) ** 2, axis=1))
+    return 1.0 - jnp.sqrt(jnp.clip(w2 / (2.0 * cy.trace()), 0.0, 1.0))
+
+
+def part_e(shapes, kinds, refs: RefCache) -> list[dict]:
+    rows = []
+    for n, d in shapes:
+        for kind in kinds:
+            for scale in (1.0, 10.0):
+                (x32, y32), (x64, y64) = rounded_case(kind, n, d, scale)
+                key = f"{kind}|{n}|{d}|{scale:g}|empirical|0"
+                ref = refs.score(key, x64, y64, "empirical")
+                svd = affjax_score(x32, y32, x64=False, path="dense")
+                gram = float(gram_eigh_score(jnp.asarray(x32), jnp.asarray(y32)))
+                rows.append(dict(n=n, d=d, kind=kind, scale=scale, ref=ref,
+                                 err_svd=abs_err(svd, ref), err_gram=abs_err(gram, ref)))
+        log(f"(e) {n}x{d} done")
+
+    print("\n### (e) The one-eigh variant, float32\n")
+    print("|error| against the float64 reference, empirical covariance: affjax (SVD of the factor")
+    print("`F_x R`) and the variant with `eigh` of the Gram matrix `R^T C_x R` instead.\n")
+    print("| n | d | kind | scale | reference | affjax err | eigh-of-Gram err |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['n']} | {r['d']} | {r['kind']} | {r['scale']:g} | {r['ref']:.5f} "
+              f"| {fmt(r['err_svd'])} | {fmt(r['err_gram'])} |")
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small grid, a few minutes")
@@ -381,7 +441,9 @@ def main(argv=None) -> None:
     )
     p.add_argument("--kinds", help=f"part (a) kinds, comma-separated (default: all {KINDS})")
     p.add_argument("--scales", default="1,10", help="part (a) scales, comma-separated")
-    p.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'a' or 'bc'")
+    p.add_argument("--parts", default="abcd",
+                   help="which parts to run, e.g. 'a' or 'bc'; 'e' (the one-eigh variant, on "
+                        "the shapes with n >= 2d) is not in the default")
     p.add_argument("--ref-cache", help="JSON file keeping reference scores between runs")
     p.add_argument("--detail", action="store_true", help="print every case of part (a)")
     p.add_argument("--json", help="write all results to this file")
@@ -422,6 +484,9 @@ def main(argv=None) -> None:
     if "d" in args.parts:
         sizes = (128, 512) if args.quick else (128, 512, 2048)
         results["d"] = part_d((2, 64, 256), sizes, (0,) if args.quick else (0, 1))
+    if "e" in args.parts:
+        sh = [(n, d) for n, d in shapes if n >= 2 * d]
+        results["e"] = part_e(sh, ("relu", "tanh", "psd_affine", "dead_units"), refs)
     print(f"\nTotal time {time.perf_counter() - start:.0f} s.")
     if args.json:
         with open(args.json, "w") as f:
