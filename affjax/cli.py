@@ -30,6 +30,9 @@ DEFAULT_MODEL = "resnet18"
 DEFAULT_DATASET = "random"
 DEFAULT_BATCH_SIZE = 2048  # as published
 DEMO_BATCH_SIZE = 128  # `affjax signature` with no arguments: fast, no download
+# Forward passes run over slices of this many images: activation maps of a 2048-image batch
+# at 224 x 224 take about 18 GB in one pass. Exact, since the zoo's inference is per sample.
+DEFAULT_FORWARD_CHUNK = 256
 DEFAULT_OUT = "affjax-results"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -205,10 +208,44 @@ def _jitted_capture(model: Any, metrics: bool) -> Any:
     return jax.jit(run)
 
 
-def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str, metrics: bool,
-                     progress: bool, label: str) -> list[dict]:
-    """Scores (and metrics) of every activation call on one batch, one dict per layer."""
+def _chunked_capture(capture: Any, variables: Any, images: Any, chunk: int) -> tuple:
+    """``capture`` over slices of ``chunk`` images, the reduced pairs joined along samples.
+
+    Exact for models whose inference treats samples independently (the zoo's: batch norm
+    with running statistics). Full-tensor sparsities are averaged with the slice sizes as
+    weights, which is their value over the whole batch. Each slice finishes before the
+    next starts, so only one slice's activation maps are ever alive.
+    """
     import jax
+    import jax.numpy as jnp
+
+    from affjax.signature import Layer
+
+    n = images.shape[0]
+    if chunk >= n:
+        return jax.block_until_ready(capture(variables, images))
+    parts, weights = [], []
+    for start in range(0, n, chunk):
+        part = images[start:start + chunk]
+        parts.append(jax.block_until_ready(capture(variables, part)))
+        weights.append(part.shape[0] / n)
+    first = parts[0][0]
+    layers = [
+        Layer(layer.name, layer.kind,
+              jnp.concatenate([p[0][i].x for p in parts]),
+              jnp.concatenate([p[0][i].y for p in parts]))
+        for i, layer in enumerate(first)
+    ]
+    sparsities = None
+    if parts[0][1] is not None:
+        sparsities = sum(w * p[1] for w, p in zip(weights, parts, strict=True))
+    return layers, sparsities
+
+
+def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str, metrics: bool,
+                     progress: bool, label: str,
+                     forward_chunk: int = DEFAULT_FORWARD_CHUNK) -> list[dict]:
+    """Scores (and metrics) of every activation call on one batch, one dict per layer."""
     import numpy as np
     from tqdm import tqdm
 
@@ -219,10 +256,9 @@ def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str
         capture = _jitted_capture(model, metrics)
     except TypeError:  # an unhashable module: compile without the cache
         capture = _jitted_capture.__wrapped__(model, metrics)
-    layers, sparsities = capture(variables, images)
-    # Finish the forward pass before scoring starts: the scoring's LAPACK calls must not run
+    # The forward passes finish before scoring starts: the scoring's LAPACK calls must not run
     # beside another XLA:CPU executable (OpenBLAS has deadlocked under concurrent use here).
-    jax.block_until_ready((layers, sparsities))
+    layers, sparsities = _chunked_capture(capture, variables, images, forward_chunk)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):
         groups[(layer.x.shape, str(layer.x.dtype), str(layer.y.dtype))].append(i)
@@ -358,6 +394,8 @@ def _normalise_args(args: argparse.Namespace) -> None:
     if args.batch_size < 2:
         raise _fail(f"--batch-size must be at least 2 (a covariance needs two samples), got "
                     f"{args.batch_size}.")
+    if args.forward_chunk < 1:
+        raise _fail(f"--forward-chunk must be at least 1, got {args.forward_chunk}.")
 
 
 def _signature(args: argparse.Namespace) -> int:
@@ -399,7 +437,7 @@ def _signature(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             rows = _batch_signature(model, variables, images, covariance=args.covariance,
                                     metrics=args.metrics, progress=args.progress,
-                                    label=f"batch {index}")
+                                    label=f"batch {index}", forward_chunk=args.forward_chunk)
             _merge_batch(result, index, rows, time.perf_counter() - start)
             _save(result, json_path)
             bar.update(1)
@@ -502,6 +540,10 @@ def _parser() -> argparse.ArgumentParser:
     sig.add_argument("--batch-size", type=int, help=f"default {DEFAULT_BATCH_SIZE} as "
                      f"published ({DEMO_BATCH_SIZE} when model, weights, dataset and batch "
                      "size are all left out)")
+    sig.add_argument("--forward-chunk", type=int, default=DEFAULT_FORWARD_CHUNK, metavar="M",
+                     help="run the forward pass over slices of M images and join the reduced "
+                     f"activations (default {DEFAULT_FORWARD_CHUNK}): same numbers, less "
+                     "memory; raise it on an accelerator with memory to spare")
     sig.add_argument("--batches", default="1", help="'all', K (the first K batches, default "
                      "1), '@I' (only batch I, from 0) or 'I:J'")
     sig.add_argument("--covariance", default="empirical", choices=["empirical", "ledoit_wolf"])

@@ -136,9 +136,10 @@ def test_end_to_end_random_matches_the_library_signature(tiny, tmp_path, capsys)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-def test_metrics_match_independent_computations(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("chunk", ["256", "3"])  # one forward pass; slices of 3, 3 and 2
+def test_metrics_match_independent_computations(tiny, tmp_path, capsys, chunk):
     code, out, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--metrics",
-                          "--out", str(tmp_path / "m.json"))
+                          "--forward-chunk", chunk, "--out", str(tmp_path / "m.json"))
     assert code == 0, err
     assert "companion metrics" in out
     obj = json.loads((tmp_path / "m.json").read_text())
@@ -154,6 +155,8 @@ def test_metrics_match_independent_computations(tiny, tmp_path, capsys):
     assert got["sparsity_after"]["values"][0] == pytest.approx(
         np.mean(np.maximum(pre0, 0) <= 1e-3))
     assert 0.1 < got["sparsity_after"]["mean"] < 0.9  # a ReLU zeroes a good share
+    scores = affjax.signature(module, variables, x).scores
+    np.testing.assert_allclose([la["score"] for la in obj["layers"]], scores, rtol=1e-5)
     for i, layer in enumerate(layers):
         xr, yr = np.asarray(layer.x, np.float64), np.asarray(layer.y, np.float64)
         m = obj["layers"][i]["metrics"]
@@ -305,6 +308,11 @@ def test_dataset_not_prepared_says_how(tiny, tmp_path, capsys):
     msg = _error(capsys, "--model", "tiny", "--dataset", "cifar100", "--data-dir",
                  str(tmp_path / "tfds"), "--out", str(tmp_path))
     assert "not prepared" in msg and "tfds build cifar100" in msg
+
+
+def test_forward_chunk_must_be_positive(tiny, tmp_path, capsys):
+    msg = _error(capsys, "--model", "tiny", "--forward-chunk", "0", "--out", str(tmp_path))
+    assert "--forward-chunk must be at least 1, got 0" in msg
 
 
 def test_batch_size_larger_than_the_split(tiny, tmp_path, capsys):
