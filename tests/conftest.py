@@ -17,3 +17,20 @@ except ImportError:
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop every compiled executable after each test module.
+
+    XLA:CPU gives each compiled kernel its own memory mappings (code, constants,
+    data), and the jit caches keep them alive for the life of the process. The
+    whole suite in one process compiles enough distinct shapes to pass Linux's
+    default ``vm.max_map_count`` (65530), after which the next compile segfaults
+    inside XLA (seen at about 85% of the suite). Each module recompiles what it uses.
+    """
+    yield
+    jax.clear_caches()
