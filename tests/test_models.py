@@ -733,3 +733,100 @@ def test_inception_v3_names_and_minimum_size():
     module = models.get_spec("inception_v3").build(num_classes=7)
     with pytest.raises(ValueError, match=r"at least 75x75, got \(74, 80\)"):
         jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 74, 80, 3)))
+
+
+# --- stochastic depth (training mode of ConvNeXt, Swin, EfficientNet, MaxViT) ---------------
+
+def test_stochastic_depth_drops_whole_rows_at_the_rate_and_rescales_the_rest():
+    from affjax.models.layers import StochasticDepth
+
+    x = jax.random.normal(jax.random.key(1), (4000, 3, 2), jnp.float32)
+    assert (StochasticDepth(0.3).apply({}, x, deterministic=True) == x).all()
+    assert (StochasticDepth(0.0).apply({}, x, deterministic=False) == x).all()  # no rng needed
+    y = np.asarray(StochasticDepth(0.3).apply({}, x, deterministic=False,
+                                              rngs={"dropout": jax.random.key(2)}))
+    dropped = np.all(y == 0, axis=(1, 2))
+    kept = ~dropped
+    # Row mode: a sample is dropped or kept as a whole, kept ones scaled by 1 / (1 - rate).
+    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / np.float32(0.7), rtol=1e-6)
+    assert abs(dropped.mean() - 0.3) < 5 * np.sqrt(0.3 * 0.7 / 4000)
+    # Another key, another mask; the same key, the same mask.
+    y2 = StochasticDepth(0.3).apply({}, x, deterministic=False,
+                                    rngs={"dropout": jax.random.key(3)})
+    assert not np.array_equal(np.all(np.asarray(y2) == 0, axis=(1, 2)), dropped)
+    y3 = StochasticDepth(0.3).apply({}, x, deterministic=False,
+                                    rngs={"dropout": jax.random.key(2)})
+    assert np.array_equal(np.asarray(y3), y)
+    assert (StochasticDepth(1.0).apply({}, x, deterministic=False,
+                                       rngs={"dropout": jax.random.key(2)}) == 0).all()
+
+
+def test_stochastic_depth_bad_rate_and_missing_rng_are_named():
+    from affjax.models.layers import StochasticDepth
+
+    x = jnp.ones((4, 2))
+    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\], got 1.5"):
+        StochasticDepth(1.5).apply({}, x, deterministic=True)
+    with pytest.raises(Exception, match="dropout"):
+        StochasticDepth(0.5).apply({}, x, deterministic=False)
+
+
+def test_one_stochastic_depth_called_twice_draws_two_masks():
+    # torch's Swin and MaxViT apply one StochasticDepth instance to both residual branches;
+    # each call draws its own mask.
+    from affjax.models.layers import StochasticDepth
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            drop = StochasticDepth(0.5, name="stochastic_depth")
+            return drop(x, deterministic=False), drop(x, deterministic=False)
+
+    a, b = Twice().apply({}, jnp.ones((256, 1)), rngs={"dropout": jax.random.key(0)})
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("family", ["convnext", "swin", "maxvit", "efficientnet"])
+def test_train_mode_applies_stochastic_depth_and_inference_ignores_it(family):
+    from affjax.models.convnext import ConvNeXt
+    from affjax.models.efficientnet import EfficientNet
+    from affjax.models.efficientnet import _v1_stages
+    from affjax.models.maxvit import MaxVit
+    from affjax.models.swin import SwinTransformer
+
+    def build(prob):
+        return {
+            "convnext": lambda: ConvNeXt((8, 16), (2, 2), num_classes=5,
+                                         stochastic_depth_prob=prob),
+            "swin": lambda: SwinTransformer(8, (2, 2), (1, 2), window=4, num_classes=5,
+                                            stochastic_depth_prob=prob),
+            "maxvit": lambda: MaxVit(8, (16, 32), (2, 1), head_dim=8, partition_size=2,
+                                     num_classes=5, stochastic_depth_prob=prob),
+            # dropout 0: the only randomness left is stochastic depth.
+            "efficientnet": lambda: EfficientNet(_v1_stages(0.25, 0.5), num_classes=5,
+                                                 dropout=0.0, stochastic_depth_prob=prob),
+        }[family]()
+
+    x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3), jnp.float32)
+    variables = build(0.0).init(jax.random.key(1), x)
+    # ConvNeXt's layer scale starts at 1e-6, which would hide its branches: use 1.
+    flat = traverse_util.flatten_dict(variables)
+    variables = traverse_util.unflatten_dict(
+        {k: jnp.ones_like(v) if k[-1] == "layer_scale" else v for k, v in flat.items()})
+
+    def run(prob, train, key=None):
+        rngs = None if key is None else {"dropout": jax.random.key(key)}
+        out = build(prob).apply(variables, x, train=train, rngs=rngs,
+                                mutable=["batch_stats"] if "batch_stats" in variables else False)
+        return np.asarray(out[0] if isinstance(out, tuple) else out)
+
+    base_train = run(0.0, True)  # prob 0: no rng needed, even in training
+    # Inference never drops; the model's variables do not depend on the rate.
+    np.testing.assert_array_equal(run(0.9, False), run(0.0, False))
+    a, b, a_again = run(0.9, True, 0), run(0.9, True, 1), run(0.9, True, 0)
+    np.testing.assert_array_equal(a, a_again)
+    # Rounding between the programs is ~1e-7; dropped branches move the logits far more.
+    assert np.abs(a - base_train).max() > 1e-4, np.abs(a - base_train).max()
+    assert np.abs(a - b).max() > 1e-4, np.abs(a - b).max()
+    with pytest.raises(Exception, match="dropout"):
+        run(0.9, True)

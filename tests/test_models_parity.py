@@ -298,3 +298,47 @@ def test_swin_recomputed_buffers_equal_torchvision():
         buffers = {k for k in sd if k.endswith(("relative_position_index",
                                                 "relative_coords_table"))}
         assert set(back) == set(sd) - buffers
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "convnext_small", "convnext_base",
+                                  "swin_t", "swin_s", "swin_v2_b", "efficientnet_b0",
+                                  "efficientnet_b4", "efficientnet_v2_s", "maxvit_t"])
+def test_stochastic_depth_rates_match_torchvision(name):
+    # Every StochasticDepth of the torchvision model (built on the meta device: no memory,
+    # no weights) against the rates of the port's modules, recorded while tracing its init.
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+    from torchvision.ops import StochasticDepth as TorchStochasticDepth
+
+    from affjax.models.layers import StochasticDepth
+
+    with torch.device("meta"):
+        torch_model = getattr(torchvision.models, name)()
+    expected = {path: m.p for path, m in torch_model.named_modules()
+                if isinstance(m, TorchStochasticDepth)}
+    assert expected and max(expected.values()) > 0
+
+    spec = models.get_spec(name)
+    module = spec.build()
+    rates = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, StochasticDepth) and context.method_name == "__call__":
+            rates[".".join(context.module.scope.path)] = context.module.rate
+        return next_fun(*args, **kwargs)
+
+    side = max(spec.min_size, 32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
+    # torchvision's MaxViT uses an Identity where the rate is 0 (its first layer).
+    assert {k for k, v in rates.items() if v > 0} <= expected.keys()
+    for path, p in expected.items():
+        if path not in rates:
+            # EfficientNet builds a StochasticDepth in every block but calls it only on a
+            # residual; the port calls one exactly there.
+            block = torch_model.get_submodule(path.rsplit(".", 1)[0])
+            assert not block.use_res_connect, path
+            continue
+        assert rates[path] == pytest.approx(p, abs=1e-12), path
+    assert len(rates) >= len(expected) // 2

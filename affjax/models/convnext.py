@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from affjax.capture import Activation
+from affjax.models.layers import StochasticDepth
 from affjax.models.layers import conv
 from affjax.models.registry import ModelSpec
 from affjax.models.registry import Rule
@@ -41,9 +42,10 @@ class CNBlock(nn.Module):
 
     layer_scale: float = 1e-6
     activation: Callable[[jax.Array], jax.Array] = exact_gelu
+    stochastic_depth: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dim = x.shape[-1]
         y = _conv(dim, 7, padding=3, groups=dim, name="block.0")(x)
         y = _layer_norm(name="block.2")(y)
@@ -52,7 +54,9 @@ class CNBlock(nn.Module):
         y = _dense(dim, name="block.5")(y)
         scale = self.param("layer_scale", nn.initializers.constant(self.layer_scale), (dim,),
                            jnp.float32)
-        return x + scale * y  # stochastic depth: identity in inference
+        y = StochasticDepth(self.stochastic_depth, name="stochastic_depth")(
+            scale * y, deterministic=not train)
+        return x + y
 
 
 class ConvNeXt(nn.Module):
@@ -63,6 +67,10 @@ class ConvNeXt(nn.Module):
       depths: blocks per stage, e.g. ``(3, 3, 9, 3)``.
       num_classes: width of ``classifier.2``.
       activation: the block MLP non-linearity (exact GELU).
+      stochastic_depth_prob: the last block's stochastic depth rate; block ``i`` of ``B``
+        drops its branch with ``prob * i / (B - 1)`` in training (``train=True``, which then
+        needs a ``"dropout"`` rng), as torchvision. The zoo uses torchvision's 0.1 (tiny),
+        0.4 (small), 0.5 (base, large).
 
     Inputs need a side of at least 32 (stem stride 4, then three stride-2 downsamplings).
 
@@ -77,19 +85,23 @@ class ConvNeXt(nn.Module):
     depths: Sequence[int]
     num_classes: int = 1000
     activation: Callable[[jax.Array], jax.Array] = exact_gelu
+    stochastic_depth_prob: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train  # no BatchNorm; stochastic depth is the only train-time difference
+        # No BatchNorm: stochastic depth is the only train-time difference.
         if len(self.channels) != len(self.depths):
             raise ValueError(f"ConvNeXt: channels {tuple(self.channels)} and depths "
                              f"{tuple(self.depths)} must have one entry per stage")
         x = _conv(self.channels[0], 4, stride=4, name="features.0.0")(x)
         x = _layer_norm(name="features.0.1")(x)
-        index = 1
+        index, block_id, total = 1, 0, sum(self.depths)
         for stage, depth in enumerate(self.depths):
             for block in range(depth):
-                x = CNBlock(activation=self.activation, name=f"features.{index}.{block}")(x)
+                rate = self.stochastic_depth_prob * block_id / max(total - 1.0, 1.0)
+                x = CNBlock(activation=self.activation, stochastic_depth=rate,
+                            name=f"features.{index}.{block}")(x, train)
+                block_id += 1
             index += 1
             if stage + 1 < len(self.channels):
                 x = _layer_norm(name=f"features.{index}.0")(x)
@@ -109,8 +121,10 @@ def _layer_scale(collection: str, path: tuple[str, ...], leaf: str,
                 lambda a: a.reshape(shape + (1, 1)))
 
 
-def _register(name: str, channels: tuple[int, ...], depths: tuple[int, ...], resize: int) -> None:
+def _register(name: str, channels: tuple[int, ...], depths: tuple[int, ...], resize: int,
+              stochastic_depth_prob: float) -> None:
     def build(**kw):
+        kw.setdefault("stochastic_depth_prob", stochastic_depth_prob)
         return ConvNeXt(channels, depths, **kw)
 
     register(ModelSpec(name=name, family="convnext", build=build,
@@ -118,7 +132,7 @@ def _register(name: str, channels: tuple[int, ...], depths: tuple[int, ...], res
                        head="classifier.2", min_size=32, parity_size=64, rules=_layer_scale))
 
 
-_register("convnext_tiny", (96, 192, 384, 768), (3, 3, 9, 3), 236)
-_register("convnext_small", (96, 192, 384, 768), (3, 3, 27, 3), 230)
-_register("convnext_base", (128, 256, 512, 1024), (3, 3, 27, 3), 232)
-_register("convnext_large", (192, 384, 768, 1536), (3, 3, 27, 3), 232)
+_register("convnext_tiny", (96, 192, 384, 768), (3, 3, 9, 3), 236, 0.1)
+_register("convnext_small", (96, 192, 384, 768), (3, 3, 27, 3), 230, 0.4)
+_register("convnext_base", (128, 256, 512, 1024), (3, 3, 27, 3), 232, 0.5)
+_register("convnext_large", (192, 384, 768, 1536), (3, 3, 27, 3), 232, 0.5)

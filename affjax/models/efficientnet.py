@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from affjax.capture import Activation
 from affjax.models.layers import SqueezeExcitation
+from affjax.models.layers import StochasticDepth
 from affjax.models.layers import conv
 from affjax.models.layers import dense
 from affjax.models.layers import kaiming_normal_fan_out
@@ -104,6 +105,7 @@ class MBConv(nn.Module):
     epsilon: float = 1e-5
     activation: Callable[[jax.Array], jax.Array] = jax.nn.silu
     scale_activation: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid
+    stochastic_depth: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -125,7 +127,9 @@ class MBConv(nn.Module):
         out = _conv(cfg.out_channels, 1, name=f"block.{k + 2}.0")(out)
         out = _batch_norm(train, self.epsilon, f"block.{k + 2}.1")(out)
         if cfg.stride == 1 and cfg.input_channels == cfg.out_channels:
-            out = out + x  # stochastic depth: identity in inference mode
+            out = StochasticDepth(self.stochastic_depth, name="stochastic_depth")(
+                out, deterministic=not train)
+            out = out + x
         return out
 
 
@@ -135,6 +139,7 @@ class FusedMBConv(nn.Module):
     cfg: StageConfig
     epsilon: float = 1e-3
     activation: Callable[[jax.Array], jax.Array] = jax.nn.silu
+    stochastic_depth: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -153,6 +158,8 @@ class FusedMBConv(nn.Module):
             out = _batch_norm(train, self.epsilon, "block.0.1")(out)
             out = Activation(self.activation, name="block.0.2")(out)
         if cfg.stride == 1 and cfg.input_channels == cfg.out_channels:
+            out = StochasticDepth(self.stochastic_depth, name="stochastic_depth")(
+                out, deterministic=not train)
             out = out + x
         return out
 
@@ -167,6 +174,9 @@ class EfficientNet(nn.Module):
       num_classes: width of ``classifier.1``.
       dropout: dropout rate before the classifier (training mode only; needs a
         ``"dropout"`` rng).
+      stochastic_depth_prob: block ``i`` of ``B`` (counted over all stages) drops its
+        residual branch with ``prob * i / B`` in training, as torchvision (0.2 in every
+        torchvision EfficientNet).
       activation: every SiLU (stem, blocks, SE ``activation``, last conv).
       scale_activation: the SE gate (Sigmoid).
 
@@ -184,23 +194,27 @@ class EfficientNet(nn.Module):
     dropout: float = 0.2
     activation: Callable[[jax.Array], jax.Array] = jax.nn.silu
     scale_activation: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid
+    stochastic_depth_prob: float = 0.2
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = _conv(self.stages[0].input_channels, 3, stride=2, padding=1, name="features.0.0")(x)
         x = _batch_norm(train, self.epsilon, "features.0.1")(x)
         x = Activation(self.activation, name="features.0.2")(x)
+        block_id, total = 0, sum(cfg.num_layers for cfg in self.stages)
         for i, cfg in enumerate(self.stages, start=1):
             for j in range(cfg.num_layers):
                 block_cfg = cfg if j == 0 else dataclasses.replace(
                     cfg, input_channels=cfg.out_channels, stride=1)
+                rate = self.stochastic_depth_prob * block_id / total
                 if cfg.fused:
                     x = FusedMBConv(block_cfg, epsilon=self.epsilon, activation=self.activation,
-                                    name=f"features.{i}.{j}")(x, train)
+                                    stochastic_depth=rate, name=f"features.{i}.{j}")(x, train)
                 else:
                     x = MBConv(block_cfg, epsilon=self.epsilon, activation=self.activation,
-                               scale_activation=self.scale_activation,
+                               scale_activation=self.scale_activation, stochastic_depth=rate,
                                name=f"features.{i}.{j}")(x, train)
+                block_id += 1
         last = len(self.stages) + 1
         width = self.last_channel or 4 * self.stages[-1].out_channels
         x = _conv(width, 1, name=f"features.{last}.0")(x)

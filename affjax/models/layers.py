@@ -112,3 +112,40 @@ class SqueezeExcitation(nn.Module):
         scale = conv(x.shape[-1], 1, kernel_init=self.kernel_init, name="fc2")(scale)
         scale = Activation(self.scale_activation, name="scale_activation")(scale)
         return scale * x
+
+
+class StochasticDepth(nn.Module):
+    """``torchvision.ops.StochasticDepth(rate, "row")``: drop a residual branch per sample.
+
+    In training (``deterministic=False``) each sample's branch (the first axis indexes
+    samples) is zeroed with probability ``rate`` and kept samples are divided by
+    ``1 - rate``, so the expectation is unchanged; this needs a ``"dropout"`` PRNG stream
+    (``rngs={"dropout": key}``). In inference, or with ``rate == 0``, it is the identity.
+    The module has no variables, so it changes no parameter tree or torch weight mapping.
+    Each call draws anew (torch's Swin and MaxViT apply one instance to two branches).
+
+    Example:
+      >>> sd = StochasticDepth(0.5)
+      >>> x = jnp.ones((6, 2))
+      >>> bool((sd.apply({}, x, deterministic=True) == x).all())
+      True
+      >>> y = sd.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+      >>> sorted(set(y[:, 0].tolist()) | set(y[:, 1].tolist())) in ([0.0, 2.0], [0.0], [2.0])
+      True
+    """
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"StochasticDepth {self.name}: rate must be in [0, 1], "
+                             f"got {self.rate}")
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        keep_prob = 1.0 - self.rate
+        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob,
+                                    (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))

@@ -29,9 +29,11 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from affjax.capture import Activation
 from affjax.models.layers import SqueezeExcitation
+from affjax.models.layers import StochasticDepth
 from affjax.models.layers import conv
 from affjax.models.registry import ModelSpec
 from affjax.models.registry import register
@@ -56,6 +58,7 @@ class MBConv(nn.Module):
     out_channels: int
     stride: int
     activation: Callable[[jax.Array], jax.Array] = exact_gelu
+    stochastic_depth: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -77,7 +80,9 @@ class MBConv(nn.Module):
         y = Activation(self.activation, name="layers.conv_b.2")(y)
         y = SqueezeExcitation(out // 4, kernel_init=_normal, name="layers.squeeze_excitation")(y)
         y = _conv(out, 1, name="layers.conv_c")(y)
-        return res + y  # stochastic depth: identity in inference
+        y = StochasticDepth(self.stochastic_depth, name="stochastic_depth")(
+            y, deterministic=not train)
+        return res + y
 
 
 class RelativePositionalAttention(nn.Module):
@@ -110,9 +115,10 @@ class PartitionAttention(nn.Module):
     partition_size: int
     grid: bool
     activation: Callable[[jax.Array], jax.Array] = exact_gelu
+    stochastic_depth: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         n, h, w, c = x.shape
         # torch: window partitions of side p; grid: p = number of partitions, then swap axes
         p = h // self.partition_size if self.grid else self.partition_size
@@ -120,13 +126,16 @@ class PartitionAttention(nn.Module):
         x = x.reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * gw, p * p, c)
         if self.grid:
             x = jnp.swapaxes(x, 1, 2)
+        # One instance for both branches, as torch: each call draws its own mask.
+        drop = StochasticDepth(self.stochastic_depth, name="stochastic_dropout")
         y = _layer_norm(name="attn_layer.0")(x)
-        x = x + RelativePositionalAttention(self.head_dim, self.partition_size,
-                                            name="attn_layer.1")(y)
+        y = RelativePositionalAttention(self.head_dim, self.partition_size,
+                                        name="attn_layer.1")(y)
+        x = x + drop(y, deterministic=not train)
         y = _layer_norm(name="mlp_layer.0")(x)
         y = _dense(4 * c, name="mlp_layer.1")(y)
         y = Activation(self.activation, name="mlp_layer.2")(y)
-        x = x + _dense(c, name="mlp_layer.3")(y)
+        x = x + drop(_dense(c, name="mlp_layer.3")(y), deterministic=not train)
         if self.grid:
             x = jnp.swapaxes(x, 1, 2)
         x = x.reshape(n, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
@@ -144,6 +153,9 @@ class MaxVit(nn.Module):
       num_classes: width of ``classifier.5``.
       activation: the GELU of the stem, MBConvs and MLPs (SE keeps SiLU / Sigmoid, the
         classifier Tanh).
+      stochastic_depth_prob: MaxViT layer ``i`` of ``L`` (over all stages) drops each of
+        its three residual branches with ``prob * i / (L - 1)`` in training (``train=True``,
+        which then needs a ``"dropout"`` rng), as torchvision (0.2 for MaxViT-T).
 
     Example:
       >>> model = MaxVit(8, (16, 32), (1, 1), head_dim=8, partition_size=2, num_classes=10)
@@ -159,6 +171,7 @@ class MaxVit(nn.Module):
     partition_size: int = 7
     num_classes: int = 1000
     activation: Callable[[jax.Array], jax.Array] = exact_gelu
+    stochastic_depth_prob: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -174,16 +187,19 @@ class MaxVit(nn.Module):
         x = _batch_norm(train=train, name="stem.0.1")(x)
         x = Activation(self.activation, name="stem.0.2")(x)
         x = _conv(self.stem_channels, 3, padding=1, name="stem.1.0")(x)
+        # torchvision: np.linspace(0, prob, L) over the MaxViT layers of all stages.
+        rates = np.linspace(0.0, self.stochastic_depth_prob, sum(self.block_layers)).tolist()
         for i, (width, layers) in enumerate(zip(self.block_channels, self.block_layers,
                                                 strict=True)):
             for j in range(layers):
                 prefix = f"blocks.{i}.layers.{j}.layers"
+                rate = rates.pop(0)
                 x = MBConv(width, 2 if j == 0 else 1, activation=self.activation,
-                           name=f"{prefix}.MBconv")(x, train)
+                           stochastic_depth=rate, name=f"{prefix}.MBconv")(x, train)
                 for kind in ("window", "grid"):
                     x = PartitionAttention(self.head_dim, self.partition_size, kind == "grid",
-                                           activation=self.activation,
-                                           name=f"{prefix}.{kind}_attention")(x)
+                                           activation=self.activation, stochastic_depth=rate,
+                                           name=f"{prefix}.{kind}_attention")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         x = _layer_norm(name="classifier.2")(x)
         x = _dense(self.block_channels[-1], name="classifier.3")(x)
@@ -192,6 +208,7 @@ class MaxVit(nn.Module):
 
 
 def _build(**kw):
+    kw.setdefault("stochastic_depth_prob", 0.2)  # torchvision's maxvit_t
     return MaxVit(64, (64, 128, 256, 512), (2, 2, 5, 2), **kw)
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from affjax.capture import Activation
+from affjax.models.layers import StochasticDepth
 from affjax.models.layers import conv
 from affjax.models.registry import ModelSpec
 from affjax.models.registry import register
@@ -159,9 +160,10 @@ class SwinBlock(nn.Module):
     shift: int
     v2: bool = False
     activation: Callable[[jax.Array], jax.Array] = exact_gelu
+    stochastic_depth: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = x.shape[-1]
         attn = ShiftedWindowAttention(self.num_heads, self.window, self.shift, v2=self.v2,
                                       name="attn")
@@ -174,11 +176,17 @@ class SwinBlock(nn.Module):
             y = Activation(self.activation, name="mlp.1")(y)
             return mlp_dense(c, name="mlp.3")(y)
 
-        if self.v2:  # stochastic depth: identity in inference
-            x = x + norm1(attn(x))
-            return x + norm2(mlp(x))
-        x = x + attn(norm1(x))
-        return x + mlp(norm2(x))
+        # One instance for both branches, as torch: each call draws its own mask.
+        drop = StochasticDepth(self.stochastic_depth, name="stochastic_depth")
+
+        def branch(y):
+            return drop(y, deterministic=not train)
+
+        if self.v2:
+            x = x + branch(norm1(attn(x)))
+            return x + branch(norm2(mlp(x)))
+        x = x + branch(attn(norm1(x)))
+        return x + branch(mlp(norm2(x)))
 
 
 class PatchMerging(nn.Module):
@@ -212,6 +220,10 @@ class SwinTransformer(nn.Module):
       v2: Swin V2 (post-norm blocks, cosine attention, continuous position bias).
       num_classes: width of ``head``.
       activation: the MLP non-linearity (exact GELU).
+      stochastic_depth_prob: the last block's stochastic depth rate; block ``i`` of ``B``
+        drops each residual branch with ``prob * i / (B - 1)`` in training (``train=True``,
+        which then needs a ``"dropout"`` rng), as torchvision. The zoo uses torchvision's
+        0.2 (t), 0.3 (s), 0.5 (b), V1 and V2.
 
     Any input side of at least 4 works (windows and merges pad as torch does).
 
@@ -229,21 +241,24 @@ class SwinTransformer(nn.Module):
     v2: bool = False
     num_classes: int = 1000
     activation: Callable[[jax.Array], jax.Array] = exact_gelu
+    stochastic_depth_prob: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train  # no BatchNorm or dropout; stochastic depth is identity in inference
+        # No BatchNorm or dropout: stochastic depth is the only train-time difference.
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"SwinTransformer: depths {tuple(self.depths)} and num_heads "
                              f"{tuple(self.num_heads)} must have one entry per stage")
         x = conv(self.embed_dim, 4, stride=4, kernel_init=_trunc_normal, name="features.0.0")(x)
         x = _layer_norm(name="features.0.2")(x)
-        index = 1
+        index, block_id, total = 1, 0, sum(self.depths)
         for stage, (depth, heads) in enumerate(zip(self.depths, self.num_heads, strict=True)):
             for block in range(depth):
+                rate = self.stochastic_depth_prob * block_id / max(total - 1.0, 1.0)
                 x = SwinBlock(heads, self.window, 0 if block % 2 == 0 else self.window // 2,
-                              v2=self.v2, activation=self.activation,
-                              name=f"features.{index}.{block}")(x)
+                              v2=self.v2, activation=self.activation, stochastic_depth=rate,
+                              name=f"features.{index}.{block}")(x, train)
+                block_id += 1
             index += 1
             if stage + 1 < len(self.depths):
                 x = PatchMerging(v2=self.v2, name=f"features.{index}")(x)
@@ -254,21 +269,27 @@ class SwinTransformer(nn.Module):
 
 
 def _register(name: str, embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...],
-              v2: bool, transform: EvalTransform) -> None:
+              v2: bool, transform: EvalTransform, stochastic_depth_prob: float) -> None:
     window = 8 if v2 else 7
 
     def build(**kw):
+        kw.setdefault("stochastic_depth_prob", stochastic_depth_prob)
         return SwinTransformer(embed_dim, depths, heads, window=window, v2=v2, **kw)
 
     register(ModelSpec(name=name, family="swin", build=build, transform=transform,
                        head="head", min_size=32, parity_size=64))
 
 
-_register("swin_t", 96, (2, 2, 6, 2), (3, 6, 12, 24), False, EvalTransform(232, 224, "bicubic"))
-_register("swin_s", 96, (2, 2, 18, 2), (3, 6, 12, 24), False, EvalTransform(246, 224, "bicubic"))
-_register("swin_b", 128, (2, 2, 18, 2), (4, 8, 16, 32), False, EvalTransform(238, 224, "bicubic"))
-_register("swin_v2_t", 96, (2, 2, 6, 2), (3, 6, 12, 24), True, EvalTransform(260, 256, "bicubic"))
+# (name, embed dim, depths, heads, V2, eval transform, stochastic depth: torchvision's builders)
+_register("swin_t", 96, (2, 2, 6, 2), (3, 6, 12, 24), False,
+          EvalTransform(232, 224, "bicubic"), 0.2)
+_register("swin_s", 96, (2, 2, 18, 2), (3, 6, 12, 24), False,
+          EvalTransform(246, 224, "bicubic"), 0.3)
+_register("swin_b", 128, (2, 2, 18, 2), (4, 8, 16, 32), False,
+          EvalTransform(238, 224, "bicubic"), 0.5)
+_register("swin_v2_t", 96, (2, 2, 6, 2), (3, 6, 12, 24), True,
+          EvalTransform(260, 256, "bicubic"), 0.2)
 _register("swin_v2_s", 96, (2, 2, 18, 2), (3, 6, 12, 24), True,
-          EvalTransform(260, 256, "bicubic"))
+          EvalTransform(260, 256, "bicubic"), 0.3)
 _register("swin_v2_b", 128, (2, 2, 18, 2), (4, 8, 16, 32), True,
-          EvalTransform(272, 256, "bicubic"))
+          EvalTransform(272, 256, "bicubic"), 0.5)
