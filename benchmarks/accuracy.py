@@ -384,7 +384,8 @@ def gram_eigh_score(x, y):
     """The score with ``eigh`` of the Gram matrix ``R^T C_x R`` in place of the SVD of
     ``F_x R`` (empirical covariance, ridge 1e-6, scipy assignment): one eigendecomposition
     per score, as fast as a dense score can be, in the input dtype. Eigenvalues at or below
-    ``k eps max`` (the rounding level of ``eigh``) count as zero.
+    ``k eps max`` (the rounding level of ``eigh``) count as zero. ``bench_score.py`` times it
+    beside affjax at its dense headline cell.
     """
     from affjax import transport
     from affjax.covariance import covariance_parts
@@ -393,9 +394,9 @@ def gram_eigh_score(x, y):
     k = x.shape[1]
     eye = jnp.eye(k, dtype=x.dtype)
     cov_x = cx.alpha * cx.centered.T @ cx.centered + cx.shift * eye
-    # The same lower factor of C_y as affjax's (a QR, stable where Cholesky breaks down).
+    # The same lower factor of C_y as affjax's: Cholesky, QR where Cholesky breaks down.
     f_y = jnp.concatenate([jnp.sqrt(cy.alpha) * cy.centered, jnp.sqrt(cy.shift) * eye])
-    r = jnp.linalg.qr(f_y, mode="r").T
+    r = transport._lower_factor(f_y)
     w, v = jnp.linalg.eigh(r.T @ cov_x @ r)
     keep = w > k * jnp.finfo(x.dtype).eps * w[-1]
     inv_sqrt = (v * jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, w, 1.0)), 0.0)) @ v.T
