@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from affjax.capture import Activation
 from affjax.models.layers import StochasticDepth
 from affjax.models.layers import conv
+from affjax.models.layers import stochastic_depth_rates
 from affjax.models.registry import ModelSpec
 from affjax.models.registry import Rule
 from affjax.models.registry import register
@@ -95,13 +96,12 @@ class ConvNeXt(nn.Module):
                              f"{tuple(self.depths)} must have one entry per stage")
         x = _conv(self.channels[0], 4, stride=4, name="features.0.0")(x)
         x = _layer_norm(name="features.0.1")(x)
-        index, block_id, total = 1, 0, sum(self.depths)
+        index = 1
+        rates = iter(stochastic_depth_rates(self.stochastic_depth_prob, sum(self.depths)))
         for stage, depth in enumerate(self.depths):
             for block in range(depth):
-                rate = self.stochastic_depth_prob * block_id / max(total - 1.0, 1.0)
-                x = CNBlock(activation=self.activation, stochastic_depth=rate,
+                x = CNBlock(activation=self.activation, stochastic_depth=next(rates),
                             name=f"features.{index}.{block}")(x, train)
-                block_id += 1
             index += 1
             if stage + 1 < len(self.channels):
                 x = _layer_norm(name=f"features.{index}.0")(x)

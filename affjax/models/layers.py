@@ -114,6 +114,18 @@ class SqueezeExcitation(nn.Module):
         return scale * x
 
 
+def stochastic_depth_rates(prob: float, count: int) -> list[float]:
+    """torchvision's linear schedule: block ``i`` of ``count`` gets ``prob * i / (count - 1)``.
+
+    The first block never drops, the last drops with ``prob`` (ConvNeXt, Swin, MaxViT).
+
+    Example:
+      >>> stochastic_depth_rates(0.5, 3)
+      [0.0, 0.25, 0.5]
+    """
+    return [prob * i / max(count - 1.0, 1.0) for i in range(count)]
+
+
 class StochasticDepth(nn.Module):
     """``torchvision.ops.StochasticDepth(rate, "row")``: drop a residual branch per sample.
 

@@ -29,12 +29,12 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from affjax.capture import Activation
 from affjax.models.layers import SqueezeExcitation
 from affjax.models.layers import StochasticDepth
 from affjax.models.layers import conv
+from affjax.models.layers import stochastic_depth_rates
 from affjax.models.registry import ModelSpec
 from affjax.models.registry import register
 from affjax.models.swin import relative_position_index
@@ -188,12 +188,12 @@ class MaxVit(nn.Module):
         x = Activation(self.activation, name="stem.0.2")(x)
         x = _conv(self.stem_channels, 3, padding=1, name="stem.1.0")(x)
         # torchvision: np.linspace(0, prob, L) over the MaxViT layers of all stages.
-        rates = np.linspace(0.0, self.stochastic_depth_prob, sum(self.block_layers)).tolist()
+        rates = iter(stochastic_depth_rates(self.stochastic_depth_prob, sum(self.block_layers)))
         for i, (width, layers) in enumerate(zip(self.block_channels, self.block_layers,
                                                 strict=True)):
             for j in range(layers):
                 prefix = f"blocks.{i}.layers.{j}.layers"
-                rate = rates.pop(0)
+                rate = next(rates)
                 x = MBConv(width, 2 if j == 0 else 1, activation=self.activation,
                            stochastic_depth=rate, name=f"{prefix}.MBconv")(x, train)
                 for kind in ("window", "grid"):

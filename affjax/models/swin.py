@@ -34,6 +34,7 @@ import numpy as np
 from affjax.capture import Activation
 from affjax.models.layers import StochasticDepth
 from affjax.models.layers import conv
+from affjax.models.layers import stochastic_depth_rates
 from affjax.models.registry import ModelSpec
 from affjax.models.registry import register
 from affjax.models.transforms import EvalTransform
@@ -251,14 +252,14 @@ class SwinTransformer(nn.Module):
                              f"{tuple(self.num_heads)} must have one entry per stage")
         x = conv(self.embed_dim, 4, stride=4, kernel_init=_trunc_normal, name="features.0.0")(x)
         x = _layer_norm(name="features.0.2")(x)
-        index, block_id, total = 1, 0, sum(self.depths)
+        index = 1
+        rates = iter(stochastic_depth_rates(self.stochastic_depth_prob, sum(self.depths)))
         for stage, (depth, heads) in enumerate(zip(self.depths, self.num_heads, strict=True)):
             for block in range(depth):
-                rate = self.stochastic_depth_prob * block_id / max(total - 1.0, 1.0)
                 x = SwinBlock(heads, self.window, 0 if block % 2 == 0 else self.window // 2,
-                              v2=self.v2, activation=self.activation, stochastic_depth=rate,
+                              v2=self.v2, activation=self.activation,
+                              stochastic_depth=next(rates),
                               name=f"features.{index}.{block}")(x, train)
-                block_id += 1
             index += 1
             if stage + 1 < len(self.depths):
                 x = PatchMerging(v2=self.v2, name=f"features.{index}")(x)
