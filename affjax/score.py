@@ -183,6 +183,17 @@ def _uses_span(n: int, d: int, path: str) -> bool:
     return path == "span" or (path == "auto" and d > 2 * n)
 
 
+def _coordinates(n: int, d: int, path: str) -> int:
+    """How many coordinates the score works in: the span's basis keeps ``min(d, 2n)``."""
+    return min(d, 2 * n) if _uses_span(n, d, path) else d
+
+
+def _shift_is_eigenvalue(n: int, k: int) -> bool:
+    # n centred samples span at most n - 1 of the k coordinates; the covariance is the
+    # shift times I on the rest.
+    return n - 1 < k
+
+
 def cholesky_hopeless_for(
     y: jax.Array, *, covariance: str = "empirical", ridge: float = 1e-6, path: str = "auto"
 ) -> jax.Array:
@@ -209,9 +220,8 @@ def cholesky_hopeless_for(
       False
     """
     n, d = y.shape
-    k = 2 * n if _uses_span(n, d, path) else d
-    if n - 1 >= k:  # the shift need not be an eigenvalue
-        return jnp.asarray(False)
+    if not _shift_is_eigenvalue(n, _coordinates(n, d, path)):
+        return jnp.asarray(False)  # no eigenvalue is known
     cy = covariance_parts(y, covariance=covariance, ridge=ridge)
     # The largest eigenvalue is the same in the basis of the span.
     largest = cy.alpha * transport.gram_largest_eigenvalue(cy.centered) + cy.shift
@@ -248,7 +258,7 @@ def _compute(
     factor_y = jnp.concatenate([jnp.sqrt(cy.alpha) * b, jnp.sqrt(cy.shift) * eye])
     # Fewer centred samples than coordinates: the shift is an eigenvalue of C_y, and
     # where float rounding hides it the Cholesky attempt is skipped.
-    known_eigenvalue = cy.shift if n - 1 < k else None
+    known_eigenvalue = cy.shift if _shift_is_eigenvalue(n, k) else None
     a_k, trace_sqrt = transport.bures_from_factors(
         factor_x, factor_y, factor=factor, smallest_eigenvalue_y=known_eigenvalue
     )

@@ -192,8 +192,8 @@ def bures_from_factors(
       >>> a.dtype, a.round(4).tolist(), round(float(trace_sqrt), 4)
       (dtype('float32'), [[2.0, 0.0], [0.0, 2.0]], 4.0)
     """
-    hopeless = (
-        None if smallest_eigenvalue_y is None
+    hopeless = (  # only "auto" chooses, so only it needs the power iteration
+        None if smallest_eigenvalue_y is None or factor != "auto"
         else cholesky_hopeless(
             smallest_eigenvalue_y, gram_largest_eigenvalue(factor_y), factor_y.dtype
         )

@@ -238,3 +238,18 @@ def test_constant_nonzero_output_scores_one(dtype, value, ridge):
     assert float(res.score) == 1.0
     assert float(res.trace_cov_y) == pytest.approx(ridge * 3, rel=1e-6, abs=1e-30)
     np.testing.assert_array_equal(np.asarray(res.b), np.full(3, value, dtype))
+
+
+def test_cholesky_hint_counts_the_coordinates_the_score_uses():
+    # 16 samples in 4 dimensions: even on the span path the basis keeps 4 coordinates, which
+    # 15 centred samples fill, so no eigenvalue of C_y is known and Cholesky is not ruled out.
+    from affjax.score import cholesky_hopeless_for
+
+    y = jax.nn.relu(30.0 * jax.random.normal(jax.random.key(0), (16, 4), jnp.float32))
+    for path in ("auto", "dense", "span"):
+        assert not bool(cholesky_hopeless_for(y, path=path))
+    wide = jax.nn.relu(30.0 * jax.random.normal(jax.random.key(0), (16, 40), jnp.float32))
+    for path in ("auto", "dense", "span"):
+        assert bool(cholesky_hopeless_for(wide, path=path))
+    np.testing.assert_allclose(float(affjax.affinity_score(y, y, path="span")),
+                               float(affjax.affinity_score(y, y, path="dense")), atol=1e-5)
