@@ -216,10 +216,10 @@ def _chunked_capture(capture: Any, variables: Any, images: Any, chunk: int) -> t
     weights, which is their value over the whole batch. Each slice finishes before the
     next starts, so only one slice's activation maps are ever alive.
     """
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
-
-    from affjax.signature import Layer
 
     n = images.shape[0]
     if chunk >= n:
@@ -229,12 +229,10 @@ def _chunked_capture(capture: Any, variables: Any, images: Any, chunk: int) -> t
         part = images[start:start + chunk]
         parts.append(jax.block_until_ready(capture(variables, part)))
         weights.append(part.shape[0] / n)
-    first = parts[0][0]
     layers = [
-        Layer(layer.name, layer.kind,
-              jnp.concatenate([p[0][i].x for p in parts]),
-              jnp.concatenate([p[0][i].y for p in parts]))
-        for i, layer in enumerate(first)
+        dataclasses.replace(layer, x=jnp.concatenate([p[0][i].x for p in parts]),
+                            y=jnp.concatenate([p[0][i].y for p in parts]))
+        for i, layer in enumerate(parts[0][0])
     ]
     sparsities = None
     if parts[0][1] is not None:
