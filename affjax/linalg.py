@@ -9,6 +9,12 @@ finite at repeated eigenvalues, where the derivative of ``eigh`` itself divides
 by zero. ``psd_sqrt`` and ``psd_inv_sqrt`` act on the last two axes and
 broadcast over leading ones.
 
+Every LAPACK call of the score goes through the helpers below (``eigh``,
+``svd``, ``qr_r``, ...), whose ``vmap`` is a loop on CPU: jaxlib 0.10's CPU
+kernels split a batch over XLA's thread pool and block a pool thread until the
+pieces finish, and two batched kernels running at once have deadlocked there
+(``docs/numerics.md``, "vmap on CPU").
+
 Reference: R. Bhatia, *Matrix Analysis*, Springer 1997, Thm. V.3.3
 (derivative of a spectral function).
 """
@@ -20,6 +26,160 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+
+def _loop_on_cpu(fn):
+    """``fn`` of one matrix, whose ``vmap`` (and leading axes) loop on CPU.
+
+    Under ``vmap`` on CPU the calls run one at a time in a ``lax.map``; elsewhere
+    they batch as usual (cuSOLVER's batched kernels on GPU). The score calls these
+    on values it does not differentiate (custom JVP rules compute their primal
+    outputs with them), so first derivatives never batch a LAPACK call either.
+    ``custom_vmap`` has no reverse-mode rule; the JVP below, JAX's own, is what
+    second derivatives use (its batched kernels are the exception to the loop).
+    """
+    looped = jax.custom_batching.custom_vmap(fn)
+
+    @looped.def_vmap
+    def _rule(axis_size, in_batched, m):
+        del axis_size
+        if not in_batched[0]:  # the forward-mode rule of custom_vmap asks for these too
+            out = fn(m)
+            return out, jax.tree.map(lambda _: False, out)
+        if jax.default_backend() == "cpu":
+            out = jax.lax.map(looped, m)  # looped: an outer vmap of the body loops too
+        else:
+            out = jax.vmap(fn)(m)
+        return out, jax.tree.map(lambda _: True, out)
+
+    differentiable = jax.custom_jvp(looped)
+    differentiable.defjvp(lambda primals, tangents: jax.jvp(fn, primals, tangents))
+
+    @functools.wraps(fn)
+    def call(m: jax.Array):
+        lead = m.shape[:-2]
+        if not lead:
+            return differentiable(m)
+        out = jax.vmap(differentiable)(m.reshape((-1, *m.shape[-2:])))
+        return jax.tree.map(lambda o: o.reshape(lead + o.shape[1:]), out)
+
+    return call
+
+
+@_loop_on_cpu
+def _eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``jnp.linalg.eigh``: eigenvalues (ascending) and eigenvectors."""
+    return jnp.linalg.eigh(m)
+
+
+@_loop_on_cpu
+def _svd(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin ``jnp.linalg.svd``: ``u, s, vt``."""
+    return jnp.linalg.svd(m, full_matrices=False)
+
+
+@_loop_on_cpu
+def _qr_r(m: jax.Array) -> jax.Array:
+    """The triangular factor of ``jnp.linalg.qr`` (``mode="r"``)."""
+    return jnp.linalg.qr(m, mode="r")
+
+
+@_loop_on_cpu
+def _qr_reduced(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``jnp.linalg.qr(m, mode="reduced")``: ``q, r``."""
+    return jnp.linalg.qr(m, mode="reduced")
+
+
+@_loop_on_cpu
+def _cholesky(m: jax.Array) -> jax.Array:
+    """Lower Cholesky factor (NaN where ``m`` is not numerically positive definite)."""
+    return jnp.linalg.cholesky(m)
+
+
+@_loop_on_cpu
+def _lower_triangular_inverse(low: jax.Array) -> jax.Array:
+    """``L^{-1}`` of a lower triangular ``L``."""
+    eye = jnp.eye(low.shape[-1], dtype=low.dtype)
+    return jax.lax.linalg.triangular_solve(low, eye, left_side=True, lower=True)
+
+
+def _lower_factor_tangent(f: jax.Array, df: jax.Array, low: jax.Array) -> jax.Array:
+    """Tangent of a lower triangular ``L`` with ``L L^T = F^T F``, for ``dF``.
+
+    ``dL = L Phi(L^{-1} dM L^{-T})`` with ``dM = dF^T F + F^T dF`` and ``Phi``
+    the lower triangle with half the diagonal; it holds for any fixed signs of
+    ``L``'s diagonal (QR's factor as well as Cholesky's). ``L^{-1}`` is formed
+    once, so the tangent is matrix products: no triangular solve, which would be
+    a batched LAPACK call under ``vmap``. A broken-down factor (NaN, which the
+    caller discards) counts as ``I`` here, so that the zero cotangent of the
+    discarded branch does not meet a NaN.
+    """
+    eye = jnp.eye(low.shape[-1], dtype=low.dtype)
+    low = jnp.where(jnp.all(jnp.isfinite(low)), low, eye)
+    low_inv = _lower_triangular_inverse(low)
+    ft_df = f.T @ df
+    inner = low_inv @ (ft_df + ft_df.T) @ low_inv.T
+    return low @ (jnp.tril(inner, -1) + 0.5 * jnp.diag(jnp.diag(inner)))
+
+
+@jax.custom_jvp
+def gram_cholesky(f: jax.Array) -> jax.Array:
+    """Cholesky factor of the Gram matrix ``F^T F``.
+
+    Args:
+      f: ``(m, k)`` factor, float.
+
+    Returns:
+      ``(k, k)`` lower triangular ``L`` with ``L L^T = F^T F`` and a positive
+      diagonal; NaN where rounding makes the formed ``F^T F`` indefinite (then
+      use :func:`qr_lower_factor`). Under ``vmap`` on CPU the factorizations run
+      one at a time (see the module docstring).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> f = jnp.array([[2.0, 0.0], [0.0, 3.0], [0.0, 4.0]], jnp.float32)
+      >>> gram_cholesky(f).tolist()   # F^T F = diag(4, 25)
+      [[2.0, 0.0], [0.0, 5.0]]
+    """
+    return _cholesky(f.T @ f)
+
+
+@gram_cholesky.defjvp
+def _gram_cholesky_jvp(primals, tangents):
+    (f,), (df,) = primals, tangents
+    low = gram_cholesky(f)
+    return low, _lower_factor_tangent(f, df, low)
+
+
+@jax.custom_jvp
+def qr_lower_factor(f: jax.Array) -> jax.Array:
+    """Lower triangular factor of ``F^T F`` from the QR decomposition of ``F``.
+
+    Backward stable for ``F^T F`` without forming it, so it works where
+    :func:`gram_cholesky` breaks down (rank-deficient ``F`` in float32).
+
+    Args:
+      f: ``(m, k)`` factor, float, ``m >= k``.
+
+    Returns:
+      ``(k, k)`` lower triangular ``L = R^T`` (``F = Q R``) with
+      ``L L^T = F^T F``; its diagonal may have either sign.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> f = jnp.array([[2.0, 0.0], [0.0, 3.0], [0.0, 4.0]], jnp.float32)
+      >>> low = qr_lower_factor(f)
+      >>> jnp.abs(low).round(5).tolist(), (low @ low.T).round(4).tolist()
+      ([[2.0, 0.0], [0.0, 5.0]], [[4.0, 0.0], [0.0, 25.0]])
+    """
+    return _qr_r(f).T
+
+
+@qr_lower_factor.defjvp
+def _qr_lower_factor_jvp(primals, tangents):
+    (f,), (df,) = primals, tangents
+    low = qr_lower_factor(f)
+    return low, _lower_factor_tangent(f, df, low)
 
 
 def _sym(m: jax.Array) -> jax.Array:
@@ -50,7 +210,7 @@ def _kept_sqrt(w: jax.Array, rtol: float) -> tuple[jax.Array, jax.Array]:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _inv_sqrt(m: jax.Array, rtol: float) -> jax.Array:
-    w, v = jnp.linalg.eigh(_sym(m))
+    w, v = _eigh(_sym(m))
     s, keep = _kept_sqrt(w, rtol)
     return _rebuild(v, jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0))
 
@@ -58,7 +218,7 @@ def _inv_sqrt(m: jax.Array, rtol: float) -> jax.Array:
 @_inv_sqrt.defjvp
 def _inv_sqrt_jvp(rtol, primals, tangents):
     (m,), (dm,) = primals, tangents
-    w, v = jnp.linalg.eigh(_sym(m))
+    w, v = _eigh(_sym(m))
     s, keep = _kept_sqrt(w, rtol)
     safe = jnp.where(keep, s, 1.0)
     out = _rebuild(v, jnp.where(keep, 1.0 / safe, 0.0))
@@ -71,14 +231,14 @@ def _inv_sqrt_jvp(rtol, primals, tangents):
 
 @jax.custom_jvp
 def _sqrt(m: jax.Array) -> jax.Array:
-    w, v = jnp.linalg.eigh(_sym(m))
+    w, v = _eigh(_sym(m))
     return _rebuild(v, jnp.sqrt(jnp.maximum(w, 0.0)))
 
 
 @_sqrt.defjvp
 def _sqrt_jvp(primals, tangents):
     (m,), (dm,) = primals, tangents
-    w, v = jnp.linalg.eigh(_sym(m))
+    w, v = _eigh(_sym(m))
     s = jnp.sqrt(jnp.maximum(w, 0.0))
     denom = s[..., :, None] + s[..., None, :]
     # Divided difference of sqrt: 1 / (si + sj). Zero where both eigenvalues are
@@ -138,8 +298,8 @@ def psd_inv_sqrt(m: ArrayLike, *, rtol: float | None = None) -> jax.Array:
 
 def _gram_spectrum(f: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Singular values (descending) and right singular vectors (columns) of ``f``."""
-    r = jnp.linalg.qr(f, mode="r") if f.shape[-2] > f.shape[-1] else f
-    _, s, vt = jnp.linalg.svd(r, full_matrices=False)
+    r = _qr_r(f) if f.shape[-2] > f.shape[-1] else f
+    _, s, vt = _svd(r)
     return s, jnp.swapaxes(vt, -1, -2)
 
 
@@ -180,7 +340,7 @@ def gram_inv_sqrt(f: ArrayLike, *, rtol: float | None = None) -> jax.Array:
 
     Computed from the singular values ``s`` of ``F`` (``M`` has eigenvalues
     ``s^2``), so small eigenvalues of ``M`` keep about twice the relative
-    precision that ``eigh(M)`` gives them: in float32 this is the difference
+    precision that ``_eigh(M)`` gives them: in float32 this is the difference
     between a 1e-2 and a 1e-4 error in the affinity score (docs/numerics.md).
 
     Args:

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from affjax import linalg
+
 SPARSITY_THRESHOLD = 1e-3
 
 
@@ -182,7 +184,11 @@ def linear_fit_r2(x: ArrayLike, y: ArrayLike) -> jax.Array:
     _check_pair(x, y, "linear_fit_r2")
     xc = x - x.mean(0)
     yc = y - y.mean(0)
-    coef, *_ = jnp.linalg.lstsq(xc, yc)
+    # Least squares by the thin SVD (jnp.linalg.lstsq's cutoff), looped under vmap on CPU.
+    u, s, vt = linalg._svd(xc)
+    keep = s > float(jnp.finfo(s.dtype).eps) * max(xc.shape) * s[..., :1]
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
+    coef = vt.T @ (inv[:, None] * (u.T @ yc))
     residual = jnp.sum((yc - xc @ coef) ** 2, axis=0)
     total = jnp.sum(yc**2, axis=0)
     r2 = jnp.where(total > 0, 1 - residual / jnp.where(total > 0, total, 1),

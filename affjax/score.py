@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from affjax import linalg
 from affjax import transport
 from affjax.covariance import COVARIANCES
 from affjax.covariance import covariance_parts
@@ -246,7 +247,7 @@ def _compute(
     if _uses_span(n, d, path):
         # Orthonormal basis Q (d, 2n) of a space holding every centred sample.
         stacked = jax.lax.stop_gradient(jnp.concatenate([cx.centered, cy.centered], axis=0))
-        basis, coords = jnp.linalg.qr(stacked.T, mode="reduced")
+        basis, coords = linalg._qr_reduced(stacked.T)
         a, b = _span_coordinates(cx.centered, cy.centered, basis, coords)
     else:
         basis = None

@@ -32,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from affjax.linalg import gram_cholesky
 from affjax.linalg import gram_inv_sqrt_and_trace_sqrt
 from affjax.linalg import psd_sqrt
+from affjax.linalg import qr_lower_factor
 
 SolverName = Literal["auto", "sort", "scipy", "hungarian", "sinkhorn"]
 SOLVERS: tuple[str, ...] = ("auto", "sort", "scipy", "hungarian", "sinkhorn")
@@ -133,13 +135,13 @@ def _lower_factor(
         raise ValueError(f"factor method must be one of {FACTORS}, got {method!r}")
 
     def qr():
-        return jnp.linalg.qr(factor, mode="r").T
+        return qr_lower_factor(factor)
 
     if method == "qr":
         return qr()
 
     def cholesky_or_qr():
-        chol = jnp.linalg.cholesky(factor.T @ factor)
+        chol = gram_cholesky(factor)
         if method == "cholesky":
             return chol
         return jax.lax.cond(jnp.all(jnp.isfinite(chol)), lambda: chol, qr)
