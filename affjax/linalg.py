@@ -9,8 +9,9 @@ finite at repeated eigenvalues, where the derivative of ``eigh`` itself divides
 by zero. ``psd_sqrt`` and ``psd_inv_sqrt`` act on the last two axes and
 broadcast over leading ones.
 
-Every LAPACK call of the score goes through the helpers below (``eigh``,
-``svd``, ``qr_r``, ...), whose ``vmap`` is a loop on CPU: jaxlib 0.10's CPU
+Every LAPACK call of the score goes through the private helpers below
+(``_eigh``, ``_svd``, ``_qr_r``, ...; the factors ``gram_cholesky`` and
+``qr_lower_factor`` use them), whose ``vmap`` is a loop on CPU: jaxlib 0.10's CPU
 kernels split a batch over XLA's thread pool and block a pool thread until the
 pieces finish, and two batched kernels running at once have deadlocked there
 (``docs/numerics.md``, "vmap on CPU").
@@ -340,7 +341,7 @@ def gram_inv_sqrt(f: ArrayLike, *, rtol: float | None = None) -> jax.Array:
 
     Computed from the singular values ``s`` of ``F`` (``M`` has eigenvalues
     ``s^2``), so small eigenvalues of ``M`` keep about twice the relative
-    precision that ``_eigh(M)`` gives them: in float32 this is the difference
+    precision that ``eigh(M)`` gives them: in float32 this is the difference
     between a 1e-2 and a 1e-4 error in the affinity score (docs/numerics.md).
 
     Args:
