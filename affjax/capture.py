@@ -16,6 +16,12 @@ Two sources are captured, in the order the forward pass calls them:
   ``jnp.tanh``/``jnp.maximum`` and other non-activation primitives, and
   ``softmax`` (attention internals, skipped as the published pipeline did).
 
+Transforms inside the model: calls under Flax's ``nn.jit``/``nn.remat`` and
+``nnx.jit``/``nnx.remat`` are captured. Calls inside ``nn.scan``/``nn.vmap``
+(one traced body stands for many calls) or inside a raw ``jax.jit``/``lax``
+loop (values cannot leave it) are recorded as such, and the signature raises an
+error naming them instead of returning wrong or missing scores.
+
 A global call counter gives the forward order across modules, so interleaved
 calls (``a(b(a(x)))``) come out as a, b, a.
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import tracers as flax_tracers
 
 COLLECTION = "intermediates"
 SOW_NAME = "affjax_activation"
@@ -119,19 +127,33 @@ class Call:
 
     Attributes:
       index: position of the call in the forward pass.
-      key: module path (linen), ``id`` of the module (NNX), or ``None`` when the
-        values were recorded directly.
+      key: module path (linen), the module's ``capture_id`` (NNX), or ``None``
+        when the values were recorded directly.
       kind: activation name (``relu``, ...).
       values: the reduced ``(x, fn(x))`` pair, each ``(N, F)``, when kept directly.
       function: whether it was a plain function call rather than an
         :class:`Activation` module.
+      unsown: whether it ran inside a linen module that could not sow (its
+        ``"intermediates"`` collection was not mutable, as inside ``nn.scan`` or
+        ``nn.vmap`` without it in ``variable_axes``); ``values`` are then kept
+        directly but belong to that transform's trace.
+      nested: whether it ran inside a JAX transform that no Flax collection
+        carries out of (``jax.jit``/``lax.scan`` inside a linen module, or any
+        transform around a plain function call outside one); nothing is kept.
     """
 
     index: int
-    key: Any  # module path (linen), id of the module (NNX), or None (direct record)
+    key: Any  # module path (linen), capture_id of the module (NNX), or None (direct)
     kind: str
     values: tuple[jax.Array, jax.Array] | None = None
     function: bool = False  # a plain function call rather than an Activation module
+    # Made inside a linen module whose "intermediates" collection was not mutable: a lifted
+    # transform (nn.scan, nn.vmap) that does not pass it out. ``values`` then belong to
+    # that transform's trace and must not be used outside it.
+    unsown: bool = False
+    # Made inside a JAX transform that the capture cannot see out of (jax.jit or lax.scan
+    # inside a linen module, or around a plain function call); no values are kept.
+    nested: bool = False
 
 
 @dataclasses.dataclass
@@ -146,6 +168,8 @@ class CaptureContext:
       on_full_tensors: called as ``on_full_tensors(x, y)`` with the full
         pre/post-activation tensors of each recorded call, in call order, before
         they are reduced (for statistics of whole activation maps); or ``None``.
+      trace: JAX's opaque trace state when the capture started (values recorded
+        in another trace cannot leave it).
 
     Example:
       >>> ctx = CaptureContext()
@@ -156,6 +180,7 @@ class CaptureContext:
     tokens: str = "mean_features"
     calls: list[Call] = dataclasses.field(default_factory=list)
     inside: int = 0  # > 0 while an Activation module runs its function
+    trace: Any = None  # the JAX trace state the capture started in
     on_full_tensors: Callable[[jax.Array, jax.Array], None] | None = None
 
     def claim(self, key: Any, kind: str, function: bool = False) -> Call:
@@ -225,12 +250,19 @@ class Activation(nn.Module):
 def _linen_record(module: nn.Module) -> Callable:
     def record(ctx: CaptureContext, x: jax.Array, y: jax.Array, kind: str) -> None:
         path = tuple(module.scope.path)
+        if _in_raw_transform(module):
+            ctx.claim(path, kind).nested = True
+            return
         values = _reduced_pair(ctx, x, y, "/".join(path) or "<top>")
         if module.sow(COLLECTION, SOW_NAME, values):
             ctx.claim(path, kind)
         else:  # collection not mutable: keep the values directly
-            ctx.claim(None, kind).values = values
+            call = ctx.claim(path, kind)
+            call.values, call.unsown = values, True
     return record
+
+
+_NNX_IDS = itertools.count()
 
 
 class NnxActivation(nnx.Module):
@@ -263,6 +295,9 @@ class NnxActivation(nnx.Module):
 
     def __init__(self, fn: Callable[[jax.Array], jax.Array]):
         self.fn = fn
+        # Static, so it survives the graph copies nnx.jit/nnx.remat call inside (``id``
+        # would not): the signature matches each call with its sown values by it.
+        self.capture_id = next(_NNX_IDS)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return _apply_and_record(self.fn, x, activation_kind(self.fn), self._record)
@@ -270,7 +305,15 @@ class NnxActivation(nnx.Module):
     def _record(self, ctx: CaptureContext, x: jax.Array, y: jax.Array, kind: str) -> None:
         values = _reduced_pair(ctx, x, y, kind)
         self.sow(nnx.Intermediate, SOW_NAME, values)
-        ctx.claim(id(self), kind)
+        ctx.claim(self.capture_id, kind)
+
+
+def _in_raw_transform(module: nn.Module) -> bool:
+    # Flax's lifted transforms (nn.jit, nn.remat, nn.scan) open a new scope inside the
+    # transform, so a scope traced elsewhere means a raw jax.jit/lax.scan in the module,
+    # out of which a sown value cannot travel. (Flax records this state but, as of 0.12,
+    # does not check it.)
+    return flax_tracers.current_trace() != module.scope.trace_level
 
 
 def _function_wrapper(fn: Callable, kind: str) -> Callable:
@@ -285,12 +328,20 @@ def _function_wrapper(fn: Callable, kind: str) -> Callable:
         module = stack[-1] if stack else None
         if module is not None and module.scope is not None:
             path = tuple(module.scope.path)
+            if _in_raw_transform(module):
+                ctx.claim(path, kind, function=True).nested = True
+                return y
             values = _reduced_pair(ctx, x, y, "/".join(path + (kind,)))
             if module.sow(COLLECTION, SOW_NAME, values):
                 ctx.claim(path, kind, function=True)
                 return y
-        else:
-            values = _reduced_pair(ctx, x, y, kind)
+            call = ctx.claim(path, kind, function=True)
+            call.values, call.unsown = values, True
+            return y
+        if flax_tracers.current_trace() != ctx.trace:
+            ctx.claim(None, kind, function=True).nested = True
+            return y
+        values = _reduced_pair(ctx, x, y, kind)
         ctx.claim(None, kind, function=True).values = values
         return y
 
@@ -337,7 +388,8 @@ def capturing(
         raise ValueError(f"unknown tokens mode {tokens!r}; expected one of {TOKEN_MODES}")
     if _CONTEXT.get() is not None:
         raise RuntimeError("a signature capture is already running (nested captures)")
-    ctx = CaptureContext(tokens=tokens, on_full_tensors=on_full_tensors)
+    ctx = CaptureContext(tokens=tokens, on_full_tensors=on_full_tensors,
+                         trace=flax_tracers.current_trace())
     token = _CONTEXT.set(ctx)
     patched: list[tuple[Any, str, Any]] = []
     try:

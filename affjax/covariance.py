@@ -108,6 +108,11 @@ def ledoit_wolf_shrinkage(x: ArrayLike) -> tuple[jax.Array, jax.Array]:
     delta = (delta_ - 2.0 * mu * total + d * mu**2) / d
     beta = jnp.minimum(beta, delta)
     shrinkage = jnp.where(beta == 0, 0.0, beta / jnp.where(delta == 0, 1.0, delta))
+    # beta is a mean of squared norms (>= 0), taken here as a difference of two sums that
+    # cancel exactly when every centred sample has the same outer product (n = 2): float
+    # rounding can leave it slightly negative, and a negative shrinkage can make the
+    # shift s * mu + ridge, an eigenvalue of the estimate, negative.
+    shrinkage = jnp.clip(shrinkage, 0.0, 1.0)
     return shrinkage.astype(xc.dtype), mu
 
 

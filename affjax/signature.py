@@ -137,6 +137,41 @@ def capture_layers(
     return (layers, output) if return_output else layers
 
 
+def _stale(v: Any) -> bool:
+    """Whether ``v`` is a tracer that escaped a transform which has finished.
+
+    Such a tracer fails in any operation of the current trace; a tiny one (dead code
+    under ``jit``) tells, so that the error can say what to change.
+    """
+    if not isinstance(v, jax.core.Tracer):
+        return False
+    try:
+        jax.lax.neg(v)
+    except jax.errors.UnexpectedTracerError:
+        return True
+    return False
+
+
+def _nested_message(where: str, index: int) -> str:
+    return (
+        f"activation {where} (call {index} of the forward pass) ran inside a JAX transform "
+        "(jax.jit, jax.checkpoint, lax.scan, fori_loop, nnx.jit, ...) whose values cannot "
+        "leave it, so the signature cannot read them. Call it outside that transform, or "
+        "make it a module that the transform carries: affjax.NnxActivation(fn) as an "
+        "attribute (nnx.jit and nnx.remat are fine), or affjax.Activation(fn) in a linen "
+        "module under Flax's own nn.jit or nn.remat"
+    )
+
+
+def _lifted_message(where: str, what: str) -> str:
+    return (
+        f"activation {where!r} {what}: it runs inside a lifted transform (nn.scan, nn.vmap, "
+        "nnx.scan, ...), where one traced body stands for many calls, and the signature does "
+        "not support that. Unroll those layers (call them in a Python loop; nn.remat and "
+        "nn.jit are fine), or score the tensors yourself with affjax.affinity_score"
+    )
+
+
 def _assemble(
     ctx: _capture.CaptureContext, nnx_model: Any = None, *, linen_state: Any = None,
     nnx_state: Any = None,
@@ -149,33 +184,49 @@ def _assemble(
         for path, node in nnx.iter_graph(nnx_model):
             entry = flat.get(tuple(path) + (_capture.SOW_NAME,))
             if isinstance(node, _capture.NnxActivation) and entry is not None:
-                sown[id(node)] = list(entry.get_value())
-                paths[id(node)] = "/".join(str(p) for p in path)
+                if node.capture_id in sown:
+                    raise RuntimeError(
+                        f"NnxActivation modules at {paths[node.capture_id]!r} and "
+                        f"{'/'.join(str(p) for p in path)!r} share one capture_id (a copy?); "
+                        "create each with NnxActivation(fn)"
+                    )
+                sown[node.capture_id] = list(entry.get_value())
+                paths[node.capture_id] = "/".join(str(p) for p in path)
     counts: dict[str, int] = defaultdict(int)
     layers = []
     for call in ctx.calls:
+        if call.nested:
+            where = "/".join((*(call.key or ()), call.kind) if call.function else call.key)
+            raise RuntimeError(_nested_message(f"{where or call.kind!r}", call.index))
+        if call.unsown:
+            where = "/".join((*call.key, call.kind) if call.function else call.key)
+            raise RuntimeError(_lifted_message(where or call.kind, "cannot store its values"))
         if call.values is not None:  # recorded directly, outside any linen module
             values, path = call.values, ""
         else:
+            if call.key not in sown and nnx_model is not None:
+                raise RuntimeError(
+                    f"an NnxActivation ({call.kind}) was called but its values are not in the "
+                    "model's state: it must be an attribute of the model (not created during "
+                    "the call), and not inside nnx.scan or nnx.vmap, which the signature does "
+                    "not support; unroll those layers"
+                )
             if call.key not in sown:
                 sown[call.key] = list(_linen_values(linen_state, call.key))
                 paths[call.key] = "/".join(call.key)
             if not sown[call.key]:
-                raise RuntimeError(
-                    f"activation {paths[call.key] or call.kind!r} was called but its captured "
-                    "values are missing; lifted transforms (nn.scan, nn.vmap) over activations "
-                    "are not supported by the signature"
-                )
+                raise RuntimeError(_lifted_message(
+                    paths[call.key] or call.kind, "was called but its captured values are missing"
+                ))
             values, path = sown[call.key].pop(0), paths[call.key]
         base = "/".join(p for p in (path, call.kind if call.function else "") if p) or call.kind
         name = f"{base}:{counts[base]}"
         counts[base] += 1
         x_red, y_red = values
+        if _stale(x_red) or _stale(y_red):
+            raise RuntimeError(_nested_message(repr(name), call.index))
         if x_red.ndim != 2:
-            raise RuntimeError(
-                f"activation {name!r} produced values of shape {x_red.shape}; lifted transforms "
-                "(nn.scan, nn.vmap) over activations are not supported by the signature"
-            )
+            raise RuntimeError(_lifted_message(name, f"produced values of shape {x_red.shape}"))
         layers.append(Layer(name, call.kind, x_red, y_red))
     if not layers:
         raise ValueError(

@@ -55,6 +55,28 @@ def test_ledoit_wolf_float32_and_degenerate():
                                1e-6 * np.eye(3), atol=1e-15)
 
 
+def test_ledoit_wolf_two_samples_float32_stays_positive_definite():
+    # With two samples both centred rows have the same outer product, so the estimate of
+    # beta is a difference of two equal sums: float32 rounding can leave it negative, and
+    # an unclipped negative shrinkage made the shift (an eigenvalue) negative: NaN scores.
+    from reference import affinity_score_reference
+
+    from affjax.covariance import covariance_parts
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        x = rng.normal(size=(2, 2)).astype(np.float32)
+        w = rng.normal(size=(2, 2))
+        y = (x @ (w @ w.T) + 3.0).astype(np.float32)
+        s, mu = affjax.ledoit_wolf_shrinkage(y)
+        assert 0.0 <= float(s) <= 1.0
+        parts = covariance_parts(y, covariance="ledoit_wolf")
+        assert float(parts.shift) >= np.float32(1e-6)  # the ridge, plus s * mu >= 0
+        got = float(affjax.affinity_score(x, y, covariance="ledoit_wolf"))
+        want = affinity_score_reference(x, y, covariance="ledoit_wolf")["score"]
+        assert abs(got - want) < 1e-3, (got, want)
+
+
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
 def test_psd_sqrt_and_inv_sqrt(dtype, tol):
     rng = np.random.default_rng(1)

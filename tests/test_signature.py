@@ -454,3 +454,166 @@ def test_group_of_wide_float32_layers_skips_cholesky_and_equals_per_layer_scores
         expected = [float(affjax.affinity_score(x, y, solver="scipy"))
                     for x, y in zip(xs, ys, strict=True)]
         np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(affjax.Activation(jax.nn.gelu)(nn.Dense(6)(x)) - 0.2) + x
+
+
+class _Lifted(nn.Module):
+    """Two residual blocks, plain or under one of Flax's lifted transforms."""
+
+    how: str = "plain"
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(6)(x)
+        if self.how in ("scan", "scan_with_intermediates"):
+            axes = {"params": 0, **({"intermediates": 0} if self.how != "scan" else {})}
+            body = nn.scan(lambda m, c, _: (m(c), None), variable_axes=axes,
+                           split_rngs={"params": True}, length=2)
+            x, _ = body(_Block(), x, None)
+        elif self.how == "vmap":
+            block = nn.vmap(_Block, variable_axes={"params": 0}, split_rngs={"params": True})
+            x = block()(jnp.stack([x, x]))[0]
+        else:
+            wrap = {"plain": lambda m: m, "jit": nn.jit, "remat": nn.remat}[self.how]
+            for _ in range(2):
+                x = wrap(_Block)()(x)
+        return affjax.Activation(jnp.tanh)(x)
+
+
+def _renamed(tree, old, new):
+    if not isinstance(tree, dict):
+        return tree
+    return {k.replace(old, new): _renamed(v, old, new) for k, v in tree.items()}
+
+
+@pytest.mark.parametrize("how, prefix", [("jit", "Jit_Block"), ("remat", "Checkpoint_Block")])
+def test_linen_jit_and_remat_blocks_are_captured_like_plain_ones(how, prefix):
+    x = _x()
+    plain = _Lifted("plain")
+    v = _init(plain, x)
+    lifted = _Lifted(how)
+    v_lifted = _renamed(v, "_Block", prefix)
+    assert jax.tree.structure(v_lifted) == jax.tree.structure(_init(lifted, x))
+    want = affjax.signature(plain, v, x)
+    got = affjax.signature(lifted, v_lifted, x)
+    assert got.names == [n.replace("_Block", prefix) for n in want.names]
+    assert len(got.names) == 5  # gelu, relu per block, then tanh
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
+    jitted = jax.jit(affjax.signature_scores, static_argnums=0)(lifted, v_lifted, x)
+    np.testing.assert_allclose(np.asarray(jitted), want.scores, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["scan", "scan_with_intermediates", "vmap"])
+def test_linen_scan_and_vmap_over_activations_raise_a_clear_error(how):
+    x = _x()
+    model = _Lifted(how)
+    v = _init(model, x)
+    for fn in (affjax.signature, affjax.signature_scores):
+        with pytest.raises(RuntimeError, match=r"_Block_0/Activation_0.*lifted transform.*Unroll"):
+            fn(model, v, x)
+
+
+def test_activation_function_inside_a_raw_jax_transform_raises_a_clear_error():
+    class RawJit(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jax.jit(jax.nn.relu)(nn.Dense(6)(x))
+
+    class RawLoop(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            act = affjax.Activation(jax.nn.relu)
+            return jax.lax.fori_loop(0, 2, lambda i, h: act(h) - 0.1, nn.Dense(6)(x))
+
+    x = _x()
+    for model in (RawJit(), RawLoop()):
+        v = _init(model, x)
+        for fn in (affjax.signature, affjax.signature_scores):
+            with pytest.raises(RuntimeError, match="ran inside a JAX transform.*nn.remat"):
+                fn(model, v, x)
+
+    class NnxRawJit(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 6, rngs=rngs)
+
+        def __call__(self, x):
+            return nnx.jit(lambda m, h: nnx.relu(m(h)))(self.l1, x)
+
+    with pytest.raises(RuntimeError, match="'relu' .*ran inside a JAX transform"):
+        affjax.signature(NnxRawJit(nnx.Rngs(0)), None, x)
+
+
+class _NnxBlocks(nnx.Module):
+    def __init__(self, how, rngs):
+        self.how = how
+        self.l0 = nnx.Linear(4, 6, rngs=rngs)
+        self.l1 = nnx.Linear(6, 6, rngs=rngs)
+        self.act = affjax.NnxActivation(jax.nn.gelu)
+
+    def __call__(self, x):
+        def block(lin, act, h):
+            return act(lin(h)) + h
+
+        wrap = {"plain": lambda f: f, "jit": nnx.jit, "remat": nnx.remat}[self.how]
+        h = self.l0(x)
+        for _ in range(2):
+            h = wrap(block)(self.l1, self.act, h)
+        return h
+
+
+@pytest.mark.parametrize("how", ["jit", "remat"])
+def test_nnx_jit_and_remat_are_captured_like_plain_calls(how):
+    # NNX copies the module graph inside its transforms; calls are matched to their sown
+    # values by a static id, not by the Python object.
+    x = _x()
+    want = affjax.signature(_NnxBlocks("plain", nnx.Rngs(0)), None, x)
+    got = affjax.signature(_NnxBlocks(how, nnx.Rngs(0)), None, x)
+    assert got.names == want.names == ["act:0", "act:1"]
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Using 'Module.sow\\(\\)' outside")
+def test_nnx_scan_and_activation_made_during_the_call_raise_clear_errors():
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(6, 6, rngs=rngs)
+            self.act = affjax.NnxActivation(jax.nn.gelu)
+
+        def __call__(self, h):
+            return self.act(self.lin(h)) + h
+
+    class Scanned(nnx.Module):
+        def __init__(self, rngs):
+            self.l0 = nnx.Linear(4, 6, rngs=rngs)
+
+            @nnx.split_rngs(splits=3)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(r):
+                return Block(r)
+
+            self.blocks = make(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def body(block, h):
+                return block(h)
+
+            return body(self.blocks, self.l0(x))
+
+    class MadeInCall(nnx.Module):
+        def __init__(self, rngs):
+            self.l0 = nnx.Linear(4, 6, rngs=rngs)
+
+        def __call__(self, x):
+            return affjax.NnxActivation(jax.nn.relu)(self.l0(x))
+
+    x = _x()
+    with pytest.raises(RuntimeError, match=r"'blocks/act:0' produced values of shape \(3, "):
+        affjax.signature(Scanned(nnx.Rngs(0)), None, x)
+    with pytest.raises(RuntimeError, match="must be an attribute of the model"):
+        affjax.signature(MadeInCall(nnx.Rngs(0)), None, x)
