@@ -49,9 +49,9 @@ class AffinityResult(NamedTuple):
       bures_w2: closed-form W2 between ``N(m_x, C_x)`` and ``N(m_y, C_y)``.
       A: ``(d, d)`` symmetric PSD matrix of the map ``T(x) = A x + b``. On
         directions no centred sample reaches (d >= n) it is ``sqrt(c_y / c_x)``
-        in float64 and wherever the span path runs with ``d > 2n``, but about 0
-        in float32 otherwise (pseudo-inverse); the score does not depend on that
-        block (``docs/numerics.md``, "The map off the samples' span").
+        in float64; in float32 the pseudo-inverse cutoff drops some or all of
+        them (about 0 there). The score does not depend on that block
+        (``docs/numerics.md``, "The map off the samples' span").
       b: ``(d,)`` offset of the map, ``m_y - A m_x``.
       trace_cov_y: ``trace C_y`` (regularised or shrunk), the score's scale.
       permutation: int32 ``(n,)``, ``T(x_i)`` is matched to ``y[permutation[i]]``;

@@ -91,6 +91,32 @@ def test_span_path_equals_dense_path(kind, n, d, covariance):
                                atol=1e-6 * (1 + np.abs(y).max()))
 
 
+@pytest.mark.parametrize("path", ["dense", "span"])
+@pytest.mark.parametrize("n, d", [(20, 30), (10, 30)])  # d <= 2n and d > 2n
+def test_map_off_the_samples_span(n, d, path):
+    # docs/numerics.md "The map off the samples' span": y = 2x + 1 gives A = 2 on the span
+    # of the centred samples in any dtype; off it A = sqrt(c_y / c_x) = 1 (ridge over ridge)
+    # in float64, while in float32 the pseudo-inverse cutoff removes those directions (on
+    # the dense path A is about 0 there). The mapped samples never depend on that block.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d))
+    q, _ = np.linalg.qr((x - x.mean(0)).T)
+    q = q[:, : n - 1]  # n centred samples span n - 1 dimensions
+    off = np.eye(d) - q @ q.T
+    maps = {}
+    for dtype in (np.float64, np.float32):
+        res = affjax.affinity(x.astype(dtype), (2.0 * x + 1.0).astype(dtype), path=path)
+        a = np.asarray(res.A, np.float64)
+        np.testing.assert_allclose(q.T @ a @ q, 2.0 * np.eye(n - 1), atol=1e-3)
+        assert abs(float(res.score) - 1.0) < 1e-5
+        maps[dtype] = a
+    np.testing.assert_allclose(off @ maps[np.float64] @ off, off, atol=1e-6)
+    if path == "dense":
+        np.testing.assert_allclose(off @ maps[np.float32] @ off, 0.0, atol=1e-3)
+    xc = x - x.mean(0)
+    np.testing.assert_allclose(xc @ maps[np.float32], xc @ maps[np.float64], atol=1e-3)
+
+
 def test_ridge_zero_wide_uses_pseudo_inverse():
     # METHOD.md: with d > n and no ridge the inner matrix is singular; the pseudo-inverse gives
     # a score in [0, 1] (an inverse would give a large negative one).
