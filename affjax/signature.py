@@ -651,7 +651,9 @@ def signature_over_batches(
       (``(B, L)``). ``std`` is the population standard deviation (``ddof=0``).
 
     Raises:
-      ValueError: no batches, or batches whose activation calls differ.
+      ValueError: no batches, batches whose activation calls differ, or a
+        batch :func:`signature` rejects (the message starts with its index;
+        drop a last batch of one sample).
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -670,7 +672,10 @@ def signature_over_batches(
     rows, first = [], None
     start = time.perf_counter()
     for b, batch in enumerate(batches):
-        sig = signature(model, variables, batch, **kwargs)
+        try:
+            sig = signature(model, variables, batch, **kwargs)
+        except ValueError as err:  # say which batch: often a short last batch
+            raise ValueError(f"batch {b}: {err}") from err
         if first is None:
             first = sig
         elif sig.names != first.names:

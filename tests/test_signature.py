@@ -285,6 +285,8 @@ def test_signature_over_batches_mean_and_std(capsys):
     np.testing.assert_allclose(result.std, rows.std(0), atol=1e-6)
     assert "batch 3" in capsys.readouterr().err
     assert "std" in str(result)
+    with pytest.raises(ValueError, match=r"^batch 3: .*at least 2 samples, got 1"):
+        affjax.signature_over_batches(model, v, [*batches, _x(n=1)], progress=False)
 
 
 def test_groups_by_shape():
