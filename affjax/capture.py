@@ -316,6 +316,37 @@ def _in_raw_transform(module: nn.Module) -> bool:
     return flax_tracers.current_trace() != module.scope.trace_level
 
 
+def unique_capture_ids(model: nnx.Module) -> None:
+    """Give every :class:`NnxActivation` in ``model`` a ``capture_id`` of its own.
+
+    Ids come from a counter at construction, so they are unique unless a module was
+    copied (``nnx.clone``, ``copy.deepcopy``): such copies get fresh ids here. Nothing
+    changes in the usual case, so the model's graph definition (and any ``nnx.jit``
+    cache keyed on it) stays the same.
+
+    Args:
+      model: an ``nnx.Module``.
+
+    Example:
+      >>> import jax
+      >>> from flax import nnx
+      >>> class Two(nnx.Module):
+      ...     def __init__(self):
+      ...         self.a = NnxActivation(jax.nn.relu)
+      ...         self.b = nnx.clone(self.a)
+      >>> m = Two(); m.a.capture_id == m.b.capture_id
+      True
+      >>> unique_capture_ids(m); m.a.capture_id == m.b.capture_id
+      False
+    """
+    seen: set[int] = set()
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, NnxActivation):
+            if node.capture_id in seen:
+                node.capture_id = next(_NNX_IDS)
+            seen.add(node.capture_id)
+
+
 def _function_wrapper(fn: Callable, kind: str) -> Callable:
     def wrapper(x, *args, **kwargs):
         ctx = _CONTEXT.get()

@@ -116,6 +116,8 @@ def capture_layers(
     is_nnx = isinstance(model, nnx.Module)
     if is_nnx and variables is not None:
         raise TypeError("an nnx.Module carries its own state: pass variables=None")
+    if is_nnx:
+        _capture.unique_capture_ids(model)
     with _capture.capturing(tokens=tokens, functions=functions,
                             on_full_tensors=on_full_tensors) as ctx:
         if is_nnx:
@@ -187,8 +189,8 @@ def _assemble(
                 if node.capture_id in sown:
                     raise RuntimeError(
                         f"NnxActivation modules at {paths[node.capture_id]!r} and "
-                        f"{'/'.join(str(p) for p in path)!r} share one capture_id (a copy?); "
-                        "create each with NnxActivation(fn)"
+                        f"{'/'.join(str(p) for p in path)!r} share one capture_id, which "
+                        "affjax.capture.unique_capture_ids(model) would have fixed"
                     )
                 sown[node.capture_id] = list(entry.get_value())
                 paths[node.capture_id] = "/".join(str(p) for p in path)

@@ -619,3 +619,40 @@ def test_nnx_scan_and_activation_made_during_the_call_raise_clear_errors():
         affjax.signature(Scanned(nnx.Rngs(0)), None, x)
     with pytest.raises(RuntimeError, match="must be an attribute of the model"):
         affjax.signature(MadeInCall(nnx.Rngs(0)), None, x)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "jit"])
+def test_nnx_cloned_blocks_are_told_apart(wrap):
+    # nnx.clone copies the static capture_id too; the capture gives the copies their own.
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(6, 6, rngs=rngs)
+            self.act = affjax.NnxActivation(jax.nn.gelu)
+
+        def __call__(self, h):
+            return self.act(self.lin(h)) + h
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            self.l0 = nnx.Linear(4, 6, rngs=rngs)
+            first = Block(rngs)
+            self.b0, self.b1, self.b2 = first, nnx.clone(first), nnx.clone(first)
+
+        def __call__(self, x):
+            call = nnx.jit(lambda m, h: m(h)) if wrap == "jit" else (lambda m, h: m(h))
+            h = self.l0(x)
+            for block in (self.b0, self.b1, self.b2):
+                h = call(block, h)
+            return h
+
+    x = _x()
+    model = Stack(nnx.Rngs(0))
+    assert model.b0.act.capture_id == model.b1.act.capture_id
+    sig = affjax.signature(model, None, x)
+    assert sig.names == ["b0/act:0", "b1/act:0", "b2/act:0"]
+    h, expected = model.l0(x), []
+    for block in (model.b0, model.b1, model.b2):
+        pre = block.lin(h)
+        expected.append(float(affjax.affinity_score(pre, jax.nn.gelu(pre))))
+        h = jax.nn.gelu(pre) + h
+    np.testing.assert_allclose(sig.scores, expected, atol=1e-5)
