@@ -136,7 +136,7 @@ def _concrete(v: ArrayLike) -> np.ndarray | None:
 
 def _as_float(name: str, v: ArrayLike, dtype: Any) -> jax.Array:
     dtype_in = v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype
-    if not (np.issubdtype(dtype_in, np.floating) or np.issubdtype(dtype_in, np.integer)):
+    if not (jnp.issubdtype(dtype_in, jnp.floating) or jnp.issubdtype(dtype_in, jnp.integer)):
         raise TypeError(f"{name} must be a real number or array, got {v!r} of dtype {dtype_in}")
     arr = jnp.asarray(v)
     concrete = _concrete(v)

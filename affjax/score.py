@@ -84,7 +84,7 @@ class AffinityResult(NamedTuple):
 def _as_samples(name: str, v: ArrayLike) -> jax.Array:
     arr = v if isinstance(v, jax.Array) else np.asarray(v)
     dtype = np.dtype(arr.dtype)
-    if not np.issubdtype(dtype, np.floating):
+    if not jnp.issubdtype(dtype, jnp.floating):  # np.issubdtype misses bfloat16
         raise TypeError(
             f"{name} must be a floating-point array, got dtype {dtype}; "
             f"cast it, e.g. {name}.astype(jnp.float32)"

@@ -234,6 +234,14 @@ def test_dtypes():
     half = affjax.affinity_score(x.astype(np.float16), y.astype(np.float16))
     assert half.dtype == jnp.float32
     assert abs(float(half) - float(affjax.affinity_score(x, y))) < 5e-3
+    # bfloat16 is not an np.floating subtype; it is accepted all the same, as a JAX array or
+    # a NumPy (ml_dtypes) array, and scored in float32 like the data rounded to it.
+    xb, yb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(y, jnp.bfloat16)
+    want = affjax.affinity_score(xb.astype(jnp.float32), yb.astype(jnp.float32))
+    for a, b in ((xb, yb), (np.asarray(xb), np.asarray(yb))):
+        got = affjax.affinity_score(a, b)
+        assert got.dtype == jnp.float32
+        assert float(got) == float(want)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
