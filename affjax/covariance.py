@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from affjax import _checks
+
 CovarianceName = Literal["empirical", "ledoit_wolf"]
 COVARIANCES: tuple[str, ...] = ("empirical", "ledoit_wolf")
 
@@ -66,6 +68,17 @@ def _center(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x - first - offset, first[0] + offset
 
 
+def _samples(x: ArrayLike, estimate: str) -> jax.Array:
+    arr = _checks.point_cloud("x", x)
+    minimum = 2 if estimate == "empirical" else 1  # the empirical one divides by n - 1
+    if arr.shape[0] < minimum:
+        raise ValueError(
+            f"the {estimate} covariance needs at least {minimum} samples (rows), got x of "
+            f"shape {arr.shape}"
+        )
+    return arr
+
+
 def ledoit_wolf_shrinkage(x: ArrayLike) -> tuple[jax.Array, jax.Array]:
     r"""Ledoit-Wolf shrinkage intensity and target scale.
 
@@ -74,7 +87,7 @@ def ledoit_wolf_shrinkage(x: ArrayLike) -> tuple[jax.Array, jax.Array]:
     ``S = Xc^T Xc / n`` and ``mu = trace(S) / d``.
 
     Args:
-      x: samples in rows, shape ``(n, d)``, float.
+      x: samples in rows, shape ``(n, d)`` (or ``(n,)``: d = 1), float.
 
     Returns:
       ``(s, mu)``, scalars of the input dtype. ``s = 0`` when ``d == 1``.
@@ -95,7 +108,7 @@ def ledoit_wolf_shrinkage(x: ArrayLike) -> tuple[jax.Array, jax.Array]:
       >>> round(float(s), 6), round(float(mu), 6)
       (0.0, 1.0)
     """
-    xc, _ = _center(jnp.asarray(x))
+    xc, _ = _center(_samples(x, "ledoit_wolf"))
     n, d = xc.shape
     total = jnp.sum(xc**2) / n  # trace of S
     mu = total / d
@@ -122,18 +135,19 @@ def covariance_parts(
     """The covariance estimate of ``x`` in low-rank-plus-identity form.
 
     Args:
-      x: samples in rows, shape ``(n, d)``, float.
+      x: samples in rows, shape ``(n, d)`` (or ``(n,)``: d = 1), float.
       covariance: ``"empirical"`` (unbiased, divides by ``n - 1``) or
         ``"ledoit_wolf"`` (scikit-learn's ``LedoitWolf``, divides by ``n``).
       ridge: added to the diagonal.
 
     Returns:
       A :class:`LowRankPlusIdentity` in the dtype of ``x``; ``.dense()``
-      forms the ``(d, d)`` matrix. With ``"empirical"`` and ``n == 1`` the
-      sample term divides by zero: use at least two samples.
+      forms the ``(d, d)`` matrix.
 
     Raises:
-      ValueError: for an unknown ``covariance`` name.
+      ValueError: an unknown ``covariance`` name, a rank other than 1 or 2, or
+        fewer than 2 samples for ``"empirical"`` (1 for ``"ledoit_wolf"``).
+      TypeError: a dtype that is not real.
 
     Example:
       >>> import jax.numpy as jnp
@@ -143,7 +157,9 @@ def covariance_parts(
       >>> covariance_parts(x, covariance="ledoit_wolf", ridge=0.0).dense().tolist()
       [[1.0]]
     """
-    xc, mean = _center(jnp.asarray(x))
+    if covariance not in COVARIANCES:
+        raise ValueError(f"unknown covariance {covariance!r}; expected one of {COVARIANCES}")
+    xc, mean = _center(_samples(x, covariance))
     n = xc.shape[0]
     dtype = xc.dtype
     if covariance == "empirical":
@@ -162,7 +178,7 @@ def empirical_covariance(x: ArrayLike, *, ridge: float = 1e-6) -> jax.Array:
     """Unbiased sample covariance plus ``ridge * I``.
 
     Args:
-      x: samples in rows, shape ``(n, d)``, float.
+      x: samples in rows, shape ``(n, d)`` (or ``(n,)``: d = 1), float.
       ridge: added to the diagonal.
 
     Returns:
@@ -183,7 +199,7 @@ def ledoit_wolf_covariance(x: ArrayLike, *, ridge: float = 1e-6) -> jax.Array:
     Matches ``sklearn.covariance.LedoitWolf().fit(x).covariance_ + ridge * I``.
 
     Args:
-      x: samples in rows, shape ``(n, d)``, float.
+      x: samples in rows, shape ``(n, d)`` (or ``(n,)``: d = 1), float.
       ridge: added to the diagonal.
 
     Returns:

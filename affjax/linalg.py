@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from affjax import _checks
+
 
 def _loop_on_cpu(fn):
     """``fn`` of one matrix, whose ``vmap`` (and leading axes) loop on CPU.
@@ -269,7 +271,7 @@ def psd_sqrt(m: ArrayLike) -> jax.Array:
         >>> s.dtype, s.round(5).tolist()
         (dtype('float32'), [[2.0, 0.0], [0.0, 3.0]])
     """
-    return _sqrt(jnp.asarray(m))
+    return _sqrt(_checks.square_matrix("m", m))
 
 
 def psd_inv_sqrt(m: ArrayLike, *, rtol: float | None = None) -> jax.Array:
@@ -293,7 +295,7 @@ def psd_inv_sqrt(m: ArrayLike, *, rtol: float | None = None) -> jax.Array:
         >>> r.dtype, r.round(5).tolist()   # the zero eigenvalue stays zero
         (dtype('float32'), [[0.5, 0.0], [0.0, 0.0]])
     """
-    m = jnp.asarray(m)
+    m = _checks.square_matrix("m", m)
     return _inv_sqrt(m, _default_rtol(m) if rtol is None else float(rtol))
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from affjax import _checks
 from affjax.linalg import gram_cholesky
 from affjax.linalg import gram_inv_sqrt_and_trace_sqrt
 from affjax.linalg import psd_sqrt
@@ -208,6 +209,16 @@ def bures_from_factors(
     return 0.5 * (a + jnp.swapaxes(a, -1, -2)), trace_sqrt
 
 
+def _covariance_pair(cov_x: ArrayLike, cov_y: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    cov_x = _checks.square_matrix("cov_x", cov_x)
+    cov_y = _checks.square_matrix("cov_y", cov_y)
+    if cov_x.shape != cov_y.shape:
+        raise ValueError(
+            f"cov_x and cov_y must have the same shape (d, d), got {cov_x.shape} and {cov_y.shape}"
+        )
+    return cov_x, cov_y
+
+
 def _dense_bures(cov_x: ArrayLike, cov_y: ArrayLike, rtol: float | None):
     return bures_from_factors(psd_sqrt(cov_x), psd_sqrt(cov_y), rtol=rtol)
 
@@ -232,6 +243,7 @@ def bures_map(cov_x: ArrayLike, cov_y: ArrayLike, *, rtol: float | None = None) 
       >>> a.shape, a.dtype, a.round(4).tolist()
       ((2, 2), dtype('float32'), [[2.0, 0.0], [0.0, 2.0]])
     """
+    cov_x, cov_y = _covariance_pair(cov_x, cov_y)
     return _dense_bures(cov_x, cov_y, rtol)[0]
 
 
@@ -265,8 +277,14 @@ def bures_w2(
       >>> round(float(w), 4)   # sqrt(3^2 + 2 * (2 - 1)^2)
       3.3166
     """
-    mean_x, mean_y = jnp.asarray(mean_x), jnp.asarray(mean_y)
-    cov_x, cov_y = jnp.asarray(cov_x), jnp.asarray(cov_y)
+    cov_x, cov_y = _covariance_pair(cov_x, cov_y)
+    mean_x, mean_y = _checks.real_array("mean_x", mean_x), _checks.real_array("mean_y", mean_y)
+    for name, mean in (("mean_x", mean_x), ("mean_y", mean_y)):
+        if mean.shape != cov_x.shape[:-1]:
+            raise ValueError(
+                f"{name} must have shape {cov_x.shape[:-1]} to go with covariances of shape "
+                f"{cov_x.shape}, got {mean.shape}"
+            )
     _, trace_sqrt = _dense_bures(cov_x, cov_y, rtol)
     sq = jnp.sum((mean_x - mean_y) ** 2) + jnp.trace(cov_x) + jnp.trace(cov_y) - 2 * trace_sqrt
     return safe_sqrt(sq)
@@ -387,6 +405,12 @@ def resolve_solver(solver: str, n: int, d: int) -> str:
     return "hungarian"
 
 
+def _exact_pair(what: str, x: ArrayLike, y: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    x, y = _checks.point_cloud("x", x), _checks.point_cloud("y", y)
+    _checks.same_shape(what, x, y)
+    return x, y
+
+
 def optimal_permutation(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> jax.Array:
     """The optimal matching of two equal-size point clouds, squared Euclidean cost.
 
@@ -407,8 +431,8 @@ def optimal_permutation(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> 
       >>> perm.dtype, perm.tolist()
       (dtype('int32'), [1, 0])
     """
-    x = jax.lax.stop_gradient(jnp.asarray(x))
-    y = jax.lax.stop_gradient(jnp.asarray(y))
+    x, y = _exact_pair("optimal_permutation", x, y)
+    x, y = jax.lax.stop_gradient(x), jax.lax.stop_gradient(y)
     n, d = x.shape
     solver = resolve_solver(solver, n, d)
     if solver == "sort":
@@ -457,7 +481,12 @@ def sinkhorn_w2_squared(
     from ott.geometry import pointcloud
     from ott.solvers import linear
 
-    geom = pointcloud.PointCloud(jnp.asarray(x), jnp.asarray(y), epsilon=epsilon)
+    x, y = _checks.point_cloud("x", x), _checks.point_cloud("y", y)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"sinkhorn_w2_squared needs points of one dimension d, got x {x.shape} and y {y.shape}"
+        )
+    geom = pointcloud.PointCloud(x, y, epsilon=epsilon)
     out = linear.solve(geom, threshold=threshold, max_iterations=max_iterations,
                        implicit_diff=None)
     return jnp.sum(out.matrix * geom.cost_matrix)
@@ -488,9 +517,7 @@ def w2_squared(
       >>> float(w2_squared(x, x[::-1] + 1.0, solver="scipy"))   # every point moves by (1, 1)
       2.0
     """
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    if x.ndim == 1:
-        x, y = x[:, None], y[:, None]
+    x, y = _exact_pair("w2_squared", x, y)
     n, d = x.shape
     solver = resolve_solver(solver, n, d)
     if solver == "sinkhorn":
@@ -521,4 +548,5 @@ def exact_w2(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> jax.Array:
     """
     if solver == "sinkhorn":
         raise ValueError("exact_w2 takes an exact solver; use w2_squared(solver='sinkhorn')")
+    x, y = _exact_pair("exact_w2", x, y)
     return safe_sqrt(w2_squared(x, y, solver=solver))

@@ -194,3 +194,51 @@ def test_sinkhorn_bias_is_small_and_positive():
     for eps in (1e-2, 1e-3):
         entropic = float(affjax.w2_squared(x, y, solver="sinkhorn", sinkhorn_epsilon=eps))
         assert exact <= entropic < exact * (1 + 10 * eps)
+
+
+_PTS = np.random.default_rng(0).normal(size=(10, 3))
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: affjax.exact_w2(_PTS, _PTS[:7]), ValueError,
+         r"exact_w2 needs two point clouds of the same shape.*\(10, 3\).*\(7, 3\)"),
+        (lambda: affjax.w2_squared(_PTS, _PTS[:, :2]), ValueError, r"same shape.*\(10, 2\)"),
+        (lambda: affjax.optimal_permutation(_PTS, _PTS[:4]), ValueError, r"\(4, 3\)"),
+        (lambda: affjax.exact_w2(np.zeros((4, 2, 2)), np.zeros((4, 2, 2))), ValueError,
+         r"x must have shape \(n, d\).*\(4, 2, 2\)"),
+        (lambda: affjax.exact_w2(_PTS.astype(complex), _PTS), TypeError,
+         "x must be a real-valued.*complex"),
+        (lambda: affjax.sinkhorn_w2_squared(_PTS, _PTS[:, :2], epsilon=0.1), ValueError,
+         r"one dimension d.*\(10, 3\).*\(10, 2\)"),
+        (lambda: affjax.bures_map(np.eye(3), np.eye(2)), ValueError,
+         r"cov_x and cov_y must have the same shape.*\(3, 3\).*\(2, 2\)"),
+        (lambda: affjax.bures_map(np.ones((3, 4)), np.ones((3, 4))), ValueError,
+         r"cov_x must be a square matrix.*\(3, 4\)"),
+        (lambda: affjax.bures_w2(np.zeros(2), np.eye(3), np.zeros(3), np.eye(3)), ValueError,
+         r"mean_x must have shape \(3,\).*got \(2,\)"),
+        (lambda: affjax.psd_sqrt(np.ones((3, 4))), ValueError, r"m must be a square.*\(3, 4\)"),
+        (lambda: affjax.psd_inv_sqrt(np.ones(3)), ValueError, r"m must be a square.*\(3,\)"),
+        (lambda: affjax.psd_sqrt(np.eye(2, dtype=bool)), TypeError,
+         "m must be a real-valued.*bool"),
+        (lambda: affjax.empirical_covariance(_PTS[:1]), ValueError,
+         r"empirical covariance needs at least 2 samples.*\(1, 3\)"),
+        (lambda: affjax.ledoit_wolf_covariance(np.ones((4, 2, 2))), ValueError,
+         r"x must have shape \(n, d\).*\(4, 2, 2\)"),
+        (lambda: affjax.ledoit_wolf_shrinkage(np.ones((0, 2))), ValueError,
+         "ledoit_wolf covariance needs at least 1 samples"),
+    ],
+)
+def test_building_blocks_name_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_one_dimensional_samples_are_one_feature():
+    x = _PTS[:, 0]
+    np.testing.assert_allclose(np.asarray(affjax.empirical_covariance(x)),
+                               np.cov(x).reshape(1, 1) + 1e-6, rtol=1e-10)
+    expected = LedoitWolf().fit(x[:, None]).covariance_ + 1e-6
+    np.testing.assert_allclose(np.asarray(affjax.ledoit_wolf_covariance(x)), expected,
+                               rtol=1e-10)

@@ -1,0 +1,48 @@
+"""Argument checks of the public functions: errors that name the argument, shape and dtype.
+
+Only static properties (dtype, shape) are checked, so the checks cost nothing under
+``jax.jit`` and ``jax.vmap``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+
+def real_array(name: str, v: ArrayLike) -> jax.Array:
+    """``v`` as a JAX array; ``TypeError`` naming ``name`` unless it is real (float or int)."""
+    arr = v if isinstance(v, jax.Array) else np.asarray(v)
+    # jnp.issubdtype, not np.issubdtype: NumPy does not count bfloat16 as floating.
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+        raise TypeError(f"{name} must be a real-valued (float) array, got dtype {arr.dtype}")
+    return jnp.asarray(arr)
+
+
+def point_cloud(name: str, v: ArrayLike) -> jax.Array:
+    """``(n, d)`` points in rows; ``(n,)`` is read as ``d = 1``; any other rank is an error."""
+    arr = real_array(name, v)
+    if arr.ndim not in (1, 2):
+        raise ValueError(
+            f"{name} must have shape (n, d) with samples in rows, or (n,), got shape {arr.shape}"
+        )
+    return arr[:, None] if arr.ndim == 1 else arr
+
+
+def same_shape(what: str, x: jax.Array, y: jax.Array) -> None:
+    """``ValueError`` unless the two point clouds of ``what`` have one shape."""
+    if x.shape != y.shape:
+        raise ValueError(
+            f"{what} needs two point clouds of the same shape (n, d), got x {x.shape} and "
+            f"y {y.shape}"
+        )
+
+
+def square_matrix(name: str, m: ArrayLike) -> jax.Array:
+    """A ``(..., d, d)`` array, or a ``ValueError`` naming ``name`` and its shape."""
+    arr = real_array(name, m)
+    if arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
+        raise ValueError(f"{name} must be a square matrix of shape (..., d, d), got {arr.shape}")
+    return arr
