@@ -579,16 +579,17 @@ def test_nnx_jit_and_remat_are_captured_like_plain_calls(how):
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
 
 
+class _NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(6, 6, rngs=rngs)
+        self.act = affjax.NnxActivation(jax.nn.gelu)
+
+    def __call__(self, h):
+        return self.act(self.lin(h)) + h
+
+
 @pytest.mark.filterwarnings("ignore:Using 'Module.sow\\(\\)' outside")
 def test_nnx_scan_and_activation_made_during_the_call_raise_clear_errors():
-    class Block(nnx.Module):
-        def __init__(self, rngs):
-            self.lin = nnx.Linear(6, 6, rngs=rngs)
-            self.act = affjax.NnxActivation(jax.nn.gelu)
-
-        def __call__(self, h):
-            return self.act(self.lin(h)) + h
-
     class Scanned(nnx.Module):
         def __init__(self, rngs):
             self.l0 = nnx.Linear(4, 6, rngs=rngs)
@@ -596,7 +597,7 @@ def test_nnx_scan_and_activation_made_during_the_call_raise_clear_errors():
             @nnx.split_rngs(splits=3)
             @nnx.vmap(in_axes=(0,), out_axes=0)
             def make(r):
-                return Block(r)
+                return _NnxBlock(r)
 
             self.blocks = make(rngs)
 
@@ -624,18 +625,10 @@ def test_nnx_scan_and_activation_made_during_the_call_raise_clear_errors():
 @pytest.mark.parametrize("wrap", ["plain", "jit"])
 def test_nnx_cloned_blocks_are_told_apart(wrap):
     # nnx.clone copies the static capture_id too; the capture gives the copies their own.
-    class Block(nnx.Module):
-        def __init__(self, rngs):
-            self.lin = nnx.Linear(6, 6, rngs=rngs)
-            self.act = affjax.NnxActivation(jax.nn.gelu)
-
-        def __call__(self, h):
-            return self.act(self.lin(h)) + h
-
     class Stack(nnx.Module):
         def __init__(self, rngs):
             self.l0 = nnx.Linear(4, 6, rngs=rngs)
-            first = Block(rngs)
+            first = _NnxBlock(rngs)
             self.b0, self.b1, self.b2 = first, nnx.clone(first), nnx.clone(first)
 
         def __call__(self, x):
