@@ -84,6 +84,7 @@ HEADLINE_EIGH = (384, 3072, 0.05)
 BLAS_ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 # Scaling exponents (in n, in d) used to estimate a stage's time from a measured cell.
+MIN_EXTRAPOLATED_SECONDS = 1e-3
 EXPONENTS = {
     "cov": (1.0, 2.0),
     "eigh": (0.0, 3.0),
@@ -444,7 +445,10 @@ class Estimator:
             self.samples.setdefault(k, []).append((n, d, v))
 
     def stage(self, name: str, n: int, d: int) -> float:
-        rows = self.samples.get(name)
+        # Times under a millisecond are mostly call overhead, and scaling them by d^3 (from
+        # d = 1 to 64, say) predicted minutes for cells that take a second, more so on a
+        # busy machine: such cells were skipped. They are not extrapolated from.
+        rows = [r for r in self.samples.get(name, []) if r[2] >= MIN_EXTRAPOLATED_SECONDS]
         if not rows:
             return 0.0
         en, ed = EXPONENTS.get(name, (1.0, 1.0))
