@@ -12,18 +12,31 @@ import numpy as np
 from jax.typing import ArrayLike
 
 
-def real_array(name: str, v: ArrayLike) -> jax.Array:
-    """``v`` as a JAX array; ``TypeError`` naming ``name`` unless it is real (float or int)."""
+def real_array(name: str, v: ArrayLike, *, integers: bool = True) -> jax.Array:
+    """``v`` as a JAX array; ``TypeError`` naming ``name`` unless it is real.
+
+    With ``integers=False`` only floating dtypes pass (the score's inputs).
+    """
+    # Checked before conversion, so that e.g. an int64 NumPy array is named as such.
     arr = v if isinstance(v, jax.Array) else np.asarray(v)
     # jnp.issubdtype, not np.issubdtype: NumPy does not count bfloat16 as floating.
-    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
-        raise TypeError(f"{name} must be a real-valued (float) array, got dtype {arr.dtype}")
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        if not integers:
+            raise TypeError(
+                f"{name} must be a floating-point array, got dtype {arr.dtype}; "
+                f"cast it, e.g. {name}.astype(jnp.float32)"
+            )
+        if not jnp.issubdtype(arr.dtype, jnp.integer):
+            raise TypeError(f"{name} must be a real-valued (float) array, got dtype {arr.dtype}")
     return jnp.asarray(arr)
 
 
-def point_cloud(name: str, v: ArrayLike) -> jax.Array:
-    """``(n, d)`` points in rows; ``(n,)`` is read as ``d = 1``; any other rank is an error."""
-    arr = real_array(name, v)
+def point_cloud(name: str, v: ArrayLike, *, integers: bool = True) -> jax.Array:
+    """``(n, d)`` points in rows; ``(n,)`` is read as ``d = 1``; any other rank is an error.
+
+    ``integers``: as in :func:`real_array`.
+    """
+    arr = real_array(name, v, integers=integers)
     if arr.ndim not in (1, 2):
         raise ValueError(
             f"{name} must have shape (n, d) with samples in rows, or (n,), got shape {arr.shape}"

@@ -165,12 +165,10 @@ def covariance_parts(
     if covariance == "empirical":
         alpha = jnp.asarray(1.0 / (n - 1), dtype)
         shift = jnp.asarray(ridge, dtype)
-    elif covariance == "ledoit_wolf":
+    else:  # "ledoit_wolf"
         s, mu = ledoit_wolf_shrinkage(xc)
         alpha = (1.0 - s) / n
         shift = s * mu + ridge
-    else:
-        raise ValueError(f"unknown covariance {covariance!r}; expected one of {COVARIANCES}")
     return LowRankPlusIdentity(xc, mean, alpha.astype(dtype), shift.astype(dtype))
 
 

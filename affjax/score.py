@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from affjax import _checks
 from affjax import linalg
 from affjax import transport
 from affjax.covariance import COVARIANCES
@@ -81,22 +82,6 @@ class AffinityResult(NamedTuple):
     dead: jax.Array
 
 
-def _as_samples(name: str, v: ArrayLike) -> jax.Array:
-    arr = v if isinstance(v, jax.Array) else np.asarray(v)
-    dtype = np.dtype(arr.dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):  # np.issubdtype misses bfloat16
-        raise TypeError(
-            f"{name} must be a floating-point array, got dtype {dtype}; "
-            f"cast it, e.g. {name}.astype(jnp.float32)"
-        )
-    if arr.ndim not in (1, 2):
-        raise ValueError(
-            f"{name} must have shape (n, d) or (n,) with samples in rows, got shape {arr.shape}"
-        )
-    arr = jnp.asarray(arr)
-    return arr[:, None] if arr.ndim == 1 else arr
-
-
 def check_options(
     covariance: str, solver: str, path: str = "auto", ridge: float = 0.0
 ) -> None:
@@ -129,7 +114,8 @@ def check_options(
 
 
 def _validate(x: ArrayLike, y: ArrayLike, covariance: str, solver: str, path: str, ridge: float):
-    x, y = _as_samples("x", x), _as_samples("y", y)
+    x = _checks.point_cloud("x", x, integers=False)
+    y = _checks.point_cloud("y", y, integers=False)
     if x.shape != y.shape:
         raise ValueError(
             f"x and y must have the same shape (n, d) with paired rows, got x {x.shape} "

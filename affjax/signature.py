@@ -197,12 +197,13 @@ def _assemble(
     counts: dict[str, int] = defaultdict(int)
     layers = []
     for call in ctx.calls:
-        if call.nested:
-            where = "/".join((*(call.key or ()), call.kind) if call.function else call.key)
-            raise RuntimeError(_nested_message(f"{where or call.kind!r}", call.index))
-        if call.unsown:
-            where = "/".join((*call.key, call.kind) if call.function else call.key)
-            raise RuntimeError(_lifted_message(where or call.kind, "cannot store its values"))
+        if call.nested or call.unsown:
+            # Both are linen paths (or None outside modules); a function call adds its kind.
+            parts = (*(call.key or ()), call.kind) if call.function else call.key
+            where = "/".join(parts) or call.kind
+            if call.nested:
+                raise RuntimeError(_nested_message(repr(where), call.index))
+            raise RuntimeError(_lifted_message(where, "cannot store its values"))
         if call.values is not None:  # recorded directly, outside any linen module
             values, path = call.values, ""
         else:
