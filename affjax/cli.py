@@ -485,9 +485,12 @@ def _compare(args: argparse.Namespace) -> int:
             raise _fail(f"{p} holds no batch yet: nothing to compare.")
     if len(loaded) < 2:
         raise _fail("compare needs at least two results files.")
-    labels = compare.labels_for(loaded, args.results)
     accuracy = compare.read_accuracy(args.accuracy) if args.accuracy else None
-    out = compare.compare(loaded, labels, accuracy=accuracy)
+    try:
+        labels = compare.labels_for(loaded, args.results)
+        out = compare.compare(loaded, labels, accuracy=accuracy, nan=args.nan)
+    except ValueError as e:  # AccuracyError included
+        raise _fail(str(e)) from None
     folder = Path(args.out)
     _check_writable(folder)
     width = max(len(label) for label in labels)
@@ -495,7 +498,7 @@ def _compare(args: argparse.Namespace) -> int:
                                                            for s in compare.STATISTICS))
     for label, r in zip(labels, loaded, strict=True):
         st = out["statistics"][label]
-        print(f"{label:<{width}}  {len(r['layers']):>6}  "
+        print(f"{label:<{width}}  {len(r['layers']) - len(out['dropped'].get(label, ())):>6}  "
               + "  ".join(f"{st[s]:>13.4f}" for s in compare.STATISTICS))
     print("\nDTW distances")
     print(" " * width + "  " + "  ".join(f"{i:>8}" for i in range(len(labels))))
@@ -507,6 +510,8 @@ def _compare(args: argparse.Namespace) -> int:
         for s, c in out["correlations"].items():
             print(f"{s:<14} {c['pearson']:>8.3f} {c['pearson_p']:>8.3f} {c['spearman']:>9.3f} "
                   f"{c['spearman_p']:>8.3f}")
+    for label, names in out["dropped"].items():
+        print(f"\n{label}: left out {len(names)} layers with a NaN score: {', '.join(names)}")
     png = folder / "compare_dendrogram.png"
     out["linkage"] = plot_dendrogram(labels, out["dtw"], png, method=args.linkage).tolist()
     out["files"] = [str(p) for p in args.results]
@@ -576,6 +581,9 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", default=DEFAULT_OUT, help="output folder")
     cmp_.add_argument("--linkage", default="average",
                       choices=["single", "complete", "average", "weighted", "ward"])
+    cmp_.add_argument("--nan", default="raise", choices=["raise", "drop"],
+                      help="layers with a NaN score: stop with an error naming them (default), "
+                      "or leave them out of their signature")
     cmp_.set_defaults(func=_compare)
 
     models = sub.add_parser("models", help="list the zoo models")

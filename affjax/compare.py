@@ -45,7 +45,10 @@ def labels_for(results: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> li
       paths: the file of each result, same length.
 
     Returns:
-      One label per result, unique as long as the paths are.
+      One label per result.
+
+    Raises:
+      ValueError: ``paths`` and ``results`` differ in length, or a path is given twice.
 
     Example:
       >>> results = [{"model": "resnet18", "weights": "random", "dataset": "random"},
@@ -53,6 +56,14 @@ def labels_for(results: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> li
       >>> labels_for(results, ["a.json", "b.json"])
       ['resnet18/random/random', 'resnet18/imagenet/random']
     """
+    if len(paths) != len(results):
+        raise ValueError(f"labels_for needs one path per result, got {len(paths)} paths for "
+                         f"{len(results)} results")
+    resolved = [Path(p).resolve() for p in paths]
+    twice = sorted({str(p) for p, r in zip(paths, resolved, strict=True)
+                    if resolved.count(r) > 1})
+    if twice:
+        raise ValueError(f"the same results file is given twice: {', '.join(twice)}")
     labels = [str(r["model"]) for r in results]
     if len(set(labels)) < len(labels):
         labels = [f"{r['model']}/{r['weights']}/{r['dataset']}" for r in results]
@@ -98,24 +109,40 @@ def read_accuracy(path: str | os.PathLike) -> dict[str, float]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise AccuracyError(f"cannot read accuracy file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise AccuracyError(f"cannot read accuracy file {path}: not UTF-8 text ({e.reason} at "
+                            f"byte {e.start})") from None
     try:
         if path.suffix.lower() == ".json":
             table = json.loads(text)
             if not isinstance(table, dict):
                 raise AccuracyError(f"accuracy file {path}: expected a JSON object model -> "
                                     "accuracy")
-            return {str(k): float(v) for k, v in table.items()}
+            return {str(k): _number(v, path, k) for k, v in table.items()}
         rows = list(csv.reader(text.splitlines()))
         if len(rows) < 2:
             raise AccuracyError(f"accuracy file {path}: expected a header row and one row per "
                                 "model")
         head = [h.strip().lower() for h in rows[0]]
         col = next((head.index(h) for h in ("accuracy", "acc@1", "top1") if h in head), 1)
-        return {r[0].strip(): float(r[col]) for r in rows[1:] if r and r[0].strip()}
+        return {r[0].strip(): _number(r[col], path, r[0].strip())
+                for r in rows[1:] if r and r[0].strip()}
     except (ValueError, IndexError) as e:
         if isinstance(e, AccuracyError):
             raise
         raise AccuracyError(f"accuracy file {path}: {e}") from None
+
+
+def _number(value: Any, path: Path, model: str) -> float:
+    # Numbers, or text that reads as one (CSV cells); not null, true, lists, ...
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise AccuracyError(f"accuracy file {path}: the accuracy of {model!r} is "
+                            f"{json.dumps(value)}, not a number")
+    try:
+        return float(value)
+    except ValueError:
+        raise AccuracyError(f"accuracy file {path}: the accuracy of {model!r} is {value!r}, "
+                            "not a number") from None
 
 
 def correlations(stats: Mapping[str, Mapping[str, float]], accuracy: Mapping[str, float]
@@ -163,19 +190,24 @@ def correlations(stats: Mapping[str, Mapping[str, float]], accuracy: Mapping[str
 
 
 def compare(results: Sequence[Mapping[str, Any]], labels: Sequence[str], *,
-            accuracy: Mapping[str, float] | None = None) -> dict[str, Any]:
+            accuracy: Mapping[str, float] | None = None, nan: str = "raise") -> dict[str, Any]:
     """DTW distance matrix, summary statistics and (optionally) correlations with accuracy.
 
     Args:
       results: validated results objects (``affjax.results.load``).
       labels: one unique label per result.
       accuracy: label -> accuracy, or ``None``.
+      nan: what to do with layers whose score is NaN (the plain covariance on a layer wider
+        than the batch, non-finite activations): ``"raise"`` (default) or ``"drop"``, which
+        leaves those layers out of that signature and lists them under ``"dropped"``.
 
     Returns:
-      ``{"labels", "dtw" (k x k list), "statistics" {label: stats}, "correlations" or None}``.
+      ``{"labels", "dtw" (k x k list), "statistics" {label: stats}, "correlations" or None,
+      "dropped" {label: [layer names]}}``.
 
     Raises:
-      ValueError: fewer than 2 results.
+      ValueError: fewer than 2 results, labels that are not one unique label per result,
+        NaN scores with ``nan="raise"``, or a signature left empty by ``nan="drop"``.
 
     Example:
       >>> results = [{"layers": [{"score": s} for s in scores]}
@@ -188,11 +220,33 @@ def compare(results: Sequence[Mapping[str, Any]], labels: Sequence[str], *,
     """
     if len(results) < 2:
         raise ValueError(f"compare needs at least 2 results, got {len(results)}")
-    sigs = [np.array([layer["score"] for layer in r["layers"]], np.float64) for r in results]
+    if len(labels) != len(results) or len(set(labels)) != len(labels):
+        raise ValueError(f"compare needs one unique label per result, got {list(labels)} for "
+                         f"{len(results)} results")
+    if nan not in ("raise", "drop"):
+        raise ValueError(f"nan must be 'raise' or 'drop', got {nan!r}")
+    sigs, dropped = [], {}
+    for label, r in zip(labels, results, strict=True):
+        scores = np.array([layer["score"] for layer in r["layers"]], np.float64)
+        bad = np.isnan(scores)
+        names = [str(layer.get("name", i)) for i, layer in enumerate(r["layers"])]
+        if bad.any():
+            bad_names = [name for name, b in zip(names, bad, strict=True) if b]
+            if nan == "raise":
+                raise ValueError(
+                    f"{label}: {len(bad_names)} of {len(scores)} layers have a NaN score "
+                    f"({', '.join(bad_names[:5])}{', ...' if len(bad_names) > 5 else ''}); "
+                    "leave them out with nan='drop' (--nan drop), or recompute them (the "
+                    "plain covariance fails on layers wider than the batch: try ledoit_wolf)")
+            if bad.all():
+                raise ValueError(f"{label}: every layer has a NaN score; nothing to compare")
+            dropped[label] = bad_names
+        sigs.append(scores[~bad])
     stats = {lab: summary_statistics(s) for lab, s in zip(labels, sigs, strict=True)}
     return {
         "labels": list(labels),
         "dtw": dtw_matrix(sigs).tolist(),
         "statistics": stats,
         "correlations": None if accuracy is None else correlations(stats, accuracy),
+        "dropped": dropped,
     }

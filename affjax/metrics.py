@@ -30,9 +30,13 @@ from affjax import linalg
 SPARSITY_THRESHOLD = 1e-3
 
 
-def _as_float(v: ArrayLike) -> jax.Array:
+def _as_float(v: ArrayLike, what: str) -> jax.Array:
     v = jnp.asarray(v)
-    if not jnp.issubdtype(v.dtype, jnp.floating):
+    if v.dtype == jnp.bool_ or jnp.issubdtype(v.dtype, jnp.complexfloating):
+        raise TypeError(f"{what} needs real numbers, got dtype {v.dtype}")
+    # Integers and half precision (float16, bfloat16) are measured in float32: LAPACK has no
+    # half-precision kernels, and fourth powers of half-precision values overflow.
+    if not jnp.issubdtype(v.dtype, jnp.floating) or jnp.finfo(v.dtype).bits < 32:
         v = v.astype(jnp.float32)
     return v
 
@@ -43,6 +47,22 @@ def _check_pair(x: jax.Array, y: jax.Array, what: str) -> None:
             f"{what} needs two (samples, features) matrices with the same number of rows, got "
             f"shapes {x.shape} and {y.shape}"
         )
+    if x.shape[0] < 2:
+        raise ValueError(f"{what} needs at least 2 samples, got shapes {x.shape} and {y.shape}")
+
+
+def _centered(v: jax.Array) -> jax.Array:
+    # A constant column is exactly zero once centred, whatever its value: its mean in floating
+    # point need not equal the value, and the rounding left over would count as variation.
+    constant = v.max(axis=0) == v.min(axis=0)
+    return jnp.where(constant, 0.0, v - v.mean(0)).astype(v.dtype)
+
+
+def _unit_scale(v: jax.Array, axis: int | None = None) -> jax.Array:
+    # Divides by the largest magnitude (along ``axis``), so that products of several factors
+    # neither overflow nor underflow; an all-zero slice is left as is.
+    top = jnp.max(jnp.abs(v), axis=axis, keepdims=axis is not None)
+    return v / jnp.where(top > 0, top, 1)
 
 
 def linear_cka(x: ArrayLike, y: ArrayLike) -> jax.Array:
@@ -56,18 +76,23 @@ def linear_cka(x: ArrayLike, y: ArrayLike) -> jax.Array:
       y: ``(n, d2)`` float array.
 
     Returns:
-      Scalar in [0, 1]; ``nan`` when ``x`` or ``y`` is constant over the samples (0 / 0, as in
-      the published pipeline).
+      Scalar in [0, 1] (up to rounding); ``nan`` when ``x`` or ``y`` is constant over the
+      samples (0 / 0, as in the published pipeline).
+
+    Raises:
+      ValueError: not two matrices with the same number of rows, or fewer than 2 samples.
+      TypeError: bool or complex input.
 
     Example:
       >>> x = jnp.array([[0.0, 1.0], [2.0, 0.0], [1.0, 3.0]], jnp.float32)
       >>> round(float(linear_cka(x, 2.0 * x)), 5)
       1.0
     """
-    x, y = _as_float(x), _as_float(y)
+    x, y = _as_float(x, "linear_cka"), _as_float(y, "linear_cka")
     _check_pair(x, y, "linear_cka")
-    xc = x - x.mean(0)
-    yc = y - y.mean(0)
+    # CKA does not depend on the scale of x or y; unit scale keeps the fourth powers in range.
+    xc = _unit_scale(_centered(x))
+    yc = _unit_scale(_centered(y))
     n = x.shape[0]
     if n < max(x.shape[1], y.shape[1]):  # sample space is smaller
         k, l_ = xc @ xc.T, yc @ yc.T
@@ -90,7 +115,7 @@ def sparsity(v: ArrayLike, *, threshold: float = SPARSITY_THRESHOLD) -> jax.Arra
       >>> float(sparsity(jnp.array([0.0, 1e-4, -2.0, 3.0])))
       0.5
     """
-    v = _as_float(v)
+    v = _as_float(v, "sparsity")
     return jnp.mean((jnp.abs(v) <= threshold).astype(v.dtype))
 
 
@@ -106,7 +131,8 @@ def histogram_entropy(v: ArrayLike) -> jax.Array:
       v: ``(n, d)`` float array.
 
     Returns:
-      Scalar, the mean over the n rows.
+      Scalar, the mean over the n rows; ``nan`` if ``v`` holds a NaN or an infinity (a
+      histogram of those has no bins).
 
     Numerical caveat: a value within rounding of a bin edge can land in either neighbouring bin
     depending on how the edge is computed (NumPy, torch and this function differ there).
@@ -118,9 +144,10 @@ def histogram_entropy(v: ArrayLike) -> jax.Array:
       >>> round(float(histogram_entropy(v)), 5) == round(math.log(4) / 2 + math.log(4), 5)
       True
     """
-    v = _as_float(v)
-    if v.ndim != 2:
-        raise ValueError(f"histogram_entropy needs a (samples, features) matrix, got {v.shape}")
+    v = _as_float(v, "histogram_entropy")
+    if v.ndim != 2 or 0 in v.shape:
+        raise ValueError(
+            f"histogram_entropy needs a non-empty (samples, features) matrix, got {v.shape}")
     bins = v.shape[1]
     lo = v.min(axis=1, keepdims=True)
     hi = v.max(axis=1, keepdims=True)
@@ -131,11 +158,12 @@ def histogram_entropy(v: ArrayLike) -> jax.Array:
     counts = jax.vmap(lambda row: jnp.bincount(row, length=bins))(idx).astype(v.dtype)
     p = counts / bins
     plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1)), 0)
-    return jnp.mean(-plogp.sum(axis=1)) + jnp.log(jnp.asarray(bins, v.dtype))
+    entropy = jnp.mean(-plogp.sum(axis=1)) + jnp.log(jnp.asarray(bins, v.dtype))
+    return jnp.where(jnp.all(jnp.isfinite(v)), entropy, jnp.nan)
 
 
 def difference_norm(x: ArrayLike, y: ArrayLike) -> jax.Array:
-    """Frobenius norm of ``x - y`` (both ``(n, d)``, same shape).
+    """Frobenius norm of ``x - y`` (usually ``(n, d)`` matrices; any equal shapes).
 
     Args:
       x, y: float arrays of the same shape.
@@ -150,7 +178,7 @@ def difference_norm(x: ArrayLike, y: ArrayLike) -> jax.Array:
       >>> float(difference_norm(jnp.zeros((2, 2), jnp.float32), jnp.full((2, 2), 0.5, jnp.float32)))
       1.0
     """
-    x, y = _as_float(x), _as_float(y)
+    x, y = _as_float(x, "difference_norm"), _as_float(y, "difference_norm")
     if x.shape != y.shape:
         raise ValueError(f"difference_norm needs equal shapes, got {x.shape} and {y.shape}")
     return jnp.linalg.norm(x - y)
@@ -170,6 +198,9 @@ def linear_fit_r2(x: ArrayLike, y: ArrayLike) -> jax.Array:
     Returns:
       Scalar, at most 1.
 
+    Raises:
+      ValueError: not two matrices with the same number of rows, or fewer than 2 samples.
+
     Numerical caveat: in float32 the fit of nearly collinear inputs loses digits; the relative
     error of R² is about ``cond(x) * 1e-7``.
 
@@ -180,10 +211,12 @@ def linear_fit_r2(x: ArrayLike, y: ArrayLike) -> jax.Array:
       >>> round(float(linear_fit_r2(x, (x - 1.5) ** 2)), 5)   # symmetric: no linear part
       0.0
     """
-    x, y = _as_float(x), _as_float(y)
+    x, y = _as_float(x, "linear_fit_r2"), _as_float(y, "linear_fit_r2")
     _check_pair(x, y, "linear_fit_r2")
-    xc = x - x.mean(0)
-    yc = y - y.mean(0)
+    # R^2 does not change when x is scaled or a column of y is: unit scales keep the squares
+    # in range. (One scale for all of x, so that the relative SVD cutoff sees the same x.)
+    xc = _unit_scale(_centered(x))
+    yc = _unit_scale(_centered(y), axis=0)
     # Least squares by the thin SVD (jnp.linalg.lstsq's cutoff), looped under vmap on CPU.
     u, s, vt = linalg._svd(xc)
     keep = s > float(jnp.finfo(s.dtype).eps) * max(xc.shape) * s[..., :1]
@@ -216,6 +249,8 @@ def layer_metrics(
       >>> sorted(m) == sorted(METRIC_NAMES), m["sparsity_after"]
       (True, 0.5)
     """
+    x, y = _as_float(x, "layer_metrics"), _as_float(y, "layer_metrics")
+    _check_pair(x, y, "layer_metrics")
     before, after = full_sparsity if full_sparsity is not None else (sparsity(x), sparsity(y))
     cka, ent_x, ent_y, norm, r2 = (float(v) for v in _reduced_metrics(x, y))
     return {

@@ -269,6 +269,25 @@ def test_plot_and_compare(tiny, tmp_path, capsys):
     assert set(cmp_["correlations"]) == {"mean", "std", "min", "max", "max_over_mean"}
     assert (tmp_path / "compare_dendrogram.png").read_bytes()[:4] == b"\x89PNG"
 
+    # A NaN score (kept in results files) stops compare with its name, or is left out.
+    obj = json.loads(open(paths[1]).read())
+    obj["layers"][1]["score"] = float("nan")
+    nan_path = tmp_path / "r2nan.json"
+    nan_path.write_text(results.to_json(obj))
+    capsys.readouterr()
+    args = ["compare", paths[0], str(nan_path), paths[2], "--out", str(tmp_path / "n")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 of 4 layers have a NaN score" in err and obj["layers"][1]["name"] in err
+    assert cli.main([*args, "--nan", "drop"]) == 0
+    assert "left out 1 layers with a NaN score" in capsys.readouterr().out
+    cmp_ = json.loads((tmp_path / "n" / "compare.json").read_text())
+    kept = [la["score"] for i, la in enumerate(obj["layers"]) if i != 1]
+    np.testing.assert_allclose(cmp_["dtw"], metrics.dtw_matrix([sigs[0], kept, sigs[2]]),
+                               atol=1e-12)
+    assert cli.main(["compare", paths[0], paths[0], "--out", str(tmp_path)]) == 2
+    assert "given twice" in capsys.readouterr().err
+
 
 def test_models_and_datasets_listings(capsys):
     assert cli.main(["models"]) == 0

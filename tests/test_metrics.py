@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import entropy as scipy_entropy
 from sklearn.linear_model import LinearRegression
+from sklearn.metrics import r2_score
 
 from affjax import compare
 from affjax import metrics
@@ -84,8 +85,13 @@ def test_difference_norm_is_frobenius():
 @pytest.mark.parametrize("n,d", [(80, 6), (10, 30)])
 def test_linear_fit_r2_matches_scikit_learn(n, d):
     x, y = _pair(n, d, seed=5, dead=2)
-    y[:, 1] = 0.7  # a constant output column (a dead unit): sklearn counts it as 1
-    expected = LinearRegression().fit(x, y).score(x, y)
+    y[:, 1] = 0.7  # a constant output column, fitted exactly: R^2 = 1 by sklearn's convention
+    per_column = r2_score(y, LinearRegression().fit(x, y).predict(x), multioutput="raw_values")
+    # sklearn itself applies the convention only when its fit of the column is exact to the
+    # last bit; for 0.7 its rounding noise makes it 0, so the constant columns are set here.
+    constant = np.ptp(y, axis=0) == 0
+    expected = np.where(constant, 1.0, per_column).mean()
+    assert constant[:2].all()  # the dead column (all 0) and the 0.7 one
     assert float(metrics.linear_fit_r2(x, y)) == pytest.approx(expected, abs=1e-9)
     if d >= n:  # the minimum-norm fit interpolates every non-constant column
         y = np.delete(y, 1, axis=1)
@@ -169,3 +175,120 @@ def test_read_accuracy_json_and_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("model,accuracy\nresnet18,high\n")
     with pytest.raises(compare.AccuracyError, match="bad.csv"):
         compare.read_accuracy(tmp_path / "bad.csv")
+
+
+@pytest.mark.parametrize("value", [0.1, 0.37, float(np.tanh(2.0)), 6.0])
+def test_a_constant_column_counts_as_constant_whatever_its_value(value):
+    # Its float32 mean need not equal the value; the rounding must not count as variation.
+    x, y = _pair(256, 8, seed=9)
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    y[:, 0] = np.float32(value)
+    expected = LinearRegression().fit(x.astype(np.float64), y.astype(np.float64)).score(
+        x.astype(np.float64), y.astype(np.float64))
+    assert float(metrics.linear_fit_r2(x, y)) == pytest.approx(expected, abs=1e-4)
+    constant = np.full((20, 5), np.float32(value))
+    other = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    assert np.isnan(float(metrics.linear_cka(constant, other)))
+    assert np.isnan(float(metrics.linear_cka(constant, np.tanh(constant))))
+    assert float(metrics.linear_fit_r2(other, constant)) == 1.0  # fitted exactly
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-6, 1e6, 1e12])
+def test_cka_and_r2_do_not_depend_on_scale_in_float32(scale):
+    x, y = _pair(64, 6, seed=10)
+    wide_x, wide_y = _pair(8, 20, seed=11)  # the sample-space branch of linear_cka
+    f32 = np.float32
+    assert float(metrics.linear_cka((scale * x).astype(f32), (scale * y).astype(f32))) == \
+        pytest.approx(_cka_hsic(x, y), abs=1e-5)
+    assert float(metrics.linear_cka((scale * wide_x).astype(f32), wide_y.astype(f32))) == \
+        pytest.approx(_cka_hsic(wide_x, wide_y), abs=1e-5)
+    expected = LinearRegression().fit(x, y).score(x, y)
+    assert float(metrics.linear_fit_r2(x.astype(f32), (scale * y).astype(f32))) == \
+        pytest.approx(expected, abs=1e-4)
+    assert float(metrics.linear_fit_r2((scale * x).astype(f32), y.astype(f32))) == \
+        pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_is_measured_in_float32(dtype):
+    import jax.numpy as jnp
+
+    x, y = _pair(40, 4, seed=12)
+    xh, yh = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+    x32, y32 = np.asarray(xh.astype(jnp.float32)), np.asarray(yh.astype(jnp.float32))
+    got = metrics.layer_metrics(xh, yh)
+    want = metrics.layer_metrics(x32, y32)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert float(metrics.linear_cka(xh, 2 * xh)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_metrics_bad_input_names_the_problem():
+    x, y = _pair(10, 3, seed=13)
+    with pytest.raises(TypeError, match="linear_cka needs real numbers.*bool"):
+        metrics.linear_cka(x > 0, y)
+    with pytest.raises(TypeError, match="sparsity needs real numbers.*complex"):
+        metrics.sparsity(x + 1j)
+    with pytest.raises(ValueError, match="linear_fit_r2 needs at least 2 samples"):
+        metrics.linear_fit_r2(x[:1], y[:1])
+    with pytest.raises(ValueError, match="linear_fit_r2 needs at least 2 samples"):
+        metrics.linear_fit_r2(x[:0], y[:0])
+    with pytest.raises(ValueError, match="layer_metrics needs two"):
+        metrics.layer_metrics(x, y[:5])
+    with pytest.raises(ValueError, match=r"histogram_entropy needs a non-empty.*\(3, 0\)"):
+        metrics.histogram_entropy(np.zeros((3, 0)))
+
+
+def test_histogram_entropy_of_non_finite_values_is_nan():
+    x, _ = _pair(10, 6, seed=14)
+    assert np.isfinite(float(metrics.histogram_entropy(x)))
+    for bad in (np.nan, np.inf):
+        v = x.copy()
+        v[3, 2] = bad
+        assert np.isnan(float(metrics.histogram_entropy(v)))
+
+
+def test_read_accuracy_rejects_values_that_are_not_numbers(tmp_path):
+    for name, value in (("null", None), ("list", [69.7]), ("bool", True), ("text", "high")):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"resnet18": 69.76, "vgg11": value}))
+        with pytest.raises(compare.AccuracyError, match=rf"{name}.json.*'vgg11'.*not a number"):
+            compare.read_accuracy(path)
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("model,accuracy\nr\xe9seau,70.1\n".encode("latin-1"))
+    with pytest.raises(compare.AccuracyError, match="latin1.csv: not UTF-8"):
+        compare.read_accuracy(latin1)
+
+
+def _results(*signatures):
+    return [{"layers": [{"name": f"act:{i}", "score": s} for i, s in enumerate(sig)]}
+            for sig in signatures]
+
+
+def test_compare_nan_scores_raise_by_default_or_are_dropped():
+    res = _results([0.9, 0.8, 0.7], [0.9, float("nan"), 0.7, float("nan")], [0.5, 0.6])
+    with pytest.raises(ValueError, match=r"b: 2 of 4 layers have a NaN score \(act:1, act:3\)"):
+        compare.compare(res, ["a", "b", "c"])
+    out = compare.compare(res, ["a", "b", "c"], nan="drop")
+    assert out["dropped"] == {"b": ["act:1", "act:3"]}
+    # b is left with [0.9, 0.7]: the same numbers as comparing that shorter signature.
+    clean = compare.compare(_results([0.9, 0.8, 0.7], [0.9, 0.7], [0.5, 0.6]), ["a", "b", "c"])
+    assert out["dtw"] == clean["dtw"] and out["statistics"] == clean["statistics"]
+    assert np.isfinite(out["dtw"]).all()
+    with pytest.raises(ValueError, match="c: every layer has a NaN score"):
+        compare.compare(_results([0.9], [0.8], [float("nan")]), ["a", "b", "c"], nan="drop")
+    with pytest.raises(ValueError, match="nan must be"):
+        compare.compare(res, ["a", "b", "c"], nan="skip")
+
+
+def test_compare_and_labels_need_one_unique_label_per_result(tmp_path):
+    res = _results([0.9, 0.8], [0.7], [0.5])
+    with pytest.raises(ValueError, match="one unique label per result"):
+        compare.compare(res, ["a", "b"])
+    with pytest.raises(ValueError, match="one unique label per result"):
+        compare.compare(res, ["a", "a", "c"])
+    meta = [{"model": "m", "weights": "w", "dataset": "d"}] * 3
+    with pytest.raises(ValueError, match="one path per result"):
+        compare.labels_for(meta, ["a.json", "b.json"])
+    with pytest.raises(ValueError, match="given twice: .*a.json"):
+        compare.labels_for(meta, [str(tmp_path / "a.json"), "b.json",
+                                  str(tmp_path / "x" / ".." / "a.json")])
