@@ -129,7 +129,7 @@ def _load_model(api: Any, name: str, weights: str, seed: int) -> tuple[Any, Any]
 
 
 def _results_path(out: str, model: str, dataset: str) -> Path:
-    if out.endswith(".json"):
+    if out.lower().endswith(".json") and not Path(out).is_dir():
         return Path(out)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}_{Path(dataset).name or dataset}")
     return Path(out) / f"{stem}.json"
@@ -297,16 +297,23 @@ def _merge_batch(result: dict, index: int, rows: list[dict], seconds: float) -> 
                 metrics[m]["values"].append(row["metrics"][m])
                 metrics[m]["mean"], metrics[m]["std"] = summarise(metrics[m]["values"])
     result["batch_indices"].append(index)
-    result["timing"]["batch_seconds"].append(seconds)
-    result["timing"]["seconds"] = float(sum(result["timing"]["batch_seconds"]))
-    result["timing"]["updated"] = _now()
+    timing = result["timing"]
+    timing.setdefault("batch_seconds", [0.0] * (len(result["batch_indices"]) - 1))  # hand-made
+    timing["batch_seconds"].append(seconds)
+    timing["seconds"] = float(sum(timing["batch_seconds"]))
+    timing["updated"] = _now()
 
 
 def _save(result: dict, json_path: Path) -> None:
     from affjax import results
 
-    results.atomic_write_text(json_path, results.to_json(result))
-    results.atomic_write_text(json_path.with_suffix(".csv"), results.to_csv(result))
+    try:
+        results.atomic_write_text(json_path, results.to_json(result))
+        results.atomic_write_text(json_path.with_suffix(".csv"), results.to_csv(result))
+    except OSError as e:
+        done = len(result["batch_indices"])
+        raise _fail(f"cannot write results file {json_path} ({e.strerror or e}); the batches "
+                    f"saved before ({done - 1 if done else 0}) are kept there.") from None
 
 
 def _table(result: dict) -> str:
@@ -361,7 +368,12 @@ def _resume(json_path: Path, args: argparse.Namespace) -> dict | None:
 
     if args.overwrite or not json_path.exists():
         return None
-    saved = results.load(json_path)
+    if json_path.is_dir():
+        raise _fail(f"{json_path} is a folder, not a results file: choose another --out.")
+    try:
+        saved = results.load(json_path)
+    except results.ResultsError as e:
+        raise _fail(f"{e}. Choose another --out, or pass --overwrite to replace it.") from None
     wanted = {k: getattr(args, k) for k in results.RUN_KEYS}
     diff = [f"{k} {saved.get(k)!r} (this run: {wanted[k]!r})" for k in results.RUN_KEYS
             if saved.get(k) != wanted[k]]
@@ -375,6 +387,14 @@ def _resume(json_path: Path, args: argparse.Namespace) -> dict | None:
 def _normalise_args(args: argparse.Namespace) -> None:
     from affjax import data
 
+    for option in ("model", "weights", "dataset", "split", "data_dir", "manual_dir"):
+        if getattr(args, option, None) == "":
+            raise _fail(f"--{option.replace('_', '-')} is empty; leave it out for the default.")
+    if not 0 <= args.seed < 2**32:
+        raise _fail(f"--seed must be in 0 .. 2**32 - 1, got {args.seed}.")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise _fail(f"--stop-after must be at least 1 (batches computed before stopping), got "
+                    f"{args.stop_after}.")
     demo = all(getattr(args, k) is None for k in ("model", "weights", "dataset", "batch_size"))
     args.model = args.model or DEFAULT_MODEL
     args.weights = args.weights or "random"
@@ -383,9 +403,10 @@ def _normalise_args(args: argparse.Namespace) -> None:
         args.batch_size = DEMO_BATCH_SIZE if demo else DEFAULT_BATCH_SIZE
     if args.weights != "random":
         args.weights = str(Path(args.weights).resolve())
-    if Path(args.dataset).is_dir() and args.dataset not in data.NAMED_DATASETS:
+    folder = data.names_a_folder(args.dataset)
+    if folder and Path(args.dataset).is_dir():
         args.dataset = str(Path(args.dataset).resolve())
-    if args.split is None and args.dataset not in ("random",) and not Path(args.dataset).is_dir():
+    if args.split is None and args.dataset != "random" and not folder:
         args.split = data.DEFAULT_SPLITS.get(args.dataset, "test")
     args.selection = data.parse_batches(args.batches)
     args.batches = str(args.selection)
@@ -418,13 +439,19 @@ def _signature(args: argparse.Namespace) -> int:
     dataset = data.load_dataset(args.dataset, transform, split=args.split,
                                 data_dir=args.data_dir, download=args.download,
                                 manual_dir=args.manual_dir, seed=args.seed)
-    dataset.check_batch_size(args.batch_size)
+    dataset.check_selection(args.batch_size, args.selection)  # before any file is written
     if result is None:
         result = _new_result(args, dataset.num_examples())
         _save(result, json_path)
-    elif result["batch_indices"]:
-        print(f"resuming {json_path}: {len(result['batch_indices'])} batch(es) already done",
-              file=sys.stderr)
+    else:
+        if result.get("num_examples") != dataset.num_examples():
+            raise _fail(f"results file {json_path} was computed on {result.get('num_examples')} "
+                        f"examples of {args.dataset}, which now has {dataset.num_examples()}: "
+                        "its batches would not be the same images. Choose another --out, or "
+                        "pass --overwrite to start again.")
+        if result["batch_indices"]:
+            print(f"resuming {json_path}: {len(result['batch_indices'])} batch(es) already done",
+                  file=sys.stderr)
     done = list(result["batch_indices"])
     todo = args.selection.indices(dataset.num_batches(args.batch_size))
     bar = tqdm(total=None if todo is None else len(todo), initial=len(done), desc="batches",
@@ -432,6 +459,10 @@ def _signature(args: argparse.Namespace) -> int:
     new = 0
     try:
         for index, images in dataset.batches(args.batch_size, args.selection, skip=done):
+            # Checked before the next batch, so a run whose last batch was the last to do
+            # finishes (complete, plotted) instead of asking to be resumed.
+            if args.stop_after is not None and new >= args.stop_after:
+                raise _StopRequested
             start = time.perf_counter()
             rows = _batch_signature(model, variables, images, covariance=args.covariance,
                                     metrics=args.metrics, progress=args.progress,
@@ -440,8 +471,6 @@ def _signature(args: argparse.Namespace) -> int:
             _save(result, json_path)
             bar.update(1)
             new += 1
-            if args.stop_after is not None and new >= args.stop_after:
-                raise _StopRequested
     except (KeyboardInterrupt, _StopRequested) as e:
         bar.close()
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped (--stop-after)"
@@ -465,11 +494,29 @@ def _plot(args: argparse.Namespace) -> int:
     result = results.load(args.result)
     if not result["layers"]:
         raise _fail(f"{args.result} holds no batch yet: nothing to plot.")
-    out = Path(args.out) if args.out else Path(args.result).with_suffix(".png")
+    out = _figure_path(args.out, Path(args.result).with_suffix(".png").name) if args.out \
+        else Path(args.result).with_suffix(".png")
     _check_writable(out.parent)
     plot_signature(result, out)
     print(f"wrote {out}")
     return 0
+
+
+def _figure_path(out: str, default_name: str) -> Path:
+    """``--out`` of ``plot``: a folder (the default name inside), or a file whose suffix
+    names a format matplotlib writes (none: ``.png``)."""
+    from affjax.plot import figure_formats
+
+    path = Path(out)
+    if path.is_dir():
+        return path / default_name
+    if not path.suffix:
+        return path.with_suffix(".png")
+    formats = figure_formats()
+    if path.suffix[1:].lower() not in formats:
+        raise _fail(f"cannot write a figure as {path.name}: the suffix {path.suffix!r} is not "
+                    f"a format matplotlib writes ({', '.join(formats)}).")
+    return path
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -228,7 +228,7 @@ def compare(results: Sequence[Mapping[str, Any]], labels: Sequence[str], *,
     sigs, dropped = [], {}
     for label, r in zip(labels, results, strict=True):
         scores = np.array([layer["score"] for layer in r["layers"]], np.float64)
-        bad = np.isnan(scores)
+        bad = ~np.isfinite(scores)  # NaN (kept in results files), or a hand-edited infinity
         names = [str(layer.get("name", i)) for i, layer in enumerate(r["layers"])]
         if bad.any():
             bad_names = [name for name, b in zip(names, bad, strict=True) if b]

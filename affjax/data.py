@@ -233,11 +233,9 @@ class Dataset:
 
         ``images`` is ``(batch_size, H, W, 3)`` float32.
         """
-        self.check_batch_size(batch_size)
+        self.check_selection(batch_size, selection)
         done = set(skip)
         available = self.num_batches(batch_size)
-        if available is not None and selection.stop is not None and selection.stop > available:
-            raise DataError(self._past_end(selection, batch_size, available))
         index = selection.start
         while selection.stop is None or index < selection.stop:
             if available is not None and index >= available:
@@ -250,6 +248,18 @@ class Dataset:
                     return
                 yield index, images
             index += 1
+
+    def check_selection(self, batch_size: int, selection: BatchSelection) -> None:
+        """Raise :class:`DataError` if the batch size or the selected batches do not fit.
+
+        Where the number of examples is unknown before reading, batches past the end are
+        found (and reported) when the iteration reaches them.
+        """
+        self.check_batch_size(batch_size)
+        available = self.num_batches(batch_size)
+        if available is not None and (selection.start >= available or (
+                selection.stop is not None and selection.stop > available)):
+            raise DataError(self._past_end(selection, batch_size, available))
 
     def _past_end(self, selection: BatchSelection, batch_size: int, available: int) -> str:
         return (f"--batches {selection} asks for batches that {self.name} does not have: it has "
@@ -476,6 +486,23 @@ def unknown_dataset_message(name: str, detail: str = "") -> str:
     )
 
 
+def names_a_folder(name: str) -> bool:
+    """Whether :func:`load_dataset` reads ``name`` as an image folder.
+
+    A path (with a separator, absolute, or starting with ``.``) names a folder; so does a
+    bare name that is a folder, unless it is one of ``NAMED_DATASETS``: a folder ``mnist``
+    in the working directory is ``"./mnist"``, and ``"mnist"`` is the TFDS dataset.
+
+    Example:
+      >>> names_a_folder("./mnist"), names_a_folder("mnist"), names_a_folder("random")
+      (True, False, False)
+    """
+    if name == "random":
+        return False
+    path_like = os.sep in name or name.startswith(".") or Path(name).is_absolute()
+    return path_like or (Path(name).is_dir() and name not in NAMED_DATASETS)
+
+
 def load_dataset(
     name: str,
     transform: Transform,
@@ -490,7 +517,9 @@ def load_dataset(
     """Open a dataset by name: ``"random"``, an existing folder path, or a TFDS name.
 
     Args:
-      name: see the module docstring.
+      name: see the module docstring. A path (with a separator, or starting with ``.``)
+        is a folder; a bare name is a folder if one exists, except for the names in
+        ``NAMED_DATASETS``, which always mean the dataset (``"./mnist"`` for a folder).
       transform: the model's evaluation transform (``(N, H, W, 3)`` uint8 -> float32 NHWC).
       split, data_dir, download, manual_dir: TFDS options (see :class:`TFDSImages`).
       seed, random_size: the ``random`` dataset's seed and number of images.
@@ -510,7 +539,7 @@ def load_dataset(
     """
     if name == "random":
         return RandomImages(transform, seed=seed, size=random_size)
-    if os.sep in name or name.startswith(".") or Path(name).is_dir():
+    if names_a_folder(name):
         if not Path(name).is_dir():
             raise DataError(f"image folder {name!r} does not exist.")
         return ImageFolder(name, transform)
@@ -519,8 +548,14 @@ def load_dataset(
     except ImportError:
         raise DataError(
             f"dataset {name!r} needs tensorflow-datasets: pip install 'affjax[data]'.") from None
-    return TFDSImages(name, transform, split=split, data_dir=data_dir, download=download,
-                      manual_dir=manual_dir)
+    try:
+        return TFDSImages(name, transform, split=split, data_dir=data_dir, download=download,
+                          manual_dir=manual_dir)
+    except DataError as e:
+        if Path(name).is_dir():
+            raise DataError(f"{e} (To read the folder {name!r} here instead, pass "
+                            f"--dataset ./{name}.)") from None
+        raise
 
 
 def list_tfds_image_datasets() -> list[str]:

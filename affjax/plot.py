@@ -20,6 +20,21 @@ def _pyplot() -> Any:
     return plt
 
 
+def figure_formats() -> list[str]:
+    """The file suffixes (formats) matplotlib can write, e.g. ``png``, ``pdf``, ``svg``.
+
+    Example:
+      >>> {"png", "pdf", "svg"} <= set(figure_formats())
+      True
+    """
+    plt = _pyplot()
+    fig = plt.figure()
+    try:
+        return sorted(fig.canvas.get_supported_filetypes())
+    finally:
+        plt.close(fig)
+
+
 def plot_signature(result: Mapping[str, Any], path: str | os.PathLike, *,
                    title: str | None = None) -> None:
     """Draw a signature: score per layer in forward order, coloured by activation kind.

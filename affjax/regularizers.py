@@ -65,6 +65,14 @@ __all__ = [
 ]
 
 
+def _no_return_output(what: str, apply_kwargs: dict) -> None:
+    # signature_scores' return_output would turn the scores into (output, scores) here.
+    if "return_output" in apply_kwargs:
+        raise TypeError(f"{what} takes no return_output: for the model output and the scores "
+                        "of one forward pass, use output_and_scores and "
+                        f"{what}_from_scores")
+
+
 def _check_model(model: Any, variables: Any) -> None:
     if isinstance(model, nnx.Module):
         if variables is not None:
@@ -73,6 +81,11 @@ def _check_model(model: Any, variables: Any) -> None:
     if not hasattr(model, "apply"):
         raise TypeError(
             f"model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+        )
+    if not hasattr(variables, "items"):
+        raise TypeError(
+            f"a linen model needs its variables (a dict such as {{'params': ...}}), got "
+            f"{type(variables).__name__}"
         )
 
 
@@ -138,11 +151,15 @@ def _as_float(name: str, v: ArrayLike, dtype: Any) -> jax.Array:
     dtype_in = v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype
     if not (jnp.issubdtype(dtype_in, jnp.floating) or jnp.issubdtype(dtype_in, jnp.integer)):
         raise TypeError(f"{name} must be a real number or array, got {v!r} of dtype {dtype_in}")
-    arr = jnp.asarray(v)
     concrete = _concrete(v)
     if concrete is not None and not np.all(np.isfinite(concrete)):
         raise ValueError(f"{name} must be finite, got {concrete}")
-    return arr.astype(dtype)
+    if concrete is not None:
+        with np.errstate(over="ignore"):
+            cast = np.asarray(concrete).astype(dtype)
+        if not np.all(np.isfinite(cast)):
+            raise ValueError(f"{name} = {concrete} overflows the scores' dtype {np.dtype(dtype)}")
+    return jnp.asarray(v).astype(dtype)
 
 
 def _scores_vector(scores: ArrayLike) -> jax.Array:
@@ -261,6 +278,7 @@ def target_penalty(
       >>> term = target_penalty(model, variables, x, target=0.5, weight=0.1)  # doctest: +SKIP
     """
     _check_model(model, variables)
+    _no_return_output("target_penalty", apply_kwargs)
     scores = signature_scores(
         model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
         sinkhorn_epsilon=sinkhorn_epsilon, include=include,
@@ -300,6 +318,7 @@ def mean_nonlinearity(
       >>> term = mean_nonlinearity(model, variables, x, weight=-0.1)  # doctest: +SKIP
     """
     _check_model(model, variables)
+    _no_return_output("mean_nonlinearity", apply_kwargs)
     scores = signature_scores(
         model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
         sinkhorn_epsilon=sinkhorn_epsilon, include=include,

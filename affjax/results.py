@@ -133,20 +133,49 @@ def validate(result: Any, *, source: str = "results") -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in result]
     if missing:
         raise ResultsError(f"{source}: missing fields {missing}")
+    indices = result["batch_indices"]
+    if not isinstance(indices, list) or not all(_is_int(i) and i >= 0 for i in indices):
+        raise ResultsError(f"{source}: 'batch_indices' must be a list of batch numbers, got "
+                           f"{indices!r}")
+    if not isinstance(result["complete"], bool):
+        raise ResultsError(f"{source}: 'complete' must be true or false, got "
+                           f"{result['complete']!r}")
+    timing = result["timing"]
+    if not isinstance(timing, Mapping):
+        raise ResultsError(f"{source}: 'timing' must be an object")
+    seconds = timing.get("batch_seconds", [0.0] * len(indices))  # optional (hand-made files)
+    if not isinstance(seconds, list) or len(seconds) != len(indices) or not all(
+            _is_number(t) for t in seconds):
+        raise ResultsError(f"{source}: 'timing'.'batch_seconds' must hold one number per batch")
     layers = result["layers"]
     if not isinstance(layers, list):
         raise ResultsError(f"{source}: 'layers' must be a list")
-    nb = len(result["batch_indices"])
+    nb = len(indices)
     for i, layer in enumerate(layers):
+        if not isinstance(layer, Mapping):
+            raise ResultsError(f"{source}: layer {i} must be an object, got {layer!r}")
         lack = [k for k in LAYER_KEYS if k not in layer]
         if lack:
             raise ResultsError(f"{source}: layer {i} lacks {lack}")
+        if not (isinstance(layer["name"], str) and isinstance(layer["kind"], str)
+                and _is_int(layer["dim"])):
+            raise ResultsError(f"{source}: layer {i} has an ill-typed name, kind or dim")
         if not isinstance(layer["scores"], list) or len(layer["scores"]) != nb:
-            raise ResultsError(f"{source}: layer {i} ({layer['name']}) has "
-                               f"{len(layer['scores'])} per-batch scores for {nb} batches")
-        if not isinstance(layer["dim"], int) or not isinstance(layer["name"], str):
-            raise ResultsError(f"{source}: layer {i} has an ill-typed name or dim")
+            raise ResultsError(f"{source}: layer {i} ({layer['name']}) needs one per-batch "
+                               f"score for each of its {nb} batches")
+        if not all(_is_number(v) for v in (layer["score"], layer["std"], *layer["scores"])):
+            raise ResultsError(f"{source}: layer {i} ({layer['name']}) has a score that is "
+                               "not a number")
     return dict(result)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    # NaN is a number here: a NaN score is a result worth keeping (see to_json).
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -177,6 +206,8 @@ def load(path: str | os.PathLike) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ResultsError(f"cannot read results file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path} is not a results file (not UTF-8 text)") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:

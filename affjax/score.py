@@ -83,15 +83,17 @@ class AffinityResult(NamedTuple):
 
 
 def check_options(
-    covariance: str, solver: str, path: str = "auto", ridge: float = 0.0
+    covariance: str, solver: str, path: str = "auto", ridge: float = 0.0,
+    sinkhorn_epsilon: float = 1e-2,
 ) -> None:
-    """Raise ``ValueError`` naming an unknown option or a negative ridge.
+    """Raise ``ValueError`` naming an unknown option, a negative ridge or a bad epsilon.
 
     Args:
       covariance: a name in ``affjax.covariance.COVARIANCES``.
       solver: a name in ``affjax.transport.SOLVERS``.
       path: a name in ``PATHS``.
-      ridge: must be ``>= 0`` (NaN is rejected too).
+      ridge: a real number ``>= 0`` (NaN is rejected too).
+      sinkhorn_epsilon: a finite real number ``> 0`` (checked for every solver).
 
     Returns:
       ``None``; raises on the first bad option.
@@ -109,11 +111,20 @@ def check_options(
         raise ValueError(f"unknown solver {solver!r}; expected one of {transport.SOLVERS}")
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
-    if not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    if not _is_real_number(ridge) or not ridge >= 0:
+        raise ValueError(f"ridge must be a real number >= 0, got {ridge!r}")
+    if not _is_real_number(sinkhorn_epsilon) or not 0 < sinkhorn_epsilon < np.inf:
+        raise ValueError(f"sinkhorn_epsilon must be a finite real number > 0, got "
+                         f"{sinkhorn_epsilon!r}")
 
 
-def _validate(x: ArrayLike, y: ArrayLike, covariance: str, solver: str, path: str, ridge: float):
+def _is_real_number(v: object) -> bool:
+    # Python or NumPy scalars; these options are static (compile-time) values.
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def _validate(x: ArrayLike, y: ArrayLike, covariance: str, solver: str, path: str, ridge: float,
+              sinkhorn_epsilon: float):
     x = _checks.point_cloud("x", x, integers=False)
     y = _checks.point_cloud("y", y, integers=False)
     if x.shape != y.shape:
@@ -123,7 +134,7 @@ def _validate(x: ArrayLike, y: ArrayLike, covariance: str, solver: str, path: st
         )
     if x.shape[0] < 2:
         raise ValueError(f"need at least 2 samples (rows), got x and y of shape {x.shape}")
-    check_options(covariance, solver, path, ridge)
+    check_options(covariance, solver, path, ridge, sinkhorn_epsilon)
     dtype = jnp.result_type(x.dtype, y.dtype)
     if jnp.finfo(dtype).bits < 32:  # eigh has no half-precision kernels
         dtype = jnp.float32
@@ -244,19 +255,36 @@ def _compute(
         a, b = cx.centered, cy.centered
     k = a.shape[1]
     eye = jnp.eye(k, dtype=dtype)
+    trace_cov_x, trace_cov_y = cx.trace(), cy.trace()
+    dead = trace_cov_y <= 2 * ridge * d
     # C = alpha a^T a + shift I = F^T F with F = [sqrt(alpha) a; sqrt(shift) I].
-    factor_x = jnp.concatenate([jnp.sqrt(cx.alpha) * a, jnp.sqrt(cx.shift) * eye])
-    factor_y = jnp.concatenate([jnp.sqrt(cy.alpha) * b, jnp.sqrt(cy.shift) * eye])
+    factor_x = jnp.concatenate([safe_sqrt(cx.alpha) * a, safe_sqrt(cx.shift) * eye])
+    factor_y = jnp.concatenate([safe_sqrt(cy.alpha) * b, safe_sqrt(cy.shift) * eye])
+    # C_y = 0 (a constant output with ridge = 0; dead, so A = 0 is used): the map and
+    # trace_sqrt (= 0) are computed from C_y = I instead, so that the singular factor puts
+    # no NaN into the gradient through the discarded values.
+    zero_cov_y = trace_cov_y <= 0
+    factor_y = jnp.where(zero_cov_y, jnp.concatenate([jnp.zeros_like(b), eye]), factor_y)
     # Fewer centred samples than coordinates: the shift is an eigenvalue of C_y, and
     # where float rounding hides it the Cholesky attempt is skipped.
     known_eigenvalue = cy.shift if _shift_is_eigenvalue(n, k) else None
-    a_k, trace_sqrt = transport.bures_from_factors(
-        factor_x, factor_y, factor=factor, smallest_eigenvalue_y=known_eigenvalue
-    )
+    if factor == "cholesky":
+        # Callers that force Cholesky (grouped layers) redo a broken-down factor with QR. The
+        # score is NaN then, but computed from R = I: otherwise every derivative downstream
+        # of the NaN factor would be NaN, and the zero cotangent of the discarded result
+        # would still carry it into the gradient (0 * NaN).
+        r = linalg.gram_cholesky(factor_y)
+        factor_ok = jnp.all(jnp.isfinite(r))
+        r = jnp.where(factor_ok, r, eye)
+        a_k, trace_sqrt = transport.bures_from_lower_factor(factor_x, r)
+    else:
+        factor_ok = True
+        a_k, trace_sqrt = transport.bures_from_factors(
+            factor_x, factor_y, factor=factor, smallest_eigenvalue_y=known_eigenvalue
+        )
 
-    trace_cov_x, trace_cov_y = cx.trace(), cy.trace()
-    dead = trace_cov_y <= 2 * ridge * d
     a_k = jnp.where(dead, 0.0, a_k)
+    trace_sqrt = jnp.where(zero_cov_y, 0.0, trace_sqrt)
 
     # T(x_i) - m_y against y_j - m_y, both in coordinates of the basis.
     mapped = a @ a_k
@@ -282,7 +310,7 @@ def _compute(
     denom = jnp.where(positive, 2.0 * trace_cov_y, 1.0)
     ratio = jnp.clip(jnp.where(positive, w2_sq / denom, 0.0), 0.0, 1.0)
     score = 1.0 - safe_sqrt(ratio)
-    finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))
+    finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y)) & factor_ok
     score = jnp.where(finite, score, jnp.nan)
 
     if basis is None:
@@ -343,7 +371,11 @@ def affinity(
       y: post-activation samples, same shape, ``y[i] = f(x[i])``.
       covariance: ``"empirical"`` (unbiased, ``n - 1``) or ``"ledoit_wolf"``
         (scikit-learn's ``LedoitWolf``); ``ridge * I`` is added to both.
-      ridge: diagonal regularisation, default ``1e-6`` as published.
+      ridge: diagonal regularisation, default ``1e-6`` as published. ``0`` is
+        allowed; the value is then defined, but the gradient is NaN where
+        ``C_y`` is singular and the output is not dead (a layer with some dead
+        units, or ``d >= n``): the derivative of its factor needs ``C_y^-1``.
+        Use a positive ridge to train through the score.
       solver: the W2 solver, see :mod:`affjax.transport`: ``"auto"``,
         ``"sort"``, ``"scipy"``, ``"hungarian"`` (exact) or ``"sinkhorn"``
         (entropic, biased upward, so the score is biased downward).
@@ -373,7 +405,7 @@ def affinity(
       >>> round(float(r.score), 4)
       1.0
     """
-    x, y = _validate(x, y, covariance, solver, path, ridge)
+    x, y = _validate(x, y, covariance, solver, path, ridge, sinkhorn_epsilon)
     if check:
         _check_finite(x, y)
     return _affinity_jit(
@@ -424,7 +456,7 @@ def affinity_score(
       >>> round(float(affinity_score(x, x**3)), 3)
       0.711
     """
-    x, y = _validate(x, y, covariance, solver, path, ridge)
+    x, y = _validate(x, y, covariance, solver, path, ridge, sinkhorn_epsilon)
     if check:
         _check_finite(x, y)
     return _score_jit(

@@ -59,6 +59,28 @@ def _strip_collection(variables: Any) -> Any:
     return variables
 
 
+def _without_own_entries(state: Any, keep_collection: bool) -> Any:
+    """``state`` from ``model.apply`` without the capture's entries.
+
+    The capture sows into Flax's ``intermediates`` collection. A caller that asked for that
+    collection itself (``mutable`` naming it or ``True``, or ``capture_intermediates``) gets
+    it back without the capture's entries; otherwise it is dropped.
+    """
+    if not keep_collection:
+        return _strip_collection(state)
+
+    def prune(node):
+        if not hasattr(node, "items"):
+            return node
+        kept = {k: prune(v) for k, v in node.items() if k != _capture.SOW_NAME}
+        return {k: v for k, v in kept.items() if not (hasattr(v, "items") and not v)}
+
+    out = dict(state)
+    if _capture.COLLECTION in out:
+        out[_capture.COLLECTION] = prune(out[_capture.COLLECTION])
+    return out
+
+
 def _linen_values(state: Any, path: tuple[str, ...]) -> tuple:
     node = state.get(_capture.COLLECTION, {})
     for part in path:
@@ -98,7 +120,8 @@ def capture_layers(
       A list of :class:`Layer` (an error if the model calls no activation); with
       ``return_output``, ``(layers, output)``, where ``output`` is what
       ``model.apply(variables, x, **apply_kwargs)`` returns: ``(y, updated)`` when
-      ``mutable`` is given, without the capture's own collection.
+      ``mutable`` (a name, names or ``True``) or ``capture_intermediates`` is given,
+      without the capture's own entries.
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -124,14 +147,19 @@ def capture_layers(
             output, nnx_state = nnx.capture(model, nnx.Intermediate)(x, **apply_kwargs)
         else:
             asked = apply_kwargs.pop("mutable", False)
-            mutable = [asked] if isinstance(asked, str) else list(asked or [])
-            output, state = model.apply(
-                _strip_collection(variables), x, mutable=[_capture.COLLECTION, *mutable],
-                **apply_kwargs,
-            )
-            if asked:
-                output = (output, _strip_collection(state) if _capture.COLLECTION not in mutable
-                          else state)
+            # Flax's mutable: False, True (every collection), a name, or a list of names.
+            if asked is True:
+                mutable = True
+                keep = True
+            else:
+                names = [asked] if isinstance(asked, str) else list(asked or [])
+                mutable = [_capture.COLLECTION, *names]
+                keep = _capture.COLLECTION in names
+            intermediates = bool(apply_kwargs.get("capture_intermediates", False))
+            output, state = model.apply(_strip_collection(variables), x, mutable=mutable,
+                                        **apply_kwargs)
+            if asked or intermediates:  # model.apply would return (y, state) too
+                output = (output, _without_own_entries(state, keep or intermediates))
     if is_nnx:
         layers = _assemble(ctx, model, nnx_state=nnx_state)
     else:
@@ -248,15 +276,19 @@ def _select(
     kinds: Sequence[str] | None,
     exclude_kinds: Sequence[str] | None,
 ) -> list[Layer]:
+    # One name may be given as a plain string (include="layer1*", kinds="relu").
+    include, exclude, kinds, exclude_kinds = (
+        [v] if isinstance(v, str) else list(v or []) for v in (include, exclude, kinds,
+                                                                exclude_kinds))
     names = [layer.name for layer in layers]
     present_kinds = sorted({layer.kind for layer in layers})
-    for pattern in list(include or []) + list(exclude or []):
+    for pattern in include + exclude:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ValueError(
                 f"selection pattern {pattern!r} matches no activation; names are "
                 f"{names[:8]}{' ...' if len(names) > 8 else ''}"
             )
-    for kind in list(kinds or []) + list(exclude_kinds or []):
+    for kind in kinds + exclude_kinds:
         if kind not in present_kinds:
             raise ValueError(
                 f"activation kind {kind!r} not in this model; kinds are {present_kinds}"
@@ -383,7 +415,7 @@ def score_layers(
       >>> s.shape, s.dtype, round(float(s[0]), 3), bool(s[1] < 1.0)
       ((2,), dtype('float32'), 1.0, True)
     """
-    _score.check_options(covariance, solver, ridge=ridge)
+    _score.check_options(covariance, solver, ridge=ridge, sinkhorn_epsilon=sinkhorn_epsilon)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):
         if layer.x.shape[0] < 2:
@@ -441,8 +473,10 @@ def signature_scores(
       variables: linen variables (``{"params": ..., "batch_stats": ...}``).
       x: a batch of inputs, batch axis first (at least 2 samples).
       covariance, ridge, solver, sinkhorn_epsilon: passed to :func:`affjax.affinity_score`.
-      include, exclude: ``fnmatch`` patterns on layer names (``"*block1*"``).
-      kinds, exclude_kinds: activation kinds to keep or drop (``"relu"``).
+      include, exclude: ``fnmatch`` patterns on layer names (``["*block1*"]``, or
+        one pattern as a string).
+      kinds, exclude_kinds: activation kinds to keep or drop (``["relu"]`` or
+        ``"relu"``).
       tokens: rank-3 reduction, ``"mean_features"`` (published) or ``"mean_tokens"``.
       functions: also capture ``nn.relu(x)``-style calls (see :mod:`affjax.capture`).
       devices: devices to shard the layer-parallel scoring over; default all.
@@ -468,7 +502,7 @@ def signature_scores(
       >>> scores.shape, scores.dtype
       ((1,), dtype('float32'))
     """
-    _score.check_options(covariance, solver, ridge=ridge)
+    _score.check_options(covariance, solver, ridge=ridge, sinkhorn_epsilon=sinkhorn_epsilon)
     layers, output = capture_layers(model, variables, x, tokens=tokens, functions=functions,
                                     return_output=True, **apply_kwargs)
     layers = _select(layers, include, exclude, kinds, exclude_kinds)
@@ -620,7 +654,7 @@ def signature(
       -----------------------------------------
         0  Activation_0:0  tanh      8   0...
     """
-    _score.check_options(covariance, solver, ridge=ridge)
+    _score.check_options(covariance, solver, ridge=ridge, sinkhorn_epsilon=sinkhorn_epsilon)
     capture = _compiled_capture(model, tokens, functions, apply_kwargs)
     layers = capture(variables, x) if capture is not None else capture_layers(
         model, variables, x, tokens=tokens, functions=functions, **apply_kwargs)

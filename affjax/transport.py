@@ -201,7 +201,28 @@ def bures_from_factors(
             smallest_eigenvalue_y, gram_largest_eigenvalue(factor_y), factor_y.dtype
         )
     )
-    r = _lower_factor(factor_y, factor, hopeless)
+    return bures_from_lower_factor(factor_x, _lower_factor(factor_y, factor, hopeless), rtol=rtol)
+
+
+def bures_from_lower_factor(
+    factor_x: jax.Array, r: jax.Array, *, rtol: float | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`bures_from_factors` given the lower factor ``R`` of ``C_y = R R^T`` itself.
+
+    Args:
+      factor_x: ``(m_x, k)`` factor, ``C_x = F_x^T F_x``.
+      r: ``(k, k)`` lower triangular, ``C_y = R R^T`` (any signs on the diagonal).
+      rtol: as in :func:`bures_from_factors`.
+
+    Returns:
+      ``(A, trace_sqrt)`` as in :func:`bures_from_factors`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> a, trace_sqrt = bures_from_lower_factor(jnp.eye(2), 3.0 * jnp.eye(2))   # C_y = 9 I
+      >>> a.round(4).tolist(), round(float(trace_sqrt), 4)
+      ([[3.0, 0.0], [0.0, 3.0]], 6.0)
+    """
     if rtol is None:
         rtol = 4.0 * r.shape[-1] ** 0.5 * float(jnp.finfo(r.dtype).eps)
     inv_sqrt, trace_sqrt = gram_inv_sqrt_and_trace_sqrt(factor_x @ r, rtol)
@@ -521,8 +542,10 @@ def w2_squared(
     n, d = x.shape
     solver = resolve_solver(solver, n, d)
     if solver == "sinkhorn":
-        # The regularisation level follows the data but is a constant for gradients.
-        epsilon = jax.lax.stop_gradient(sinkhorn_epsilon * jnp.mean(squared_distances(x, y)))
+        # The regularisation level follows the data but is a constant for gradients. All
+        # costs zero (a dead layer, x = y as sets): any epsilon gives the exact 0.
+        scale = jax.lax.stop_gradient(jnp.mean(squared_distances(x, y)))
+        epsilon = sinkhorn_epsilon * jnp.where(scale > 0, scale, 1.0)
         return sinkhorn_w2_squared(x, y, epsilon=epsilon)
     if solver == "sort":
         return jnp.mean((jnp.sort(x[:, 0]) - jnp.sort(y[:, 0])) ** 2)

@@ -242,3 +242,14 @@ def test_one_dimensional_samples_are_one_feature():
     expected = LedoitWolf().fit(x[:, None]).covariance_ + 1e-6
     np.testing.assert_allclose(np.asarray(affjax.ledoit_wolf_covariance(x)), expected,
                                rtol=1e-10)
+
+
+def test_sinkhorn_w2_of_zero_costs_is_zero():
+    # All costs zero (a dead layer's mapped samples, equal clouds): the relative epsilon
+    # would be 0 and Sinkhorn NaN; the exact value is 0.
+    from affjax.transport import w2_squared
+
+    zeros = jnp.zeros((6, 3), jnp.float32)
+    assert float(w2_squared(zeros, zeros, solver="sinkhorn")) == 0.0
+    ones = jnp.ones((5, 2), jnp.float32)
+    assert float(w2_squared(ones, ones, solver="sinkhorn")) == 0.0

@@ -366,6 +366,102 @@ def test_bad_results_file_for_plot(tmp_path, capsys):
     (tmp_path / "x.json").write_text('{"format": "something else"}')
     assert cli.main(["plot", str(tmp_path / "x.json")]) == 2
     assert "not an affjax signature file" in " ".join(capsys.readouterr().err.split())
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00binary")
+    assert cli.main(["plot", str(tmp_path / "bin.json")]) == 2
+    assert "not a results file (not UTF-8 text)" in " ".join(capsys.readouterr().err.split())
+    good = {"format": results.FORMAT, **dict.fromkeys(results.RUN_KEYS), "batch_indices": [0],
+            "complete": True, "versions": {}, "timing": {},
+            "layers": [{"name": "relu:0", "kind": "relu", "dim": 4, "score": 0.9, "std": 0.0,
+                        "scores": [0.9]}]}
+    layer = good["layers"][0]
+    for change, message in (({"layers": [1]}, "layer 0 must be an object"),
+                            ({"layers": [{**layer, "score": "0.9"}]}, "not a number"),
+                            ({"layers": [{**layer, "kind": 3}]}, "ill-typed name, kind or dim"),
+                            ({"batch_indices": None}, "'batch_indices' must be a list"),
+                            ({"complete": "no"}, "'complete' must be true or false")):
+        (tmp_path / "m.json").write_text(json.dumps({**good, **change}))
+        assert cli.main(["plot", str(tmp_path / "m.json")]) == 2
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()) and "Traceback" not in err
+    (tmp_path / "m.json").write_text(json.dumps(good))
+    assert cli.main(["plot", str(tmp_path / "m.json"), "--out", str(tmp_path / "p.txt")]) == 2
+    assert "'.txt' is not a format matplotlib writes" in " ".join(capsys.readouterr().err.split())
+    (tmp_path / "figs").mkdir()
+    for out, written in (("noext", "noext.png"), ("figs", "figs/m.png"), ("f.pdf", "f.pdf")):
+        assert cli.main(["plot", str(tmp_path / "m.json"), "--out", str(tmp_path / out)]) == 0
+        assert capsys.readouterr().out.strip() == f"wrote {tmp_path / written}"
+        assert (tmp_path / written).stat().st_size > 0
+
+
+def test_bad_options_fail_before_anything_is_written(tiny, tmp_path, capsys):
+    out = tmp_path / "o"
+    for args, message in ((["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1, got -1"),
+                          (["--stop-after", "0"], "--stop-after must be at least 1"),
+                          (["--model", ""], "--model is empty"),
+                          (["--batches", "1250:"], "--batches 1250: asks for batches that "
+                                                   "random does not have: it has 1250"),
+                          (["--batches", "1251"], "asks for batches")):
+        msg = _error(capsys, *(["--model", "tiny"] if "--model" not in args else []),
+                     "--batch-size", "8", *args, "--out", str(out))
+        assert message in msg
+    assert not out.exists() or not any(out.iterdir())  # no stub blocks the corrected command
+    folder = tmp_path / "dir.json"
+    folder.mkdir()
+    code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(folder))
+    assert code == 0, err
+    assert (folder / "tiny_random.json").is_file()  # a folder named *.json is a folder
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe")
+    msg = _error(capsys, "--model", "tiny", "--batch-size", "8",
+                 "--out", str(tmp_path / "bin.json"))
+    assert "not a results file" in msg and "--overwrite" in msg
+
+
+def test_stop_after_on_the_last_batch_completes_the_run(tiny, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--batches", "2",
+                        "--stop-after", "2", "--out", str(out))
+    assert code == 0, err
+    saved = json.loads(out.read_text())
+    assert saved["complete"] and saved["batch_indices"] == [0, 1]
+    assert out.with_suffix(".png").is_file()
+
+
+def _image_folder(folder, per_class, start=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(start)
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        for k in range(start, start + per_class):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+                folder / cls / f"{k}.png")
+
+
+def test_a_folder_that_changed_is_not_resumed(tiny, tmp_path, capsys):
+    folder = tmp_path / "grow"
+    _image_folder(folder, 6)
+    args = ["--model", "tiny", "--dataset", str(folder), "--batch-size", "4", "--batches", "all",
+            "--out", str(tmp_path / "r.json")]
+    assert _run(capsys, *args, "--stop-after", "1")[0] == 130
+    _image_folder(folder, 2, start=6)  # 16 images now: the file order, and so batches, move
+    msg = _error(capsys, *args)
+    assert "was computed on 12 examples" in msg and "which now has 16" in msg
+
+
+def test_a_named_dataset_wins_over_a_folder_of_that_name(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _image_folder(tmp_path / "mnist", 4)
+    with tfds.testing.mock_data(num_examples=20):
+        code, _, err = _run(capsys, "--model", "tiny", "--dataset", "mnist", "--batch-size", "8",
+                            "--out", str(tmp_path / "tfds.json"))
+    assert code == 0, err
+    saved = json.loads((tmp_path / "tfds.json").read_text())
+    assert saved["dataset"] == "mnist" and saved["split"] == "test"  # TFDS (mocked), not ./mnist
+    code, _, err = _run(capsys, "--model", "tiny", "--dataset", "./mnist", "--batch-size", "8",
+                        "--out", str(tmp_path / "folder.json"))
+    assert code == 0, err
+    saved = json.loads((tmp_path / "folder.json").read_text())
+    assert saved["dataset"] == str(tmp_path / "mnist") and saved["num_examples"] == 8
 
 
 def test_console_entry_point_reports_bad_input_without_traceback(tmp_path):

@@ -127,6 +127,35 @@ def test_output_and_scores_with_mutable_batch_stats():
     assert scores.shape == (1,)
 
 
+@pytest.mark.parametrize("kwargs", [
+    {"mutable": True, "train": True},
+    {"mutable": "batch_stats", "train": True},
+    {"mutable": ["batch_stats", "intermediates"], "train": True},
+    {"capture_intermediates": True, "train": False},
+    {"capture_intermediates": True, "mutable": ["batch_stats"], "train": True},
+])
+def test_output_and_scores_returns_exactly_what_apply_returns(kwargs):
+    # Every form of Flax's mutable, and capture_intermediates: model.apply returns (y, state);
+    # the capture's own entries are not in the state, the model's own sown values are.
+    class Sowing(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            h = nn.BatchNorm(use_running_average=not train)(nn.Dense(5)(x))
+            h = affjax.Activation(jnp.tanh)(h)
+            self.sow("intermediates", "total", jnp.sum(h))
+            return nn.Dense(2)(h)
+
+    x = _x(24, 3)
+    model = Sowing()
+    v = model.init(jax.random.key(0), x, train=False)
+    out, scores = regularizers.output_and_scores(model, v, x, **kwargs)
+    ref = model.apply(v, x, **kwargs)
+    assert jax.tree.structure(out) == jax.tree.structure(ref)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    assert scores.shape == (1,)
+
+
 def test_nnx_model():
     class Net(nnx.Module):
         def __init__(self, rngs):
@@ -176,6 +205,20 @@ def test_bad_inputs_name_the_problem():
         regularizers.mean_nonlinearity_from_scores(jnp.ones((2, 2)))
     with pytest.raises(TypeError, match="target must be a real number"):
         regularizers.target_penalty_from_scores(jnp.ones(2), target="0.5")
+    with pytest.raises(TypeError, match="a linen model needs its variables"):
+        regularizers.target_penalty(model, None, x, target=0.5)
+    with pytest.raises(ValueError, match="weight = 1e.40 overflows the scores' dtype float32"):
+        regularizers.mean_nonlinearity_from_scores(jnp.ones(2, jnp.float32), weight=1e40)
+    with pytest.raises(ValueError, match="ridge must be a real number >= 0, got '1e-6'"):
+        regularizers.mean_nonlinearity(model, v, x, ridge="1e-6")
+    with pytest.raises(ValueError, match="sinkhorn_epsilon must be a finite real number > 0"):
+        regularizers.mean_nonlinearity(model, v, x, solver="sinkhorn", sinkhorn_epsilon=0.0)
+    with pytest.raises(TypeError, match="takes no return_output: .* use output_and_scores"):
+        regularizers.target_penalty(model, v, x, target=0.5, return_output=True)
+    # One name may be a plain string.
+    np.testing.assert_array_equal(
+        np.asarray(regularizers.output_and_scores(model, v, x, kinds="tanh")[1]),
+        np.asarray(regularizers.output_and_scores(model, v, x, kinds=["tanh"])[1]))
 
 
 # --- gradients ---------------------------------------------------------------------------
@@ -278,15 +321,37 @@ def test_no_nan_at_dead_units_and_dead_layers():
     assert max(np.abs(g).max() for g in leaves) > 0  # the live layer still has a gradient
 
 
-def test_no_nan_at_constant_outputs():
+@pytest.mark.parametrize("ridge", [1e-6, 0.0])
+def test_no_nan_at_constant_outputs(ridge):
     x = _x(32, 4)
     model = Degenerate(width=5, act="tanh")
     v = _init(model, x)
-    # A zero kernel makes d0's pre- and post-activations constant over the batch.
+    # A zero kernel makes d0's pre- and post-activations constant over the batch (with
+    # ridge 0, C_y = 0: the discarded map of the dead layer must not bring NaN in).
     v = _set(v, "d0", kernel=jnp.zeros((4, 5)), bias=jnp.linspace(-1.0, 1.0, 5))
-    value, leaves = _grad_term(model, v, x)
-    assert np.isfinite(value)
-    assert all(np.all(np.isfinite(g)) for g in leaves)
+
+    def term(variables):
+        return regularizers.target_penalty(model, variables, x, target=0.5, ridge=ridge)
+
+    value, grads = jax.jit(jax.value_and_grad(term))(v)
+    assert np.isfinite(float(value))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("width", [1, 6])
+def test_sinkhorn_on_a_dead_layer_scores_one_with_a_finite_gradient(width):
+    x = _x(16, 4)
+    model = Degenerate(width=width)
+    v = _set(_init(model, x), "d1", bias=jnp.full((width,), -100.0))  # d1 never fires
+
+    def term(variables):
+        return regularizers.target_penalty(model, variables, x, target=0.5, solver="sinkhorn")
+
+    scores = affjax.signature_scores(model, v, x, solver="sinkhorn")
+    assert float(scores[1]) == 1.0
+    value, grads = jax.value_and_grad(term)(v)
+    assert np.isfinite(float(value))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
 
 
 def test_repeated_eigenvalues_gradient_finite_and_matches_fd():
@@ -388,3 +453,45 @@ def test_jit_does_not_retrace_per_step_and_training_moves_mean_score():
     # (weight -1). The thresholds are half the measured margins (+0.069, -0.386).
     assert final[1.0] - final[0.0] > 0.035
     assert final[0.0] - final[-1.0] > 0.19
+
+
+class _PartlyLinear(nn.Module):
+    """tanh on 2 of 16 units, identity on the rest: C_y nearly singular in float32."""
+
+    @nn.compact
+    def __call__(self, x):
+        def act(z):
+            return jnp.concatenate([jnp.tanh(z[:, :2]), z[:, 2:]], axis=1)
+
+        h = affjax.Activation(act)(nn.Dense(16, kernel_init=nn.initializers.normal(10.0))(x))
+        return nn.Dense(2)(h)
+
+
+def test_gradient_finite_where_the_grouped_cholesky_breaks_down():
+    # Grouped layers try Cholesky first and redo the group with QR where it breaks down; the
+    # discarded Cholesky result must not bring NaN into the gradient (it did: 0 * NaN).
+    from affjax import score as _score
+
+    x = jax.random.normal(jax.random.key(0), (64, 3), jnp.float32)
+    model = _PartlyLinear()
+    v = model.init(jax.random.key(1), x)
+    h = x @ v["params"]["Dense_0"]["kernel"] + v["params"]["Dense_0"]["bias"]
+    y = jnp.concatenate([jnp.tanh(h[:, :2]), h[:, 2:]], axis=1)
+    forced = _score._compute(h, y, "empirical", 1e-6, "scipy", "auto", 1e-2, "cholesky")
+    assert np.isnan(float(forced.score))  # the case this test is about: Cholesky fails here
+
+    def grouped(variables):
+        return regularizers.mean_nonlinearity(model, variables, x)
+
+    def per_layer(variables):  # the single-layer score picks Cholesky or QR by itself
+        h = x @ variables["params"]["Dense_0"]["kernel"] + variables["params"]["Dense_0"]["bias"]
+        y = jnp.concatenate([jnp.tanh(h[:, :2]), h[:, 2:]], axis=1)
+        return 1.0 - affjax.affinity_score(h, y)
+
+    value, grads = jax.value_and_grad(grouped)(v)
+    ref_value, ref_grads = jax.value_and_grad(per_layer)(v)
+    assert float(value) == pytest.approx(float(ref_value), abs=1e-6)
+    for g, r in zip(jax.tree.leaves(grads["params"]["Dense_0"]),
+                    jax.tree.leaves(ref_grads["params"]["Dense_0"]), strict=True):
+        assert np.all(np.isfinite(np.asarray(g)))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-3, atol=1e-5)

@@ -218,7 +218,7 @@ def test_bad_input(x, y, error, match):
         ({"solver": "lp"}, "unknown solver 'lp'"),
         ({"solver": "sort"}, "'sort' needs 1-D points, got d=2"),
         ({"path": "sparse"}, "unknown path 'sparse'"),
-        ({"ridge": -1.0}, "ridge must be >= 0"),
+        ({"ridge": -1.0}, "ridge must be a real number >= 0"),
     ],
 )
 def test_bad_options(kwargs, match):
@@ -287,3 +287,17 @@ def test_cholesky_hint_counts_the_coordinates_the_score_uses():
         assert bool(cholesky_hopeless_for(wide, path=path))
     np.testing.assert_allclose(float(affjax.affinity_score(y, y, path="span")),
                                float(affjax.affinity_score(y, y, path="dense")), atol=1e-5)
+
+
+def test_constant_output_with_zero_ridge_keeps_the_closed_form():
+    # C_y = 0: the map is A = 0 (dead), and the Bures distance is |m_x - m_y|^2 + tr C_x.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(30, 4))
+    y = np.full((30, 4), 0.25)
+    res = affjax.affinity(x, y, ridge=0.0)
+    expected = np.sum((x.mean(0) - 0.25) ** 2) + np.trace(np.cov(x.T))
+    assert float(res.score) == 1.0 and bool(res.dead)
+    assert float(res.bures_w2) ** 2 == pytest.approx(expected, rel=1e-10)
+    grad = jax.grad(lambda x: affjax.affinity_score(x, jnp.tanh(0.0 * x) + 0.25, ridge=0.0))(
+        jnp.asarray(x))
+    assert np.all(np.isfinite(np.asarray(grad)))

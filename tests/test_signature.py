@@ -234,7 +234,7 @@ def test_no_activation_and_batch_of_one():
     with pytest.raises(ValueError, match="unknown covariance"):
         affjax.signature_scores(model, _init(model, x), x, covariance="oas")
     for fn in (affjax.signature_scores, affjax.signature):
-        with pytest.raises(ValueError, match="ridge must be >= 0, got -1e-06"):
+        with pytest.raises(ValueError, match="ridge must be a real number >= 0, got -1e-06"):
             fn(model, _init(model, x), x, ridge=-1e-6)
 
 
