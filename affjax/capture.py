@@ -353,6 +353,11 @@ def _function_wrapper(fn: Callable, kind: str) -> Callable:
         y = fn(x, *args, **kwargs)
         if ctx is None or ctx.inside or not isinstance(x, jax.Array):
             return y
+        if x.ndim < 2:
+            # A scalar or vector: a parameter transform (softplus of a scale) or a
+            # per-sample scalar head, not a layer of features; an error here would block
+            # the whole signature. (An Activation module on such a tensor is an error.)
+            return y
         from flax.linen.module import _context as linen_context
 
         stack = linen_context.module_stack

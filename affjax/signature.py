@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from affjax import capture as _capture
@@ -347,6 +348,22 @@ def _stacked_scores(xs, ys, *, covariance, ridge, solver, sequential, sinkhorn_e
 
 
 @functools.cache
+def _group_scorer_on_mesh(covariance: str, ridge: float, solver: str, mesh: Any,
+                          sinkhorn_epsilon: float = 1e-2):
+    """The group scorer inside a caller's ``jit`` whose inputs are sharded over ``mesh``.
+
+    The stacked layers are split over every axis of the caller's (abstract) mesh: a
+    ``shard_map`` over a mesh of its own would mix two meshes in one program.
+    """
+    fn = functools.partial(
+        _stacked_scores, covariance=covariance, ridge=ridge, solver=solver,
+        sinkhorn_epsilon=sinkhorn_epsilon, sequential=mesh._any_axis_auto
+        and jax.default_backend() == "cpu")
+    spec = PartitionSpec(tuple(mesh.axis_names))
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
+
+
+@functools.cache
 def _group_scorer(
     covariance: str, ridge: float, solver: str, devices: tuple, sinkhorn_epsilon: float = 1e-2
 ):
@@ -365,17 +382,46 @@ def _group_scorer(
     if len(devices) > 1:
         spec = PartitionSpec("layers")
         mesh = Mesh(np.asarray(devices), ("layers",))
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+        # Each device scores its own layers: no collective, so the varying-value check has
+        # nothing to protect, and it rejects the solvers' loops (constant initial carries).
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
+                           check_vma=False)
     return jax.jit(fn)
 
 
+def _device_tuple(devices: Any) -> tuple:
+    devices = tuple(jax.devices() if devices is None else (
+        [devices] if isinstance(devices, jax.Device) else devices))
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(f"devices must be a non-empty sequence of jax devices (see "
+                         f"jax.devices()), got {devices!r}")
+    return devices
+
+
 def _group_scores(xs, ys, *, covariance, ridge, solver, devices, sinkhorn_epsilon=1e-2):
-    devices = tuple(jax.devices() if devices is None else devices)
+    mesh = None
+    if devices is None and isinstance(xs, jax.core.Tracer):
+        # Inside the caller's jit the caller decides the placement: with inputs sharded
+        # over a mesh the layers are split over that mesh; otherwise they stay where the
+        # program runs (a mesh of our own could clash with inputs committed to a device).
+        sharding = getattr(jax.typeof(xs), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.size <= 1:
+            mesh, devices = None, jax.devices()[:1]
+    devices = _device_tuple(devices)
     g = xs.shape[0]
-    pad = (-g) % len(devices)
+    pad = (-g) % (len(devices) if mesh is None else mesh.size)
     if pad:  # equal slices per device
         xs = jnp.concatenate([xs, jnp.repeat(xs[:1], pad, axis=0)])
         ys = jnp.concatenate([ys, jnp.repeat(ys[:1], pad, axis=0)])
+    if mesh is not None:
+        scorer = _group_scorer_on_mesh(covariance, ridge, solver, mesh, float(sinkhorn_epsilon))
+        return scorer(xs, ys)[:g]
+    if len(devices) > 1 and not isinstance(xs, jax.core.Tracer):
+        # An array committed to one device, or sharded over another mesh, goes onto the
+        # scorer's mesh first (jit would refuse the mismatch).
+        sharding = NamedSharding(Mesh(np.asarray(devices), ("layers",)), PartitionSpec("layers"))
+        xs, ys = jax.device_put(xs, sharding), jax.device_put(ys, sharding)
     scorer = _group_scorer(covariance, ridge, solver, devices, float(sinkhorn_epsilon))
     return scorer(xs, ys)[:g]
 
@@ -416,12 +462,24 @@ def score_layers(
       ((2,), dtype('float32'), 1.0, True)
     """
     _score.check_options(covariance, solver, ridge=ridge, sinkhorn_epsilon=sinkhorn_epsilon)
+    if devices is not None:  # once: a generator would be used up by the first group
+        devices = _device_tuple(devices)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):
         if layer.x.shape[0] < 2:
             raise ValueError(
                 f"a signature needs a batch of at least 2 samples, got {layer.x.shape[0]}"
             )
+        if layer.x.shape != layer.y.shape:
+            raise ValueError(
+                f"activation {layer.name} ({layer.kind}) changes the shape of its input, "
+                f"{layer.x.shape} -> {layer.y.shape} after reduction: the affinity score "
+                "pairs each pre-activation with its post-activation, so an Activation must "
+                "be elementwise")
+        for side, v in (("input", layer.x), ("output", layer.y)):
+            if not jnp.issubdtype(v.dtype, jnp.floating):
+                raise TypeError(f"activation {layer.name} ({layer.kind}) has a {v.dtype} "
+                                f"{side}: the score needs floating-point activations")
         groups[(layer.x.shape, jnp.result_type(layer.x.dtype, layer.y.dtype))].append(i)
     dtype = jnp.result_type(*(k[1] for k in groups))
     if jnp.finfo(dtype).bits < 32:
@@ -437,8 +495,9 @@ def score_layers(
                             sinkhorn_epsilon=sinkhorn_epsilon,
                             devices=devices)
         if not isinstance(out, jax.core.Tracer):
-            # Eager: wait for this group before dispatching the next (as the barrier).
-            out.block_until_ready()
+            # Eager: wait for this group before dispatching the next (as the barrier), and
+            # bring its scores back to where the others are.
+            out = jax.device_put(out.block_until_ready(), scores.sharding)
         scores = scores.at[jnp.asarray(idx)].set(out)
     return scores
 
@@ -549,6 +608,24 @@ class Signature:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def __eq__(self, other: object) -> bool:
+        # Field by field, arrays elementwise (NaN equal to NaN: a NaN score is a result).
+        if not isinstance(other, Signature):
+            return NotImplemented
+
+        def same(a, b):
+            if a is None or b is None:
+                return a is None and b is None
+            a, b = np.asarray(a), np.asarray(b)
+            return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
+
+        return (list(self.names) == list(other.names) and list(self.kinds) == list(other.kinds)
+                and [int(d) for d in self.dims] == [int(d) for d in other.dims]
+                and all(same(getattr(self, f), getattr(other, f))
+                        for f in ("scores", "std", "batch_scores")))
+
+    __hash__ = None  # mutable, compared by value
 
     def __str__(self) -> str:
         width = max([len("layer")] + [len(n) for n in self.names])
@@ -717,6 +794,12 @@ def signature_over_batches(
             first = sig
         elif sig.names != first.names:
             raise ValueError(f"batch {b} gives different activation calls than batch 0")
+        elif list(sig.dims) != list(first.dims):
+            # e.g. token tensors of another length, reduced to another number of features
+            changed = [f"{n} ({d0} -> {d})" for n, d0, d in
+                       zip(sig.names, first.dims, sig.dims, strict=True) if d0 != d][:3]
+            raise ValueError(f"batch {b} reduces some activations to other widths than batch "
+                             f"0: {', '.join(changed)}; their scores would not be comparable")
         rows.append(sig.scores)
         if progress:
             print(f"\rsignature: batch {b + 1}, {len(sig)} layers, "

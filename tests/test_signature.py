@@ -327,13 +327,92 @@ def test_four_devices_equal_one_device():
         jitted = jax.jit(lambda v, x: affjax.signature_scores(m, v, x))(v, x)
         np.testing.assert_allclose(np.asarray(jitted), np.asarray(one), atol=1e-5)
         print("OK", len(many))
+
+        # Wide layers (d >= n) and the device solvers: their loops start from constants.
+        class Wide(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                h = nn.relu(nn.Dense(40)(x))
+                return jnp.tanh(nn.Dense(40)(h))
+        xw = x[:24]
+        mw = Wide(); vw = mw.init(jax.random.key(2), xw)
+        for solver in ("scipy", "hungarian", "sinkhorn"):
+            a = affjax.signature_scores(mw, vw, xw, solver=solver)
+            b = affjax.signature_scores(mw, vw, xw, solver=solver, devices=jax.devices()[:1])
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        print("WIDE")
+
+        # Inputs placed by the caller: committed to one device; sharded over the caller's
+        # mesh (data parallel, under jit and grad, as a regularizer would be).
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from affjax import regularizers
+        committed = jax.device_put(x, jax.devices()[1])
+        mesh = Mesh(np.array(jax.devices()), ("batch",))
+        sharded = jax.device_put(x, NamedSharding(mesh, P("batch")))
+        f = jax.jit(lambda v, x: affjax.signature_scores(m, v, x))
+        for xx in (committed, sharded):
+            np.testing.assert_allclose(np.asarray(affjax.signature_scores(m, v, xx)),
+                                       np.asarray(one), atol=1e-5)
+            np.testing.assert_allclose(np.asarray(f(v, xx)), np.asarray(one), atol=1e-5)
+            g = jax.jit(jax.grad(lambda v, x: regularizers.mean_nonlinearity(m, v, x)))(v, xx)
+            assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(g))
+        print("PLACED")
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "OK 6" in out.stdout
+    assert "OK 6" in out.stdout and "WIDE" in out.stdout and "PLACED" in out.stdout
+
+
+def test_bad_devices_are_named():
+    x = _x()
+    model = Interleaved()
+    v = _init(model, x)
+    with pytest.raises(ValueError, match="devices must be a non-empty sequence of jax devices"):
+        affjax.signature_scores(model, v, x, devices=[])
+    with pytest.raises(ValueError, match="devices must be a non-empty sequence of jax devices"):
+        affjax.signature_scores(model, v, x, devices=["cpu"])
+    one = affjax.signature_scores(model, v, x, devices=jax.devices()[:1])
+    for devices in ((d for d in jax.devices()[:1]), jax.devices()[0]):  # a generator, a device
+        np.testing.assert_array_equal(
+            np.asarray(affjax.signature_scores(model, v, x, devices=devices)), np.asarray(one))
+
+
+def test_activation_that_is_not_elementwise_is_named():
+    class Slicing(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return affjax.Activation(lambda z: z[:, :2], name="head")(nn.Dense(4)(x))
+
+    x = _x()
+    model = Slicing()
+    v = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"activation head:0 .* changes the shape of its input, "
+                                         r"\(\d+, 4\) -> \(\d+, 2\)"):
+        affjax.signature_scores(model, v, x)
+
+    class OnBools(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return affjax.Activation(jax.nn.relu, name="gate")(nn.Dense(4)(x) > 0)
+
+    model = OnBools()
+    with pytest.raises(TypeError, match="activation gate:0 .* has a bool input"):
+        affjax.signature_scores(model, model.init(jax.random.key(0), x), x)
+
+
+def test_signatures_compare_by_value():
+    from affjax.signature import Signature
+
+    sig = Signature(names=["a:0", "b:0"], kinds=["relu", "tanh"],
+                    scores=np.array([0.5, np.nan]), dims=[3, 3], std=np.array([0.1, 0.0]))
+    assert sig == Signature.from_json(sig.to_json())  # NaN equals NaN here
+    other = Signature(names=["a:0", "b:0"], kinds=["relu", "tanh"],
+                      scores=np.array([0.5, 0.6]), dims=[3, 3], std=np.array([0.1, 0.0]))
+    assert sig != other
+    assert sig != Signature(names=sig.names, kinds=sig.kinds, scores=sig.scores, dims=sig.dims)
 
 
 def _stack_of_layers(dtype):
@@ -649,3 +728,38 @@ def test_nnx_cloned_blocks_are_told_apart(wrap):
         expected.append(float(affjax.affinity_score(pre, jax.nn.gelu(pre))))
         h = jax.nn.gelu(pre) + h
     np.testing.assert_allclose(sig.scores, expected, atol=1e-5)
+
+
+def test_plain_functions_on_vectors_are_not_layers():
+    # softplus of a parameter vector and a per-sample scalar gate: neither is a layer of
+    # features, and neither may block the signature of the rest.
+    class WithScale(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scale = nn.softplus(self.param("s", nn.initializers.zeros, (6,)))
+            h = nn.relu(nn.Dense(6)(x)) * scale
+            gate = nn.sigmoid(nn.Dense(1)(h)[:, 0])
+            return h * gate[:, None]
+
+    x = _x()
+    model = WithScale()
+    v = model.init(jax.random.key(0), x)
+    sig = affjax.signature(model, v, x)
+    assert sig.kinds == ["relu"] and sig.dims == [6]
+    h = x @ v["params"]["Dense_0"]["kernel"] + v["params"]["Dense_0"]["bias"]
+    assert float(sig.scores[0]) == pytest.approx(float(affjax.affinity_score(h, jax.nn.relu(h))),
+                                                 abs=1e-6)
+
+
+def test_over_batches_refuses_layers_whose_width_changes():
+    class Tokens(nn.Module):
+        @nn.compact
+        def __call__(self, x):  # (N, T, 3): under mean_features T is the width
+            return affjax.Activation(jnp.tanh, name="mlp")(nn.Dense(3)(x))
+
+    model = Tokens()
+    short = jax.random.normal(jax.random.key(0), (16, 5, 3))
+    long = jax.random.normal(jax.random.key(1), (16, 9, 3))
+    v = model.init(jax.random.key(2), short)
+    with pytest.raises(ValueError, match=r"batch 1 reduces .* mlp:0 \(5 -> 9\)"):
+        affjax.signature_over_batches(model, v, [short, long], progress=False)

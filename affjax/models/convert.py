@@ -26,6 +26,7 @@ spec's ``ignored_prefixes`` (auxiliary heads). A family overrides single leaves 
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -140,14 +141,16 @@ def create(name: str, *, seed: int = 0, num_classes: int = 1000,
     return module, dict(variables)
 
 
-def _mismatch_error(name: str, missing: list, unexpected: list, wrong: list) -> ValueError:
+def _mismatch_error(name: str, missing: list, unexpected: list, wrong: list, *,
+                    what: str = "state dict") -> ValueError:
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected),
                          ("wrongly shaped", wrong)):
         if items:
             more = f" and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
             parts.append(f"{len(items)} {label}: {', '.join(items[:_SHOW])}{more}")
-    return ValueError(f"state dict does not fit {name}: " + "; ".join(parts))
+    verb = "does" if what == "state dict" else "do"
+    return ValueError(f"{what} {verb} not fit {name}: " + "; ".join(parts))
 
 
 def from_torchvision(
@@ -159,8 +162,10 @@ def from_torchvision(
     Args:
       name: a name from :func:`list_models`.
       state_dict: torchvision tensor names -> arrays (NumPy arrays or torch tensors), e.g.
-        ``torchvision.models.resnet18().state_dict()``, or the path of a ``.pth`` file (needs
-        torch) or a ``.safetensors`` file (does not).
+        ``torchvision.models.resnet18().state_dict()``, or the path of a torch file
+        (``.pth``, ``.pt``, ``.pth.tar``, ``.ckpt``, ``.bin``, any case; needs torch) or a
+        ``.safetensors`` file (does not). A training checkpoint (``{"state_dict": ...,
+        "epoch": ...}`` or ``"model"``), as a mapping or in a file, is unwrapped.
       num_classes: the classifier's width; read from the state dict's head when ``None``.
       **kw: module fields, as in :func:`create` (``activation=...``).
 
@@ -170,7 +175,9 @@ def from_torchvision(
 
     Raises:
       ValueError: unknown name, or a state dict that does not fit the model: the message names
-        the model and the first missing, unexpected and wrongly shaped tensors.
+        the model and the first missing, unexpected and wrongly shaped tensors; an unknown
+        file suffix; a torch file holding a pickled module (``torch.save(model)``: save
+        ``model.state_dict()`` instead).
 
     Example:
       >>> import torchvision                                       # doctest: +SKIP
@@ -207,30 +214,85 @@ def from_torchvision(
     return module, dict(traverse_util.unflatten_dict(flat))
 
 
+# State-dict metadata (``state_dict._metadata``: torch module name -> ``{"version": n}``) that
+# a torchvision family's ``_load_from_state_dict`` needs. MNASNet's root module refuses a state
+# dict without a version (``ValueError: version should be set to 1 or 2``) and rebuilds its
+# stem for version 1; the ports are version 2. BatchNorm and other modules read no version
+# (without one, BatchNorm fills in the absent ``num_batches_tracked``).
+_TORCH_METADATA: dict[str, dict[str, dict[str, int]]] = {"mnasnet": {"": {"version": 2}}}
+
+
+def _head_classes(spec: ModelSpec, rules: dict[tuple[str, ...], Rule],
+                  flat: Mapping[tuple[str, ...], Any]) -> int | None:
+    """The classifier width of ``variables``: the output axis of the head's kernel."""
+    for key, rule in rules.items():
+        if rule.torch_key == f"{spec.head}.weight" and key in flat:
+            shape = np.shape(flat[key])
+            # a Dense (in, out) or a 1x1 Conv (1, 1, in, out) head (SqueezeNet)
+            return int(shape[-1]) if len(shape) in (2, 4) else None
+    return None
+
+
 def to_torchvision(name: str, variables: Mapping[str, Any], *,
-                   num_classes: int = 1000, **kw: Any) -> dict[str, np.ndarray]:
+                   num_classes: int | None = None, **kw: Any) -> dict[str, np.ndarray]:
     """The inverse of :func:`from_torchvision`: torchvision's state dict of ``variables``.
 
-    Returns float32 NumPy arrays under torchvision's names (without ``num_batches_tracked``);
-    ``torchvision.models.get_model(name).load_state_dict(..., strict=False)`` accepts it after
-    ``torch.from_numpy``, and ``from_torchvision(name, ...)`` gives ``variables`` back.
+    Args:
+      name: a name from :func:`list_models`.
+      variables: the port's variables (``params`` and, with BatchNorm, ``batch_stats``), as
+        from :func:`create` or :func:`from_torchvision`. Other collections (``intermediates``)
+        are ignored.
+      num_classes: the classifier's width; read from the variables' head when ``None``.
+      **kw: module fields that change parameter shapes (``image_size`` for ViT).
+
+    Returns:
+      A ``collections.OrderedDict`` of float32 NumPy arrays under torchvision's names
+      (without ``num_batches_tracked``). ``torchvision.models.get_model(name)
+      .load_state_dict(..., strict=False)`` accepts it after ``torch.from_numpy``, and
+      ``from_torchvision(name, ...)`` gives ``variables`` back. Where torchvision's module
+      needs it (MNASNet: ``{"": {"version": 2}}``), the dict carries torch's ``_metadata``
+      attribute; keep it when converting the arrays to tensors
+      (``tensors._metadata = sd._metadata``), since a new dict drops it.
+
+    Raises:
+      ValueError: unknown name, or variables that do not fit the model (another model's, or
+        another ``num_classes``): the message names the first missing, unexpected and
+        wrongly shaped leaves (``collection/module path/leaf``, shapes in Flax layout).
 
     Example:
       >>> _, variables = create("resnet18", num_classes=10)           # doctest: +SKIP
-      >>> sd = to_torchvision("resnet18", variables, num_classes=10)  # doctest: +SKIP
+      >>> sd = to_torchvision("resnet18", variables)                  # doctest: +SKIP
       >>> sd["fc.weight"].shape                                       # doctest: +SKIP
       (10, 512)
     """
     spec = get_spec(name)
-    module = build_module(spec, num_classes, kw)
-    rules = _rules(spec, _init_shapes(spec, module))
     flat = traverse_util.flatten_dict(dict(variables))
-    missing = [k for k in rules if k not in flat]
-    if missing:
-        shown = ["/".join(k) for k in missing[:_SHOW]]
-        raise ValueError(f"variables do not fit {name}: {len(missing)} missing, e.g. {shown}")
-    return {rule.torch_key: np.ascontiguousarray(rule.to_torch(np.asarray(flat[k], np.float32)))
-            for k, rule in rules.items()}
+    classes = 1000 if num_classes is None else num_classes
+    shapes = _init_shapes(spec, build_module(spec, classes, kw))
+    rules = _rules(spec, shapes)
+    if num_classes is None:
+        found = _head_classes(spec, rules, flat)
+        if found is not None and found != classes:
+            classes = found
+            shapes = _init_shapes(spec, build_module(spec, classes, kw))
+            rules = _rules(spec, shapes)
+    expected = traverse_util.flatten_dict(shapes)
+    collections_ = {key[0] for key in expected} | {"params", "batch_stats"}
+    order = sorted(expected, key=lambda k: (k[0] != "params", k))  # params first
+    missing = ["/".join(k) for k in order if k not in flat]
+    unexpected = ["/".join(k) for k in sorted(flat, key=lambda k: (k[0] != "params", k))
+                  if k[0] in collections_ and k not in expected]
+    wrong = [f"{'/'.join(k)} {tuple(np.shape(flat[k]))} (expected {tuple(expected[k].shape)})"
+             for k in order if k in flat and tuple(np.shape(flat[k])) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        raise _mismatch_error(name, missing, unexpected, wrong, what="variables")
+    out: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict(
+        (rule.torch_key, io._contiguous(rule.to_torch(np.asarray(flat[k], np.float32))))
+        for k, rule in rules.items())
+    metadata = _TORCH_METADATA.get(spec.family)
+    if metadata is not None:
+        out._metadata = {module: dict(m) for module, m in metadata.items()}  # type: ignore[attr-defined]
+    return out
 
 
 def eval_transform(name: str) -> EvalTransform:

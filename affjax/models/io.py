@@ -1,15 +1,18 @@
-"""Reading and writing PyTorch state dicts: ``.pth`` (through torch) and ``.safetensors``.
+"""Reading and writing PyTorch state dicts: ``.pth`` and the like (through torch) and
+``.safetensors``.
 
 ``.safetensors`` files are parsed and written by the ``safetensors`` package (its NumPy
 interface; no torch needed). Its NumPy loader has no ``bfloat16``/float8 types, so the reader
 takes the package's validated raw views (``safetensors.deserialize``) and maps each dtype code
-to a NumPy dtype itself (``bfloat16`` and float8 through ``ml_dtypes``, as JAX does). ``.pth``
-files are pickles and need torch, imported only when such a file is read.
+to a NumPy dtype itself (``bfloat16`` and float8 through ``ml_dtypes``, as JAX does). torch
+files (``.pth``, ``.pt``, ``.pth.tar``, ``.ckpt``, ``.bin``) are pickles and need torch,
+imported only when such a file is read (with ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,12 +97,18 @@ def save_safetensors(
       >>> sd = affjax.models.to_torchvision("resnet18", variables)             # doctest: +SKIP
       >>> save_safetensors("resnet18.safetensors", sd)                         # doctest: +SKIP
     """
-    arrays = {str(name): np.ascontiguousarray(to_numpy(t)) for name, t in tensors.items()}
+    arrays = {str(name): _contiguous(to_numpy(t)) for name, t in tensors.items()}
     for name, a in arrays.items():
         if a.dtype.newbyteorder("<") not in _SAFETENSORS_DTYPES.values():
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors code")
     meta = {str(k): str(v) for k, v in metadata.items()} if metadata else None
     safetensors.numpy.save_file(arrays, os.fspath(path), metadata=meta)
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    # np.ascontiguousarray returns at least 1-D: it would store a 0-d tensor (BatchNorm's
+    # num_batches_tracked) as shape (1,).
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -112,6 +121,55 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+# Suffixes read through torch.load (matched case-insensitively): torch's own ``.pth``/``.pt``,
+# Hugging Face's ``pytorch_model.bin``, training checkpoints ``.ckpt`` and ``.pth.tar``.
+TORCH_SUFFIXES = (".pth", ".pt", ".pth.tar", ".ckpt", ".bin")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+# Keys under which training checkpoints keep the model's state dict.
+_CHECKPOINT_KEYS = ("state_dict", "model")
+
+
+def _is_array(value: Any) -> bool:
+    return hasattr(value, "detach") or isinstance(value, np.ndarray) or (
+        hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+def _unwrap_checkpoint(obj: Any) -> Any:
+    """The state dict inside a training checkpoint ``{"state_dict": ..., "epoch": ...}``."""
+    if isinstance(obj, Mapping) and not all(_is_array(v) for v in obj.values()):
+        for key in _CHECKPOINT_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return obj[key]
+    return obj
+
+
+def _torch_load(torch: Any, path: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # not a torch.save archive, or an older torch
+            names = []
+        if any(n.startswith("torch.nn.modules.") for n in names):
+            raise ValueError(
+                f"{path}: holds a pickled module (torch.save(model)), not a state dict; save "
+                "model.state_dict() instead (files are read with torch.load(weights_only=True), "
+                "which does not unpickle modules)") from None
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise ValueError(
+                f"{path}: holds pickled objects other than tensors ({shown}), which "
+                "torch.load(weights_only=True) refuses; save a state dict of tensors "
+                "(model.state_dict()) instead") from None
+        raise ValueError(f"{path}: torch.load cannot read it ({e})") from None
+    except OSError:
+        raise
+    except Exception as e:  # a truncated or foreign file: torch raises assorted errors
+        raise ValueError(f"{path}: not a file torch.load can read ({type(e).__name__}: {e})"
+                         ) from None
+
+
 def _load_pth(path: str) -> StateDict:
     try:
         import torch
@@ -119,12 +177,7 @@ def _load_pth(path: str) -> StateDict:
         raise ImportError(
             f"reading {path} needs torch (a .pth file is a torch pickle); install torch, or "
             "convert the file to .safetensors elsewhere") from None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and not all(hasattr(v, "detach") for v in obj.values()):
-        for key in ("state_dict", "model"):  # common training-checkpoint wrappers
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
+    obj = _unwrap_checkpoint(_torch_load(torch, path))
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return {str(k): to_numpy(v) for k, v in obj.items() if hasattr(v, "detach")}
@@ -135,13 +188,18 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
 
     Args:
       source: a mapping from tensor names to arrays (NumPy, JAX, torch), or the path of a
-        ``.pth``/``.pt`` file (read with ``torch.load(weights_only=True)``; torch needed) or a
-        ``.safetensors`` file (read without torch).
+        torch file (``.pth``, ``.pt``, ``.pth.tar``, ``.ckpt``, ``.bin``; read with
+        ``torch.load(weights_only=True)``; torch needed) or a ``.safetensors`` file (read
+        without torch). Suffixes are matched case-insensitively. A training checkpoint (a
+        mapping, or a file holding one, with non-tensor entries such as ``"epoch"``) is
+        unwrapped: its ``"state_dict"`` or ``"model"`` entry is the state dict.
 
     Raises:
       FileNotFoundError: a path that does not exist.
-      ValueError: an unknown file extension or a malformed file.
-      ImportError: a ``.pth`` file without torch installed.
+      ValueError: an unknown file extension (the message lists the accepted ones), a
+        malformed file, or a torch file holding a pickled module (``torch.save(model)``)
+        or other non-tensor objects instead of a state dict.
+      ImportError: a torch file without torch installed.
 
     Example:
       >>> sd = load_state_dict("resnet18-f37072fd.pth")   # doctest: +SKIP
@@ -149,15 +207,18 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> StateDict:
       (1000, 512)
     """
     if isinstance(source, Mapping):
-        return {str(k): to_numpy(v) for k, v in source.items()}
+        return {str(k): to_numpy(v) for k, v in _unwrap_checkpoint(source).items()}
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"state_dict must be a mapping of arrays or a file path, got {type(source).__name__}")
     path = os.fspath(source)
     if not os.path.exists(path):
         raise FileNotFoundError(f"state dict file not found: {path}")
-    if path.endswith(".safetensors"):
+    lower = path.lower()
+    if lower.endswith(SAFETENSORS_SUFFIXES):
         return load_safetensors(path)
-    if path.endswith((".pth", ".pt", ".bin")):
+    if lower.endswith(TORCH_SUFFIXES):
         return _load_pth(path)
-    raise ValueError(f"{path}: unknown state dict format; expected .pth, .pt or .safetensors")
+    accepted = ", ".join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)
+    raise ValueError(f"{path}: unknown state dict format; expected one of the suffixes "
+                     f"{accepted} (any case)")

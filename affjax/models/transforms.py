@@ -30,7 +30,8 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
 @functools.partial(jax.jit, static_argnames=("resize_size", "crop_size", "method", "antialias",
                                              "mean", "std"))
 def _transform(images, *, resize_size, crop_size, method, antialias, mean, std):
-    if images.dtype == jnp.uint8:
+    is_uint8 = images.dtype == jnp.uint8
+    if is_uint8:
         images = images.astype(jnp.float32) / 255.0
     else:
         images = images.astype(jnp.float32)
@@ -39,6 +40,11 @@ def _transform(images, *, resize_size, crop_size, method, antialias, mean, std):
     if (new_h, new_w) != (h, w):
         images = jax.image.resize(images, (n, new_h, new_w, c), method=method,
                                   antialias=antialias)
+        if is_uint8:
+            # torchvision resizes a uint8 image in float and casts back to uint8: bicubic's
+            # overshoot at edges is clamped to 0..255 (then rounded; we keep the fraction,
+            # see EvalTransform). Float input is not clamped, as in torchvision.
+            images = jnp.clip(images, 0.0, 1.0)
     # torchvision's center_crop: Python round (half to even) of the centred offset.
     top = int(round((new_h - crop_size) / 2.0))
     left = int(round((new_w - crop_size) / 2.0))
@@ -65,10 +71,16 @@ class EvalTransform:
     ``(N, crop, crop, 3)`` (or ``(crop, crop, 3)``). Jitted per input shape.
 
     Numerical caveat: the filter is ``jax.image.resize``'s scaled triangle (bilinear) or Keys
-    cubic (bicubic), computed in float32 on the [0, 1]-scaled image. torchvision on a ``uint8``
-    tensor or a PIL image rounds the resized image to ``uint8`` first, so outputs differ by up
-    to about half a grey level (0.5 / 255 / std, about 0.009 after normalisation), plus the
-    small differences of the filters at the borders; ``tests/test_models.py`` measures both.
+    cubic (bicubic), computed in float32 on the [0, 1]-scaled image. For ``uint8`` input the
+    resized image is clipped to [0, 1] as torchvision clamps it to 0..255 (bicubic overshoots
+    at edges by up to about 30 grey levels). torchvision on a ``uint8`` tensor then rounds to
+    ``uint8``; this transform keeps the fraction, so outputs differ by at most half a grey
+    level (0.5 / 255 / std, about 0.009 after normalisation; rounding too would make it 0 on
+    most pixels but a whole grey level where the two float results straddle a half). Against
+    a PIL image the difference is about one grey level for bilinear; PIL's bicubic clips to
+    ``uint8`` between its horizontal and vertical passes, which this transform (like
+    torchvision on tensors) does not, so near strong edges the two differ by more.
+    ``tests/test_models_parity.py`` and ``tests/test_models_fixes.py`` measure these.
 
     Example:
       >>> t = EvalTransform(resize_size=256, crop_size=224)
@@ -95,16 +107,21 @@ class EvalTransform:
 
     def __call__(self, images: ArrayLike) -> jax.Array:
         images = jnp.asarray(images)
-        single = images.ndim == 3
-        if single:
-            images = images[None]
-        if images.ndim != 4 or images.shape[-1] != len(self.mean):
+        channels = len(self.mean)
+        if images.ndim not in (3, 4) or images.shape[-1] != channels:
             raise ValueError(
-                f"expected (N, H, W, {len(self.mean)}) or (H, W, {len(self.mean)}) images "
-                f"(channels last), got shape {jnp.shape(images)}")
+                f"expected (N, H, W, {channels}) or (H, W, {channels}) images "
+                f"(channels last), got shape {tuple(images.shape)}")
+        if images.shape[-3] == 0 or images.shape[-2] == 0:
+            raise ValueError(
+                f"empty image: height and width must be positive, got shape "
+                f"{tuple(images.shape)}")
         if not (images.dtype == jnp.uint8 or jnp.issubdtype(images.dtype, jnp.floating)):
             raise TypeError(
                 f"images must be uint8 (0..255) or float ([0, 1]), got {images.dtype}")
+        single = images.ndim == 3
+        if single:
+            images = images[None]
         out = _transform(images, resize_size=self.resize_size, crop_size=self.crop_size,
                          method=_METHODS[self.interpolation], antialias=self.antialias,
                          mean=tuple(self.mean), std=tuple(self.std))
