@@ -357,8 +357,7 @@ def _group_scorer_on_mesh(covariance: str, ridge: float, solver: str, mesh: Any,
     """
     fn = functools.partial(
         _stacked_scores, covariance=covariance, ridge=ridge, solver=solver,
-        sinkhorn_epsilon=sinkhorn_epsilon, sequential=mesh._any_axis_auto
-        and jax.default_backend() == "cpu")
+        sinkhorn_epsilon=sinkhorn_epsilon, sequential=jax.default_backend() == "cpu")
     spec = PartitionSpec(tuple(mesh.axis_names))
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
 
