@@ -137,11 +137,16 @@ def test_image_folder_sorted_order_varying_sizes_and_gray(tmp_path):
                      "b_cls/img0.png", "b_cls/img1.png"]
     _, batch = next(ds.batches(6))
     assert batch.shape == (6, 12, 12, 3)
-    img = np.asarray(Image.open(tmp_path / "a_cls" / "img1.png"))
-    np.testing.assert_allclose(batch[1], np.asarray(transform(img[None]))[0], atol=1e-6)
-    gray = np.asarray(Image.open(tmp_path / "b_cls" / "gray.png"))
-    np.testing.assert_allclose(batch[3], np.asarray(transform(np.repeat(gray[None, ..., None], 3,
-                                                                        -1)))[0], atol=1e-6)
+    # torchvision's own evaluation transform on the PIL images, as the published pipeline did
+    # (its resize is Pillow's): the same numbers to float rounding.
+    from torchvision import transforms as T
+
+    reference = T.Compose([T.Resize(16), T.CenterCrop(12), T.ToTensor(),
+                           T.Normalize(transform.mean, transform.std)])
+    img = Image.open(tmp_path / "a_cls" / "img1.png")
+    np.testing.assert_allclose(batch[1], reference(img).numpy().transpose(1, 2, 0), atol=1e-5)
+    gray = Image.open(tmp_path / "b_cls" / "gray.png").convert("RGB")
+    np.testing.assert_allclose(batch[3], reference(gray).numpy().transpose(1, 2, 0), atol=1e-5)
     with pytest.raises(data.DataError, match="larger than"):
         list(ds.batches(7))
 
@@ -152,3 +157,26 @@ def test_empty_or_missing_folder(tmp_path):
         data.load_dataset(str(tmp_path), _identity)
     with pytest.raises(data.DataError, match="does not exist"):
         data.load_dataset(str(tmp_path / "missing") + "/", _identity)
+
+
+def test_image_folder_bicubic_resize_is_pillows_as_published(tmp_path):
+    # Sharp edges: a one-pass bicubic resize differs from Pillow's (which clips between its
+    # passes) by many grey levels; the published pipeline resized PIL images with Pillow.
+    from PIL import Image
+    from torchvision import transforms as T
+
+    (tmp_path / "cls").mkdir()
+    edge = np.zeros((30, 40, 3), np.uint8)
+    edge[:, 20:] = 255
+    checker = (((np.arange(30)[:, None] // 4 + np.arange(44)[None] // 4) % 2) * 255).astype(
+        np.uint8)
+    Image.fromarray(edge).save(tmp_path / "cls" / "a.png")
+    Image.fromarray(np.repeat(checker[..., None], 3, -1)).save(tmp_path / "cls" / "b.png")
+    transform = EvalTransform(resize_size=16, crop_size=12, interpolation="bicubic")
+    _, batch = next(data.load_dataset(str(tmp_path), transform).batches(2))
+    reference = T.Compose([T.Resize(16, interpolation=T.InterpolationMode.BICUBIC),
+                           T.CenterCrop(12), T.ToTensor(),
+                           T.Normalize(transform.mean, transform.std)])
+    for i, name in enumerate(("a.png", "b.png")):
+        want = reference(Image.open(tmp_path / "cls" / name)).numpy().transpose(1, 2, 0)
+        np.testing.assert_allclose(batch[i], want, atol=1e-5)
