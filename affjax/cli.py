@@ -310,10 +310,9 @@ def _save(result: dict, json_path: Path) -> None:
     try:
         results.atomic_write_text(json_path, results.to_json(result))
         results.atomic_write_text(json_path.with_suffix(".csv"), results.to_csv(result))
-    except OSError as e:
-        done = len(result["batch_indices"])
-        raise _fail(f"cannot write results file {json_path} ({e.strerror or e}); the batches "
-                    f"saved before ({done - 1 if done else 0}) are kept there.") from None
+    except OSError as e:  # the atomic write leaves the file as it was before this write
+        raise _fail(f"cannot write results file {json_path} ({e.strerror or e}); it still "
+                    "holds what was saved before.") from None
 
 
 def _table(result: dict) -> str:
@@ -494,8 +493,8 @@ def _plot(args: argparse.Namespace) -> int:
     result = results.load(args.result)
     if not result["layers"]:
         raise _fail(f"{args.result} holds no batch yet: nothing to plot.")
-    out = _figure_path(args.out, Path(args.result).with_suffix(".png").name) if args.out \
-        else Path(args.result).with_suffix(".png")
+    default = Path(args.result).with_suffix(".png")
+    out = _figure_path(args.out, default.name) if args.out else default
     _check_writable(out.parent)
     plot_signature(result, out)
     print(f"wrote {out}")

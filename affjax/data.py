@@ -64,29 +64,12 @@ def _to_rgb(images: np.ndarray) -> np.ndarray:
 
 
 def _pil_resized(transform: Transform, image: np.ndarray) -> np.ndarray:
-    """A uint8 image resized by Pillow, as torchvision's ``Resize`` does on PIL images.
-
-    The published pipeline read every dataset as PIL images, so their resize is Pillow's
-    (whose bicubic clips to uint8 between its two passes: up to ~20 grey levels from a
-    one-pass resize at sharp edges). Only for the zoo's :class:`EvalTransform` on uint8
-    images; its own resize is then a no-op. Without Pillow the image is left to it.
-    """
+    # The published pipeline read every dataset as PIL images, so their resize is Pillow's.
     from affjax.models.transforms import EvalTransform
-    from affjax.models.transforms import resized_shape
 
-    if not isinstance(transform, EvalTransform) or image.dtype != np.uint8:
-        return image
-    h, w = image.shape[:2]
-    new_h, new_w = resized_shape(h, w, transform.resize_size)
-    if (new_h, new_w) == (h, w) or 0 in (h, w):
-        return image
-    try:
-        from PIL import Image
-    except ImportError:
-        return image
-    resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-                "bicubic": Image.Resampling.BICUBIC}[transform.interpolation]
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
+    if isinstance(transform, EvalTransform) and image.dtype == np.uint8:
+        return transform.resize_with_pillow(image)
+    return image
 
 
 def _apply(transform: Transform, images: Sequence[np.ndarray]) -> np.ndarray:

@@ -152,9 +152,9 @@ def _as_float(name: str, v: ArrayLike, dtype: Any) -> jax.Array:
     if not (jnp.issubdtype(dtype_in, jnp.floating) or jnp.issubdtype(dtype_in, jnp.integer)):
         raise TypeError(f"{name} must be a real number or array, got {v!r} of dtype {dtype_in}")
     concrete = _concrete(v)
-    if concrete is not None and not np.all(np.isfinite(concrete)):
-        raise ValueError(f"{name} must be finite, got {concrete}")
-    if concrete is not None:
+    if concrete is not None:  # traced values (a schedule under jit) are not checked
+        if not np.all(np.isfinite(concrete)):
+            raise ValueError(f"{name} must be finite, got {concrete}")
         with np.errstate(over="ignore"):
             cast = np.asarray(concrete).astype(dtype)
         if not np.all(np.isfinite(cast)):

@@ -143,10 +143,12 @@ def validate(result: Any, *, source: str = "results") -> dict:
     timing = result["timing"]
     if not isinstance(timing, Mapping):
         raise ResultsError(f"{source}: 'timing' must be an object")
-    seconds = timing.get("batch_seconds", [0.0] * len(indices))  # optional (hand-made files)
-    if not isinstance(seconds, list) or len(seconds) != len(indices) or not all(
-            _is_number(t) for t in seconds):
-        raise ResultsError(f"{source}: 'timing'.'batch_seconds' must hold one number per batch")
+    if "batch_seconds" in timing:  # optional (hand-made files)
+        seconds = timing["batch_seconds"]
+        if not isinstance(seconds, list) or len(seconds) != len(indices) or not all(
+                _is_number(t) for t in seconds):
+            raise ResultsError(f"{source}: 'timing'.'batch_seconds' must hold one number per "
+                               "batch")
     layers = result["layers"]
     if not isinstance(layers, list):
         raise ResultsError(f"{source}: 'layers' must be a list")

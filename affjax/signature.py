@@ -347,50 +347,50 @@ def _stacked_scores(xs, ys, *, covariance, ridge, solver, sequential, sinkhorn_e
         return jax.lax.cond(hopeless, lambda: scores("qr"), cholesky_first)
 
 
-@functools.cache
-def _group_scorer_on_mesh(covariance: str, ridge: float, solver: str, mesh: Any,
-                          sinkhorn_epsilon: float = 1e-2):
-    """The group scorer inside a caller's ``jit`` whose inputs are sharded over ``mesh``.
+def _shard_layers(fn: Any, mesh: Any) -> Any:
+    """``fn`` of stacked layers with the layer axis split over every axis of ``mesh``.
 
-    The stacked layers are split over every axis of the caller's (abstract) mesh: a
-    ``shard_map`` over a mesh of its own would mix two meshes in one program.
+    Each device scores its own layers: no collective, so the varying-value check has
+    nothing to protect, and it rejects the solvers' loops (constant initial carries).
     """
-    fn = functools.partial(
-        _stacked_scores, covariance=covariance, ridge=ridge, solver=solver,
-        sinkhorn_epsilon=sinkhorn_epsilon, sequential=jax.default_backend() == "cpu")
     spec = PartitionSpec(tuple(mesh.axis_names))
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
 
 
 @functools.cache
-def _group_scorer(
-    covariance: str, ridge: float, solver: str, devices: tuple, sinkhorn_epsilon: float = 1e-2
-):
-    """A jitted scorer of stacked layers, its layer axis split over ``devices``.
+def _layer_mesh(devices: tuple) -> Mesh:
+    return Mesh(np.asarray(devices), ("layers",))
 
-    With several devices each one scores its own slice of layers (``shard_map``):
-    no collective is needed, and host callbacks (the scipy solver) run per slice.
-    On CPU the layers of a slice are scored in a loop, elsewhere with ``vmap``
-    (see :func:`_stacked_scores`).
+
+@functools.cache
+def _group_scorer(
+    covariance: str, ridge: float, solver: str, placement: Any, sinkhorn_epsilon: float = 1e-2
+):
+    """A scorer of stacked layers, its layer axis split over ``placement``.
+
+    ``placement``: a tuple of devices (a jitted scorer; with several, each device scores
+    its own slice of layers with ``shard_map``, and host callbacks such as the scipy solver
+    run per slice), or the (abstract) mesh of a caller's ``jit`` whose inputs are sharded
+    over it (split over that mesh: a mesh of our own would mix two meshes in one program).
+    On CPU the layers of a slice are scored in a loop, elsewhere with ``vmap`` (see
+    :func:`_stacked_scores`).
     """
+    devices = placement if isinstance(placement, tuple) else None
+    cpu = (all(dev.platform == "cpu" for dev in devices) if devices is not None
+           else jax.default_backend() == "cpu")
     fn = functools.partial(
         _stacked_scores, covariance=covariance, ridge=ridge, solver=solver,
-        sinkhorn_epsilon=sinkhorn_epsilon,
-        sequential=all(dev.platform == "cpu" for dev in devices),
+        sinkhorn_epsilon=sinkhorn_epsilon, sequential=cpu,
     )
+    if devices is None:
+        return _shard_layers(fn, placement)
     if len(devices) > 1:
-        spec = PartitionSpec("layers")
-        mesh = Mesh(np.asarray(devices), ("layers",))
-        # Each device scores its own layers: no collective, so the varying-value check has
-        # nothing to protect, and it rejects the solvers' loops (constant initial carries).
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec,
-                           check_vma=False)
+        fn = _shard_layers(fn, _layer_mesh(devices))
     return jax.jit(fn)
 
 
 def _device_tuple(devices: Any) -> tuple:
-    devices = tuple(jax.devices() if devices is None else (
-        [devices] if isinstance(devices, jax.Device) else devices))
+    devices = tuple([devices] if isinstance(devices, jax.Device) else devices)
     if not devices or not all(isinstance(d, jax.Device) for d in devices):
         raise ValueError(f"devices must be a non-empty sequence of jax devices (see "
                          f"jax.devices()), got {devices!r}")
@@ -398,30 +398,28 @@ def _device_tuple(devices: Any) -> tuple:
 
 
 def _group_scores(xs, ys, *, covariance, ridge, solver, devices, sinkhorn_epsilon=1e-2):
-    mesh = None
-    if devices is None and isinstance(xs, jax.core.Tracer):
-        # Inside the caller's jit the caller decides the placement: with inputs sharded
-        # over a mesh the layers are split over that mesh; otherwise they stay where the
-        # program runs (a mesh of our own could clash with inputs committed to a device).
-        sharding = getattr(jax.typeof(xs), "sharding", None)
-        mesh = getattr(sharding, "mesh", None)
-        if mesh is None or mesh.size <= 1:
-            mesh, devices = None, jax.devices()[:1]
-    devices = _device_tuple(devices)
+    """``devices``: a tuple from :func:`_device_tuple`, or ``None`` (see docs/signatures.md)."""
+    placement = devices
+    if devices is None:
+        placement = tuple(jax.devices())
+        if isinstance(xs, jax.core.Tracer):
+            # Inside the caller's jit the caller decides the placement: with inputs sharded
+            # over a mesh the layers are split over that mesh; otherwise they stay where the
+            # program runs (a mesh of our own could clash with inputs committed to a device).
+            mesh = getattr(getattr(jax.typeof(xs), "sharding", None), "mesh", None)
+            placement = mesh if mesh is not None and mesh.size > 1 else placement[:1]
+    size = len(placement) if isinstance(placement, tuple) else placement.size
     g = xs.shape[0]
-    pad = (-g) % (len(devices) if mesh is None else mesh.size)
+    pad = (-g) % size
     if pad:  # equal slices per device
         xs = jnp.concatenate([xs, jnp.repeat(xs[:1], pad, axis=0)])
         ys = jnp.concatenate([ys, jnp.repeat(ys[:1], pad, axis=0)])
-    if mesh is not None:
-        scorer = _group_scorer_on_mesh(covariance, ridge, solver, mesh, float(sinkhorn_epsilon))
-        return scorer(xs, ys)[:g]
-    if len(devices) > 1 and not isinstance(xs, jax.core.Tracer):
+    if isinstance(placement, tuple) and size > 1 and not isinstance(xs, jax.core.Tracer):
         # An array committed to one device, or sharded over another mesh, goes onto the
         # scorer's mesh first (jit would refuse the mismatch).
-        sharding = NamedSharding(Mesh(np.asarray(devices), ("layers",)), PartitionSpec("layers"))
+        sharding = NamedSharding(_layer_mesh(placement), PartitionSpec("layers"))
         xs, ys = jax.device_put(xs, sharding), jax.device_put(ys, sharding)
-    scorer = _group_scorer(covariance, ridge, solver, devices, float(sinkhorn_epsilon))
+    scorer = _group_scorer(covariance, ridge, solver, placement, float(sinkhorn_epsilon))
     return scorer(xs, ys)[:g]
 
 

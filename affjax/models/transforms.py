@@ -7,6 +7,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -126,3 +127,20 @@ class EvalTransform:
                          method=_METHODS[self.interpolation], antialias=self.antialias,
                          mean=tuple(self.mean), std=tuple(self.std))
         return out[0] if single else out
+
+    def resize_with_pillow(self, image: np.ndarray) -> np.ndarray:
+        """One ``(H, W, C)`` uint8 image resized by Pillow, as torchvision's ``Resize`` on a
+        PIL image: the published pipeline's resize (Pillow's bicubic clips to uint8 between
+        its two passes). Calling the transform on the result then only crops and normalises.
+        Returned unchanged when it already has the resized shape, or without Pillow.
+        """
+        h, w = image.shape[:2]
+        new_h, new_w = resized_shape(h, w, self.resize_size)
+        if (new_h, new_w) == (h, w) or 0 in (h, w):
+            return image
+        try:
+            from PIL import Image
+        except ImportError:
+            return image
+        resample = getattr(Image.Resampling, self.interpolation.upper())
+        return np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
