@@ -38,9 +38,10 @@ matching fixed and differentiate the matched cost; this is the gradient of the
 exact score wherever the optimal matching is unique (almost everywhere).
 ``"sinkhorn"`` (OTT-JAX, on device, smooth) differentiates the entropic plan's
 cost by unrolling; it is biased low and costs far more (measured in
-``docs/regularizers.md``). ``"auto"`` picks ``"scipy"`` on CPU and
-``"hungarian"`` on an accelerator up to n = 1024, so there the whole step stays
-on the device.
+``docs/regularizers.md``). ``"auto"`` picks ``"scipy"`` on every backend: on an
+H100 it was 5-21x faster than the device's Hungarian algorithm at n = 256..2048,
+host round trip included. ``"hungarian"`` keeps the whole step on the device,
+for programs that may not call back to the host.
 """
 
 from __future__ import annotations

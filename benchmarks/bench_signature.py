@@ -87,8 +87,11 @@ def _setup(batch: int):
     return model, variables, x
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()  # compile / warm up
+def _timed(fn, repeats: int, out: dict) -> float:
+    """Median warm time of ``fn``; the first call (compiling) goes to ``out["first"]``."""
+    t0 = time.perf_counter()
+    fn()
+    out["first"] = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -104,7 +107,7 @@ def run_mode(mode: str, batch: int, repeats: int) -> dict:
     out: dict = {"mode": mode, "layers": len(layers),
                  "dims": sorted({int(layer.x.shape[1]) for layer in layers})}
     if mode == "forward":
-        out["time"] = _timed(lambda: forward(variables, x).block_until_ready(), repeats)
+        out["time"] = _timed(lambda: forward(variables, x).block_until_ready(), repeats, out)
     elif mode == "grouped":
         # Scoring only, on tensors captured once (untimed): one jitted call per group of
         # equal shapes (a lax.map loop inside it on CPU, vmap on accelerators).
@@ -114,12 +117,12 @@ def run_mode(mode: str, batch: int, repeats: int) -> dict:
         def grouped():
             return score_layers(captured).block_until_ready()
 
-        out["time"] = _timed(grouped, repeats)
+        out["time"] = _timed(grouped, repeats, out)
         out["scores"] = np.asarray(grouped()).tolist()
     elif mode == "fused":
         # Forward pass, capture and scoring in one jitted function.
         fused = jax.jit(lambda v, x: affjax.signature_scores(model, v, x))
-        out["time"] = _timed(lambda: fused(variables, x).block_until_ready(), repeats)
+        out["time"] = _timed(lambda: fused(variables, x).block_until_ready(), repeats, out)
         out["scores"] = np.asarray(fused(variables, x)).tolist()
     elif mode == "loop":
         pairs = jax.block_until_ready(jax.jit(
@@ -128,7 +131,7 @@ def run_mode(mode: str, batch: int, repeats: int) -> dict:
         def loop():
             return [affjax.affinity_score(a, b).block_until_ready() for a, b in pairs]
 
-        out["time"] = _timed(loop, repeats)
+        out["time"] = _timed(loop, repeats, out)
         out["scores"] = [float(s) for s in loop()]
     elif mode in ("numpy", "published"):
         pairs = jax.jit(lambda v, x: [(lay.x, lay.y) for lay in capture_layers(model, v, x)])(
@@ -145,7 +148,7 @@ def run_mode(mode: str, batch: int, repeats: int) -> dict:
             stage_runs.append(stages.t)
             return scores
 
-        out["time"] = _timed(baseline, max(1, repeats // 2))
+        out["time"] = _timed(baseline, max(1, repeats // 2), out)
         out["scores"] = baseline()
         out["stages"] = {k: float(np.median([run[k] for run in stage_runs]))
                          for k in stage_runs[0]}
@@ -155,10 +158,18 @@ def run_mode(mode: str, batch: int, repeats: int) -> dict:
     return out
 
 
+MODES = ("forward", "grouped", "loop", "published", "numpy", "fused")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="which rows to run (default: all)")
+    parser.add_argument("--mode-timeout", type=float, default=None,
+                        help="seconds allowed to each row's process; a row over it is "
+                             "reported as such and the others still run")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="save raw numbers to this path")
     args = parser.parse_args(argv)
@@ -167,21 +178,28 @@ def main(argv=None) -> int:
         return 0
 
     bench_score.print_machine(bench_score.machine_description())
-    results = {}
-    for mode in ("forward", "grouped", "loop", "published", "numpy", "fused"):
-        proc = subprocess.run(
-            [sys.executable, __file__, "--mode", mode, "--batch", str(args.batch),
-             "--repeats", str(args.repeats)],
-            capture_output=True, text=True, check=False,
-        )
+    results, failed = {}, {}
+    for mode in args.modes:
+        try:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--mode", mode, "--batch", str(args.batch),
+                 "--repeats", str(args.repeats)],
+                capture_output=True, text=True, check=False, timeout=args.mode_timeout,
+            )
+        except subprocess.TimeoutExpired:
+            failed[mode] = f"over {args.mode_timeout:g} s"
+            print(f"{mode}: {failed[mode]}", file=sys.stderr)
+            continue
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
+            failed[mode] = f"failed (exit {proc.returncode})"
+            continue
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{mode}: {results[mode]['time']:.3f} s", file=sys.stderr)
+        print(f"{mode}: {results[mode]['time']:.3f} s (first call {results[mode]['first']:.3f} s)",
+              file=sys.stderr)
 
-    base = results["published"]["time"]
-    grouped = np.asarray(results["grouped"]["scores"])
+    base = results.get("published", {}).get("time")
+    ref = next((results[m]["scores"] for m in ("grouped", "loop", "fused") if m in results), None)
     rows = []
     for mode, label in (("grouped", "scoring: affjax grouped (score_layers)"),
                         ("loop", "scoring: affjax per-layer loop of affinity_score"),
@@ -189,32 +207,42 @@ def main(argv=None) -> int:
                         ("numpy", "scoring: the same with linear_sum_assignment"),
                         ("forward", "forward pass only (jit)"),
                         ("fused", "forward + capture + scoring (jit of signature_scores)")):
+        if mode in failed:
+            rows.append([label, failed[mode], "-", "-", "-", "-"])
+            continue
+        if mode not in results:
+            continue
         r = results[mode]
-        diff = ("" if "scores" not in r
-                else f"{np.abs(np.asarray(r['scores']) - grouped).max():.1e}")
-        rows.append([label, f"{r['time']:.3f}", f"{base / r['time']:.2f}x",
+        diff = ("" if "scores" not in r or ref is None
+                else f"{np.abs(np.asarray(r['scores']) - np.asarray(ref)).max():.1e}")
+        speedup = "-" if base is None else f"{base / r['time']:.2f}x"
+        rows.append([label, f"{r['time']:.3f}", f"{r['first']:.3f}", speedup,
                      f"{r['peak_rss_mib']:.0f}", diff])
-    print(f"\nResNet-like, batch {args.batch}, 32x32 inputs, {results['grouped']['layers']} "
-          f"activation calls, reduced dims {results['grouped']['dims']}\n")
+    layers = next((r for r in results.values()), None)
+    if layers is not None:
+        print(f"\nResNet-like, batch {args.batch}, 32x32 inputs, {layers['layers']} "
+              f"activation calls, reduced dims {layers['dims']}\n")
     print(bench_score.markdown_table(
-        ["method", "time (s)", "speed-up vs published", "peak RSS (MiB)", "max |score diff|"],
-        rows))
-    g = results["grouped"]["time"]
-    lsa = results["numpy"]["time"]
-    print(f"\nscoring the captured tensors: grouped {g:.3f} s, published way {base:.3f} s: "
-          f"{base / g:.2f}x (target >= 3x); NumPy with linear_sum_assignment {lsa:.3f} s: "
-          f"{lsa / g:.2f}x; forward pass {results['forward']['time']:.3f} s")
-    st = results["numpy"]["stages"]
-    bound = 0.5 * st["eigh"] + st["cost"] + st["assign"]
-    print(f"one-eigh bound: one float32 eigh per layer {0.5 * st['eigh']:.3f} s + cost "
-          f"matrices {st['cost']:.3f} s + assignments {st['assign']:.3f} s = {bound:.3f} s, so "
-          f"no exact method with one eigendecomposition per layer beats the published way by "
-          f"more than {base / bound:.2f}x at NumPy's speed on this machine")
-    results["one_eigh_bound"] = {"time": bound, "max_speedup_vs_published": base / bound}
+        ["method", "time (s)", "first call (s)", "speed-up vs published", "peak RSS (MiB)",
+         "max |score diff|"], rows))
+    print("first call = the untimed warm-up call (compiling, for the jitted rows)")
+    if "grouped" in results and base is not None:
+        g = results["grouped"]["time"]
+        print(f"\nscoring the captured tensors: grouped {g:.3f} s, published way {base:.3f} s: "
+              f"{base / g:.2f}x (target >= 3x)")
+    if "numpy" in results and base is not None:
+        st = results["numpy"]["stages"]
+        bound = 0.5 * st["eigh"] + st["cost"] + st["assign"]
+        print(f"one-eigh bound: one float32 eigh per layer {0.5 * st['eigh']:.3f} s + cost "
+              f"matrices {st['cost']:.3f} s + assignments {st['assign']:.3f} s = {bound:.3f} s, "
+              f"so no exact method with one eigendecomposition per layer beats the published "
+              f"way by more than {base / bound:.2f}x at NumPy's speed on this machine")
+        results["one_eigh_bound"] = {"time": bound, "max_speedup_vs_published": base / bound}
+    results["failed"] = failed
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
