@@ -182,6 +182,8 @@ class CaptureContext:
     inside: int = 0  # > 0 while an Activation module runs its function
     trace: Any = None  # the JAX trace state the capture started in
     on_full_tensors: Callable[[jax.Array, jax.Array], None] | None = None
+    # NNX: module path of each NnxActivation by capture_id, so errors name the layer.
+    nnx_paths: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def claim(self, key: Any, kind: str, function: bool = False) -> Call:
         """Append and return a new :class:`Call` for this capture."""
@@ -303,7 +305,8 @@ class NnxActivation(nnx.Module):
         return _apply_and_record(self.fn, x, activation_kind(self.fn), self._record)
 
     def _record(self, ctx: CaptureContext, x: jax.Array, y: jax.Array, kind: str) -> None:
-        values = _reduced_pair(ctx, x, y, kind)
+        where = ctx.nnx_paths.get(self.capture_id)
+        values = _reduced_pair(ctx, x, y, f"{where} ({kind})" if where else kind)
         self.sow(nnx.Intermediate, SOW_NAME, values)
         ctx.claim(self.capture_id, kind)
 
@@ -316,16 +319,20 @@ def _in_raw_transform(module: nn.Module) -> bool:
     return flax_tracers.current_trace() != module.scope.trace_level
 
 
-def unique_capture_ids(model: nnx.Module) -> None:
-    """Give every :class:`NnxActivation` in ``model`` a ``capture_id`` of its own.
+def fresh_capture_ids(model: nnx.Module) -> dict[int, str]:
+    """Give every :class:`NnxActivation` in ``model`` a new ``capture_id``; return their paths.
 
-    Ids come from a counter at construction, so they are unique unless a module was
-    copied (``nnx.clone``, ``copy.deepcopy``): such copies get fresh ids here. Nothing
-    changes in the usual case, so the model's graph definition (and any ``nnx.jit``
-    cache keyed on it) stays the same.
+    The ids are static attributes, part of the graph definition that ``nnx.jit`` and
+    ``nnx.remat`` key their trace caches on. New ids make those transforms trace their
+    bodies again inside this capture, where the calls are recorded; with the old ids a
+    trace cached earlier would run without the calls being seen. Call it on a copy of the
+    user's model (the signature does), so that the user's own caches are untouched.
 
     Args:
       model: an ``nnx.Module``.
+
+    Returns:
+      The module path of each :class:`NnxActivation`, by its new ``capture_id``.
 
     Example:
       >>> import jax
@@ -333,18 +340,18 @@ def unique_capture_ids(model: nnx.Module) -> None:
       >>> class Two(nnx.Module):
       ...     def __init__(self):
       ...         self.a = NnxActivation(jax.nn.relu)
-      ...         self.b = nnx.clone(self.a)
-      >>> m = Two(); m.a.capture_id == m.b.capture_id
-      True
-      >>> unique_capture_ids(m); m.a.capture_id == m.b.capture_id
-      False
+      ...         self.b = self.a           # one module reached twice: one id
+      >>> m = Two(); old = m.a.capture_id
+      >>> paths = fresh_capture_ids(m)
+      >>> m.a.capture_id != old, list(paths.values())
+      (True, ['a'])
     """
-    seen: set[int] = set()
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, NnxActivation):
-            if node.capture_id in seen:
-                node.capture_id = next(_NNX_IDS)
-            seen.add(node.capture_id)
+    paths: dict[int, str] = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, NnxActivation) and node.capture_id not in paths:
+            node.capture_id = next(_NNX_IDS)
+            paths[node.capture_id] = "/".join(str(p) for p in path)
+    return paths
 
 
 def _function_wrapper(fn: Callable, kind: str) -> Callable:
@@ -354,6 +361,11 @@ def _function_wrapper(fn: Callable, kind: str) -> Callable:
         if ctx is None or ctx.inside or not isinstance(x, jax.Array):
             return y
         if x.ndim < 2:
+            if isinstance(x, jax.core.Tracer) and type(x).__name__ == "BatchTracer":
+                # One sample of a per-sample vmap: a layer that the signature cannot see
+                # whole. An error, not a silent gap.
+                ctx.claim(None, kind, function=True).nested = True
+                return y
             # A scalar or vector: a parameter transform (softplus of a scale) or a
             # per-sample scalar head, not a layer of features; an error here would block
             # the whole signature. (An Activation module on such a tensor is an error.)

@@ -131,7 +131,11 @@ def _load_model(api: Any, name: str, weights: str, seed: int) -> tuple[Any, Any]
 def _results_path(out: str, model: str, dataset: str) -> Path:
     if out.lower().endswith(".json") and not Path(out).is_dir():
         return Path(out)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}_{Path(dataset).name or dataset}")
+    from affjax import data
+
+    # A folder is named by its last part; a TFDS name keeps its config ("name/config").
+    name = (Path(dataset).name or dataset) if data.names_a_folder(dataset) else dataset
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}_{name}")
     return Path(out) / f"{stem}.json"
 
 
@@ -401,10 +405,13 @@ def _normalise_args(args: argparse.Namespace) -> None:
     if args.batch_size is None:
         args.batch_size = DEMO_BATCH_SIZE if demo else DEFAULT_BATCH_SIZE
     if args.weights != "random":
-        args.weights = str(Path(args.weights).resolve())
+        args.weights = str(Path(args.weights).expanduser().resolve())
+    for option in ("data_dir", "manual_dir"):  # "--data-dir=~/x" reaches us unexpanded
+        if getattr(args, option, None) is not None:
+            setattr(args, option, os.path.expanduser(getattr(args, option)))
     folder = data.names_a_folder(args.dataset)
-    if folder and Path(args.dataset).is_dir():
-        args.dataset = str(Path(args.dataset).resolve())
+    if folder and Path(args.dataset).expanduser().is_dir():
+        args.dataset = str(Path(args.dataset).expanduser().resolve())
     if args.split is None and args.dataset != "random" and not folder:
         args.split = data.DEFAULT_SPLITS.get(args.dataset, "test")
     args.selection = data.parse_batches(args.batches)

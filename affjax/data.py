@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
@@ -36,7 +37,10 @@ DEFAULT_SPLITS = {"imagenet2012": "validation"}
 RANDOM_SHAPE = (256, 256, 3)
 RANDOM_SIZE = 10_000
 RANDOM_SEED = 987
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
+# torchvision's ImageFolder list, so a folder gives the published pipeline's images.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# A TFDS name with an optional config and version: "cifar10_corrupted/brightness_1:1.0.0".
+_TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[\w.-]+)?(:[\w.*]+)?")
 PREPARE_HINT = (
     "Prepare it once with `tfds build {name} --data_dir {data_dir}` (or rerun this command with "
     "--download), then point --data-dir at that folder. imagenet2012 cannot be downloaded "
@@ -319,7 +323,12 @@ class RandomImages(Dataset):
 
 
 class ImageFolder(Dataset):
-    """Images under ``root/CLASS/FILE``: classes and files in sorted order, read with Pillow.
+    """Images under ``root/CLASS/...``, chosen and ordered as torchvision's ``ImageFolder``.
+
+    Classes are the sorted subfolders of ``root``; each class folder is walked
+    recursively (links followed), folders and files in sorted order, keeping the
+    files whose names end in one of ``IMAGE_EXTENSIONS`` (any case), torchvision's
+    list. Images are read with Pillow.
 
     Images are converted to RGB uint8; images of different sizes are transformed
     one at a time (the transform must bring them to one shape).
@@ -348,11 +357,12 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str | os.PathLike, transform: Transform):
         super().__init__(transform)
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         self.name = str(root)
         classes = sorted(p for p in self.root.iterdir() if p.is_dir())
-        self.files = [f for c in classes for f in sorted(c.iterdir())
-                      if f.suffix.lower() in IMAGE_EXTENSIONS]
+        self.files = [Path(top, f) for c in classes
+                      for top, _, files in sorted(os.walk(c, followlinks=True))
+                      for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.files:
             raise DataError(
                 f"image folder {self.root} holds no images: expected one subfolder per class "
@@ -369,6 +379,9 @@ class ImageFolder(Dataset):
             try:
                 with Image.open(f) as im:
                     out.append(np.asarray(im.convert("RGB")))
+            except Image.DecompressionBombError as e:
+                raise DataError(f"cannot read image {f}: {e} (if the file is trusted, raise "
+                                "PIL.Image.MAX_IMAGE_PIXELS)") from None
             except OSError as e:
                 raise DataError(f"cannot read image {f}: {e}") from None
         return out
@@ -413,6 +426,9 @@ class TFDSImages(Dataset):
 
         self.name = name
         self.split = split or DEFAULT_SPLITS.get(name, "test")
+        # TFDS does not expand "~" itself; the shell does not either in --data-dir=~/...
+        data_dir = None if data_dir is None else os.path.expanduser(data_dir)
+        manual_dir = None if manual_dir is None else os.path.expanduser(manual_dir)
         self.data_dir = data_dir
         try:
             self.builder = tfds.builder(name, data_dir=data_dir)
@@ -426,7 +442,11 @@ class TFDSImages(Dataset):
         self._open(0)  # fails now, with a clear message, if the data is not there
 
     def _not_prepared(self, detail: str) -> DataError:
-        data_dir = self.data_dir or "~/tensorflow_datasets"
+        # Where TFDS looked: the folder given, else its default (TFDS_DATA_DIR when it was
+        # set as TFDS was imported, else ~/tensorflow_datasets).
+        from tensorflow_datasets.core import constants
+
+        data_dir = self.data_dir or constants.DATA_DIR
         return DataError(
             f"TFDS dataset {self.name!r} (split {self.split!r}) is not prepared in {data_dir} "
             f"({detail}). " + PREPARE_HINT.format(name=self.name, data_dir=data_dir))
@@ -498,18 +518,29 @@ def unknown_dataset_message(name: str, detail: str = "") -> str:
 def names_a_folder(name: str) -> bool:
     """Whether :func:`load_dataset` reads ``name`` as an image folder.
 
-    A path (with a separator, absolute, or starting with ``.``) names a folder; so does a
-    bare name that is a folder, unless it is one of ``NAMED_DATASETS``: a folder ``mnist``
-    in the working directory is ``"./mnist"``, and ``"mnist"`` is the TFDS dataset.
+    * An existing folder is a folder, except a bare name in ``NAMED_DATASETS``: with a
+      folder ``mnist`` in the working directory, ``"mnist"`` is the TFDS dataset and
+      ``"./mnist"`` the folder.
+    * A path that does not exist is a folder (reading it then fails) when it is absolute or
+      starts with ``.`` or ``~``, or when it has a separator but is not a TFDS name with a
+      config (``"cifar10_corrupted/brightness_1"``, ``"imagenet_v2/matched-frequency"``).
+    * Any other name is a TFDS name.
 
     Example:
       >>> names_a_folder("./mnist"), names_a_folder("mnist"), names_a_folder("random")
       (True, False, False)
+      >>> names_a_folder("~/no-such-images"), names_a_folder("imagenet_v2/matched-frequency")
+      (True, False)
     """
     if name == "random":
         return False
-    path_like = os.sep in name or name.startswith(".") or Path(name).is_absolute()
-    return path_like or (Path(name).is_dir() and name not in NAMED_DATASETS)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return name not in NAMED_DATASETS
+    if name.startswith((".", "~")) or path.is_absolute():
+        return True
+    separators = [s for s in (os.sep, os.altsep) if s]
+    return any(s in name for s in separators) and not _TFDS_NAME.fullmatch(name)
 
 
 def load_dataset(
@@ -549,7 +580,7 @@ def load_dataset(
     if name == "random":
         return RandomImages(transform, seed=seed, size=random_size)
     if names_a_folder(name):
-        if not Path(name).is_dir():
+        if not Path(name).expanduser().is_dir():
             raise DataError(f"image folder {name!r} does not exist.")
         return ImageFolder(name, transform)
     try:
@@ -564,6 +595,8 @@ def load_dataset(
         if Path(name).is_dir():
             raise DataError(f"{e} (To read the folder {name!r} here instead, pass "
                             f"--dataset ./{name}.)") from None
+        if os.sep in name:
+            raise DataError(f"{e} (No folder {name!r} exists either.)") from None
         raise
 
 

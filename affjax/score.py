@@ -53,7 +53,11 @@ class AffinityResult(NamedTuple):
         in float64; in float32 the pseudo-inverse cutoff drops some or all of
         them (about 0 there). The score does not depend on that block
         (``docs/numerics.md``, "The map off the samples' span").
-      b: ``(d,)`` offset of the map, ``m_y - A m_x``.
+        Gradients: on the span path (wide layers, ``d > 2n``) the span's basis is
+        held fixed, so derivatives of ``A`` and ``b`` are *not* those of the map
+        (the score, ``w2`` and ``bures_w2`` are exact there); pass
+        ``path="dense"`` to differentiate ``A`` or ``b``.
+      b: ``(d,)`` offset of the map, ``m_y - A m_x`` (gradients: as for ``A``).
       trace_cov_y: ``trace C_y`` (regularised or shrunk), the score's scale.
       permutation: int32 ``(n,)``, ``T(x_i)`` is matched to ``y[permutation[i]]``;
         all ``-1`` for ``solver="sinkhorn"``.
@@ -92,7 +96,7 @@ def check_options(
       covariance: a name in ``affjax.covariance.COVARIANCES``.
       solver: a name in ``affjax.transport.SOLVERS``.
       path: a name in ``PATHS``.
-      ridge: a real number ``>= 0`` (NaN is rejected too).
+      ridge: a finite real number ``>= 0`` (NaN and infinity are rejected).
       sinkhorn_epsilon: a finite real number ``> 0`` (checked for every solver).
 
     Returns:
@@ -111,8 +115,8 @@ def check_options(
         raise ValueError(f"unknown solver {solver!r}; expected one of {transport.SOLVERS}")
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
-    if not _is_real_number(ridge) or not ridge >= 0:
-        raise ValueError(f"ridge must be a real number >= 0, got {ridge!r}")
+    if not _is_real_number(ridge) or not 0 <= ridge < np.inf:
+        raise ValueError(f"ridge must be a finite real number >= 0, got {ridge!r}")
     if not _is_real_number(sinkhorn_epsilon) or not 0 < sinkhorn_epsilon < np.inf:
         raise ValueError(f"sinkhorn_epsilon must be a finite real number > 0, got "
                          f"{sinkhorn_epsilon!r}")
@@ -288,7 +292,8 @@ def _compute(
 
     # T(x_i) - m_y against y_j - m_y, both in coordinates of the basis.
     mapped = a @ a_k
-    solver = transport.resolve_solver(solver, n, k)
+    # The rule looks at the points' own dimension d (errors name it), not the span's k.
+    solver = transport.resolve_solver(solver, n, d)
     if solver == "sinkhorn":
         w2_sq = transport.w2_squared(
             mapped, b, solver="sinkhorn", sinkhorn_epsilon=sinkhorn_epsilon

@@ -141,10 +141,16 @@ def capture_layers(
     if is_nnx and variables is not None:
         raise TypeError("an nnx.Module carries its own state: pass variables=None")
     if is_nnx:
-        _capture.unique_capture_ids(model)
+        # A copy: the capture leaves the user's model as it was (BatchNorm statistics and
+        # RNG counts of a train-mode pass are not written back: the signature is pure),
+        # and its fresh capture ids make nnx.jit/nnx.remat inside the model trace again
+        # here, so that their calls are recorded (see capture.fresh_capture_ids).
+        model = nnx.clone(model)
+        paths = _capture.fresh_capture_ids(model)
     with _capture.capturing(tokens=tokens, functions=functions,
                             on_full_tensors=on_full_tensors) as ctx:
         if is_nnx:
+            ctx.nnx_paths.update(paths)
             output, nnx_state = nnx.capture(model, nnx.Intermediate)(x, **apply_kwargs)
         else:
             asked = apply_kwargs.pop("mutable", False)
@@ -186,8 +192,8 @@ def _stale(v: Any) -> bool:
 def _nested_message(where: str, index: int) -> str:
     return (
         f"activation {where} (call {index} of the forward pass) ran inside a JAX transform "
-        "(jax.jit, jax.checkpoint, lax.scan, fori_loop, nnx.jit, ...) whose values cannot "
-        "leave it, so the signature cannot read them. Call it outside that transform, or "
+        "(jax.jit, jax.checkpoint, lax.scan, fori_loop, a per-sample vmap, ...) whose values "
+        "cannot leave it, so the signature cannot read them. Call it outside that transform, or "
         "make it a module that the transform carries: affjax.NnxActivation(fn) as an "
         "attribute (nnx.jit and nnx.remat are fine), or affjax.Activation(fn) in a linen "
         "module under Flax's own nn.jit or nn.remat"
@@ -219,7 +225,7 @@ def _assemble(
                     raise RuntimeError(
                         f"NnxActivation modules at {paths[node.capture_id]!r} and "
                         f"{'/'.join(str(p) for p in path)!r} share one capture_id, which "
-                        "affjax.capture.unique_capture_ids(model) would have fixed"
+                        "affjax.capture.fresh_capture_ids(model) should have prevented"
                     )
                 sown[node.capture_id] = list(entry.get_value())
                 paths[node.capture_id] = "/".join(str(p) for p in path)
@@ -260,6 +266,13 @@ def _assemble(
         if x_red.ndim != 2:
             raise RuntimeError(_lifted_message(name, f"produced values of shape {x_red.shape}"))
         layers.append(Layer(name, call.kind, x_red, y_red))
+    left = [paths[k] for k, v in sown.items() if v and nnx_model is not None]
+    if left:
+        raise RuntimeError(
+            f"NnxActivation modules at {left} stored values for calls that the capture did not "
+            "see (a trace that JAX had cached before the capture ran their bodies); the "
+            "signature would miss those layers. Please report this with the model's code"
+        )
     if not layers:
         raise ValueError(
             "no activation found in the forward pass. Wrap activations in affjax.Activation(fn) "

@@ -266,3 +266,59 @@ def test_sinkhorn_w2_of_zero_costs_is_zero():
     assert float(w2_squared(zeros, zeros, solver="sinkhorn")) == 0.0
     ones = jnp.ones((5, 2), jnp.float32)
     assert float(w2_squared(ones, ones, solver="sinkhorn")) == 0.0
+
+
+def test_bures_rejects_a_stack_of_covariances():
+    # The factor path transposes every axis: a (B, d, d) stack gave silently wrong maps.
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(3, 3, 3))
+    spd = g @ np.swapaxes(g, -1, -2) + np.eye(3)
+    for fn in (affjax.bures_map, lambda a, b: affjax.bures_w2(np.zeros(3), a, np.zeros(3), b)):
+        with pytest.raises(ValueError, match=r"one pair of \(d, d\) covariances.*jax.vmap"):
+            fn(spd, spd[::-1])
+    one = jax.vmap(affjax.bures_map)(jnp.asarray(spd), jnp.asarray(spd[::-1]))
+    np.testing.assert_allclose(np.asarray(one[1]), np.asarray(affjax.bures_map(spd[1], spd[1])),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
+def test_exact_w2_is_translation_invariant_in_float32(offset):
+    # |x|^2 + |y|^2 - 2 x.y cancelled far from the origin: 0.1675 instead of 0.1008 at 1e3.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    y = (x + 0.05 * rng.normal(size=(64, 4))).astype(np.float32)
+    w = ot.unif(64)
+    expected = ot.emd2(w, w, ot.dist(x.astype(np.float64), y.astype(np.float64)))
+    for solver in ("scipy", "hungarian"):
+        got = affjax.w2_squared(jnp.asarray(x + np.float32(offset)),
+                                jnp.asarray(y + np.float32(offset)), solver=solver)
+        assert abs(float(got) - expected) < 2e-3 * expected
+
+
+def test_exact_w2_of_integer_points_does_not_overflow():
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 60_000, size=(8, 2)).astype(np.int32)
+    y = rng.integers(0, 60_000, size=(8, 2)).astype(np.int32)
+    w = ot.unif(8)
+    expected = np.sqrt(ot.emd2(w, w, ot.dist(x.astype(np.float64), y.astype(np.float64))))
+    for solver in ("scipy", "hungarian", "auto"):
+        assert abs(float(affjax.exact_w2(x, y, solver=solver)) - expected) < 1e-4 * expected
+    assert abs(float(affjax.exact_w2(x[:, 0], y[:, 0])) - np.sqrt(np.mean(
+        (np.sort(x[:, 0]).astype(np.float64) - np.sort(y[:, 0])) ** 2))) < 1e-2
+
+
+def test_sinkhorn_epsilon_is_checked_in_the_building_blocks():
+    x = np.random.default_rng(5).normal(size=(20, 2))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sinkhorn_epsilon must be a finite number > 0"):
+            affjax.w2_squared(x, x + 1, solver="sinkhorn", sinkhorn_epsilon=bad)
+        with pytest.raises(ValueError, match="epsilon must be a finite number > 0"):
+            affjax.sinkhorn_w2_squared(x, x + 1, epsilon=bad)
+
+
+def test_infinite_ridge_and_sort_on_wide_layers_are_named():
+    x = np.random.default_rng(6).normal(size=(10, 50))
+    with pytest.raises(ValueError, match="ridge must be a finite real number >= 0, got inf"):
+        affjax.affinity_score(x, np.tanh(x), ridge=float("inf"))
+    with pytest.raises(ValueError, match="got d=50"):  # not the span's 20 coordinates
+        affjax.affinity_score(x, np.tanh(x), solver="sort")

@@ -502,3 +502,15 @@ def test_embedded_default_runs_resnet18_on_random_data(tmp_path, capsys, monkeyp
     assert loaded["weights"] == str(weights)
     np.testing.assert_allclose([la["score"] for la in loaded["layers"]],
                                [la["score"] for la in obj["layers"]], rtol=1e-5)
+
+
+def test_results_file_of_a_tfds_config_keeps_the_dataset_name(tmp_path):
+    from affjax import cli
+
+    # The folder rule named the file after the config alone, so configs of two datasets
+    # ("a_corrupted/brightness_1", "b_corrupted/brightness_1") shared one results file.
+    assert cli._results_path(str(tmp_path), "resnet18", "cifar10_corrupted/brightness_1") == (
+        tmp_path / "resnet18_cifar10_corrupted_brightness_1.json")
+    (tmp_path / "imgs").mkdir()
+    assert cli._results_path(str(tmp_path), "resnet18", str(tmp_path / "imgs")) == (
+        tmp_path / "resnet18_imgs.json")

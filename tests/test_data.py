@@ -180,3 +180,77 @@ def test_image_folder_bicubic_resize_is_pillows_as_published(tmp_path):
     for i, name in enumerate(("a.png", "b.png")):
         want = reference(Image.open(tmp_path / "cls" / name)).numpy().transpose(1, 2, 0)
         np.testing.assert_allclose(batch[i], want, atol=1e-5)
+
+
+def test_image_folder_picks_the_files_torchvision_imagefolder_picks(tmp_path):
+    # The published pipeline read folders with torchvision's ImageFolder: its extension list
+    # (.pgm yes, .gif no, any case) and a recursive, sorted walk of each class folder.
+    from torchvision import datasets
+
+    img = Image.new("RGB", (9, 7), (10, 200, 30))
+    for rel in ("cat/a.png", "cat/2019/b.png", "cat/2019/deep/c.JPG", "cat/z.gif",
+                "dog/d.pgm", "dog/e.jpeg", "dog/notes.txt", "dog/B.webp"):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".txt"):
+            path.write_text("not an image")
+        elif rel.endswith(".pgm"):
+            img.convert("L").save(path)
+        else:
+            img.save(path, format={"JPG": "JPEG", "JPEG": "JPEG"}.get(
+                path.suffix[1:].upper(), path.suffix[1:].upper()))
+    ds = data.load_dataset(str(tmp_path), _identity)
+    expected = [p for p, _ in datasets.ImageFolder(str(tmp_path)).samples]
+    assert [str(f) for f in ds.files] == expected
+    assert len(expected) == 6  # the .gif and the .txt are left out by both
+
+
+def test_tfds_name_with_a_config_is_a_dataset_not_a_folder():
+    for name in ("cifar10_corrupted/brightness_1", "imagenet_v2/matched-frequency",
+                 "cifar10_corrupted/brightness_1:1.0.0"):
+        assert not data.names_a_folder(name), name
+    for name in ("imgs/val/", "some dir/x", "./cifar10_corrupted/brightness_1", "~/imgs"):
+        assert data.names_a_folder(name), name
+    with tfds.testing.mock_data(num_examples=6):
+        ds = data.load_dataset("cifar10_corrupted/brightness_1", _small_transform())
+        _, b = next(ds.batches(3))
+        assert b.shape == (3, 12, 12, 3)
+    with pytest.raises(data.DataError, match="No folder 'no_such_xyz/cfg' exists either"):
+        data.load_dataset("no_such_xyz/cfg", _identity)
+
+
+def test_tilde_is_expanded_in_folders_and_data_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "imgs" / "cls").mkdir(parents=True)
+    Image.new("RGB", (5, 5)).save(tmp_path / "imgs" / "cls" / "a.png")
+    Image.new("RGB", (5, 5)).save(tmp_path / "imgs" / "cls" / "b.png")
+    ds = data.load_dataset("~/imgs", _identity)
+    assert ds.num_examples() == 2
+    (tmp_path / "tfds").mkdir()
+    with pytest.raises(data.DataError) as err:
+        data.load_dataset("fashion_mnist", _identity, data_dir="~/tfds")
+    assert f"not prepared in {tmp_path / 'tfds'}" in str(err.value)
+
+
+def test_not_prepared_names_tfds_default_folder(monkeypatch, tmp_path):
+    # With no data_dir TFDS looks in its default folder (TFDS_DATA_DIR at import, if set);
+    # the advice must name that folder, not a hard-coded ~/tensorflow_datasets.
+    from tensorflow_datasets.core import constants
+
+    monkeypatch.setattr(constants, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(tfds.core.utils.file_utils.constants, "DATA_DIR", str(tmp_path))
+    with pytest.raises(data.DataError) as err:
+        data.load_dataset("fashion_mnist", _identity)
+    assert f"--data_dir {tmp_path}" in str(err.value)
+
+
+def test_an_image_over_pillows_pixel_limit_is_a_data_error(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    (tmp_path / "cls").mkdir()
+    for name in ("a.png", "b.png"):
+        PILImage.new("RGB", (64, 64)).save(tmp_path / "cls" / name)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 64*64 > 2 * 100: a "bomb"
+    ds = data.load_dataset(str(tmp_path), _identity)
+    with pytest.raises(data.DataError, match="cannot read image .*MAX_IMAGE_PIXELS"):
+        list(ds.batches(2))

@@ -209,7 +209,7 @@ def test_bad_inputs_name_the_problem():
         regularizers.target_penalty(model, None, x, target=0.5)
     with pytest.raises(ValueError, match="weight = 1e.40 overflows the scores' dtype float32"):
         regularizers.mean_nonlinearity_from_scores(jnp.ones(2, jnp.float32), weight=1e40)
-    with pytest.raises(ValueError, match="ridge must be a real number >= 0, got '1e-6'"):
+    with pytest.raises(ValueError, match="ridge must be a finite real number >= 0, got '1e-6'"):
         regularizers.mean_nonlinearity(model, v, x, ridge="1e-6")
     with pytest.raises(ValueError, match="sinkhorn_epsilon must be a finite real number > 0"):
         regularizers.mean_nonlinearity(model, v, x, solver="sinkhorn", sinkhorn_epsilon=0.0)

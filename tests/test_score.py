@@ -218,7 +218,7 @@ def test_bad_input(x, y, error, match):
         ({"solver": "lp"}, "unknown solver 'lp'"),
         ({"solver": "sort"}, "'sort' needs 1-D points, got d=2"),
         ({"path": "sparse"}, "unknown path 'sparse'"),
-        ({"ridge": -1.0}, "ridge must be a real number >= 0"),
+        ({"ridge": -1.0}, "ridge must be a finite real number >= 0"),
     ],
 )
 def test_bad_options(kwargs, match):

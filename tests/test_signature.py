@@ -234,7 +234,7 @@ def test_no_activation_and_batch_of_one():
     with pytest.raises(ValueError, match="unknown covariance"):
         affjax.signature_scores(model, _init(model, x), x, covariance="oas")
     for fn in (affjax.signature_scores, affjax.signature):
-        with pytest.raises(ValueError, match="ridge must be a real number >= 0, got -1e-06"):
+        with pytest.raises(ValueError, match="ridge must be a finite real number >= 0, got -1e-06"):
             fn(model, _init(model, x), x, ridge=-1e-6)
 
 
@@ -763,3 +763,108 @@ def test_over_batches_refuses_layers_whose_width_changes():
     v = model.init(jax.random.key(2), short)
     with pytest.raises(ValueError, match=r"batch 1 reduces .* mlp:0 \(5 -> 9\)"):
         affjax.signature_over_batches(model, v, [short, long], progress=False)
+
+
+class _NnxJitBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(6, 6, rngs=rngs)
+        self.act = affjax.NnxActivation(jax.nn.gelu)
+
+    def __call__(self, h):
+        return self.act(self.lin(h)) + h
+
+
+@nnx.jit
+def _run_block(block, h):  # module level: its trace cache outlives one signature
+    return block(h)
+
+
+class _NnxWithJitHelper(nnx.Module):
+    def __init__(self, rngs):
+        self.first = nnx.Linear(4, 6, rngs=rngs)
+        self.blocks = nnx.List([_NnxJitBlock(rngs) for _ in range(2)])
+        self.top = affjax.NnxActivation(jnp.tanh)
+
+    def __call__(self, x):
+        h = self.first(x)
+        for block in self.blocks:
+            h = _run_block(block, h)
+        return self.top(h)
+
+
+def test_nnx_jit_helper_traced_before_is_captured_every_time():
+    # A cached nnx.jit trace used to run without its calls being recorded: the second
+    # signature lost the two blocks silently.
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    model = _NnxWithJitHelper(nnx.Rngs(0))
+    model(x)  # the helper is traced outside any capture first
+    first = affjax.signature(model, None, x)
+    second = affjax.signature(model, None, x)
+    assert first.names == second.names == ["blocks/0/act:0", "blocks/1/act:0", "top:0"]
+    np.testing.assert_array_equal(first.scores, second.scores)
+    jitted = nnx.jit(lambda m, x: affjax.signature_scores(m, None, x))(model, x)
+    np.testing.assert_allclose(np.asarray(jitted), first.scores, rtol=1e-5)
+    over = affjax.signature_over_batches(model, None, [x, x], progress=False)
+    np.testing.assert_allclose(over.scores, first.scores, rtol=1e-6)
+
+
+def test_nnx_signature_leaves_the_model_unchanged_in_train_mode():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 5, rngs=rngs)
+            self.bn = nnx.BatchNorm(5, rngs=rngs)
+            self.drop = nnx.Dropout(0.3, rngs=rngs)
+            self.act = affjax.NnxActivation(jax.nn.relu)
+
+        def __call__(self, x):
+            return self.act(self.drop(self.bn(self.lin(x))))
+
+    model = Net(nnx.Rngs(0))
+    model.train()
+    def snapshot():
+        return [np.asarray(jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key)
+                           else v) for v in jax.tree.leaves(nnx.state(model))]
+
+    before = snapshot()
+    x = jax.random.normal(jax.random.key(1), (16, 3)) + 2.0
+    a = affjax.signature(model, None, x).scores
+    affjax.signature_over_batches(model, None, [x, x], progress=False)
+    after = snapshot()
+    assert len(before) == len(after) > 5
+    for b, a_ in zip(before, after, strict=True):  # BatchNorm statistics, RNG keys and counts
+        np.testing.assert_array_equal(b, a_)
+    np.testing.assert_array_equal(affjax.signature(model, None, x).scores, a)  # same masks
+
+
+def test_per_sample_vmap_of_a_plain_activation_is_an_error_not_a_gap():
+    class PerSample(nn.Module):
+        @nn.compact
+        def __call__(self, v):
+            return nn.Dense(4)(nn.relu(nn.Dense(6)(v)))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = affjax.Activation(jnp.tanh)(nn.Dense(5)(x))
+            vm = nn.vmap(PerSample, in_axes=0, out_axes=0,
+                         variable_axes={"params": None}, split_rngs={"params": False})
+            return vm()(x)
+
+    x = jax.random.normal(jax.random.key(0), (16, 3))
+    model = Net()
+    variables = model.init(jax.random.key(1), x)
+    with pytest.raises(RuntimeError, match="per-sample vmap"):
+        affjax.signature(model, variables, x)
+
+
+def test_nnx_shape_error_names_the_layer():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.block7_act = affjax.NnxActivation(jax.nn.relu)
+            self.other = affjax.NnxActivation(jax.nn.relu)
+
+        def __call__(self, x):
+            return self.block7_act(self.other(x)[..., None, None])
+
+    with pytest.raises(ValueError, match=r"block7_act \(relu\) has shape \(8, 6, 1, 1, 1\)"):
+        affjax.signature(Net(), None, jnp.ones((8, 6, 1)))
