@@ -54,8 +54,21 @@ def same_shape(what: str, x: jax.Array, y: jax.Array) -> None:
 
 
 def square_matrix(name: str, m: ArrayLike) -> jax.Array:
-    """A ``(..., d, d)`` array, or a ``ValueError`` naming ``name`` and its shape."""
+    """A ``(..., d, d)`` float array, or a ``ValueError`` naming ``name`` and its shape.
+
+    Integers become the default float dtype and float16/bfloat16 become float32: the
+    eigendecompositions and factorisations have no kernels for them (as in the score).
+    """
     arr = real_array(name, m)
     if arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
         raise ValueError(f"{name} must be a square matrix of shape (..., d, d), got {arr.shape}")
+    return linalg_dtype(arr)
+
+
+def linalg_dtype(arr: jax.Array) -> jax.Array:
+    """``arr`` in a dtype that LAPACK-style kernels take: ints to float, half to float32."""
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        return arr.astype(jnp.result_type(float))
+    if jnp.finfo(arr.dtype).bits < 32:
+        return arr.astype(jnp.float32)
     return arr

@@ -514,7 +514,8 @@ def _figure_path(out: str, default_name: str) -> Path:
     from affjax.plot import figure_formats
 
     path = Path(out)
-    if path.is_dir():
+    if path.is_dir() or out.endswith(("/", os.sep)):  # "figs/" names a folder, made if new
+        path.mkdir(parents=True, exist_ok=True)
         return path / default_name
     if not path.suffix:
         return path.with_suffix(".png")

@@ -197,8 +197,8 @@ def compare(results: Sequence[Mapping[str, Any]], labels: Sequence[str], *,
       results: validated results objects (``affjax.results.load``).
       labels: one unique label per result.
       accuracy: label -> accuracy, or ``None``.
-      nan: what to do with layers whose score is NaN (the plain covariance on a layer wider
-        than the batch, non-finite activations): ``"raise"`` (default) or ``"drop"``, which
+      nan: what to do with layers whose score is NaN (affjax gives NaN for a layer with
+        non-finite activations): ``"raise"`` (default) or ``"drop"``, which
         leaves those layers out of that signature and lists them under ``"dropped"``.
 
     Returns:
@@ -236,8 +236,9 @@ def compare(results: Sequence[Mapping[str, Any]], labels: Sequence[str], *,
                 raise ValueError(
                     f"{label}: {len(bad_names)} of {len(scores)} layers have a NaN score "
                     f"({', '.join(bad_names[:5])}{', ...' if len(bad_names) > 5 else ''}); "
-                    "leave them out with nan='drop' (--nan drop), or recompute them (the "
-                    "plain covariance fails on layers wider than the batch: try ledoit_wolf)")
+                    "leave them out with nan='drop' (--nan drop), or find why those layers' "
+                    "activations are not finite (NaN or overflow in the model or its input; "
+                    "half precision overflows first) and recompute them)")
             if bad.all():
                 raise ValueError(f"{label}: every layer has a NaN score; nothing to compare")
             dropped[label] = bad_names

@@ -243,10 +243,18 @@ def _sqrt_jvp(primals, tangents):
     (m,), (dm,) = primals, tangents
     w, v = _eigh(_sym(m))
     s = jnp.sqrt(jnp.maximum(w, 0.0))
-    denom = s[..., :, None] + s[..., None, :]
-    # Divided difference of sqrt: 1 / (si + sj). Zero where both eigenvalues are
-    # zero, the one-sided derivative there being infinite.
+    si, sj = s[..., :, None], s[..., None, :]
+    denom = si + sj
+    # Divided difference of sqrt: 1 / (si + sj), with no gap division. Zero where both
+    # eigenvalues are zero, the one-sided derivative there being infinite.
     dd = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
+    # Clipped negative eigenvalues (indefinite input): f = 0 there, so the divided
+    # difference with a nonnegative l_j is (0 - s_j) / (l_i - l_j), and 0 between two
+    # negative ones. Equal to the above where the negative one is at rounding level.
+    neg_i, neg_j = w[..., :, None] < 0, w[..., None, :] < 0
+    gap = w[..., :, None] - w[..., None, :]
+    mixed = jnp.where(gap != 0, (si - sj) / jnp.where(gap != 0, gap, 1.0), 0.0)
+    dd = jnp.where(neg_i & neg_j, 0.0, jnp.where(neg_i | neg_j, mixed, dd))
     return _rebuild(v, s), _conjugate_tangent(v, dm, dd)
 
 
@@ -263,7 +271,9 @@ def psd_sqrt(m: ArrayLike) -> jax.Array:
 
     The JVP uses the divided differences ``1 / (sqrt(l_i) + sqrt(l_j))``, finite
     at repeated eigenvalues; where both eigenvalues are zero the (infinite)
-    derivative is set to zero.
+    derivative is set to zero. It is the derivative of the clipped function for
+    indefinite input too (``(0 - sqrt(l_j)) / (l_i - l_j)`` against a negative
+    ``l_i``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -281,6 +291,10 @@ def psd_inv_sqrt(m: ArrayLike, *, rtol: float | None = None) -> jax.Array:
     nothing, as a pseudo-inverse does. This matters when ``m`` is singular up to
     rounding (wide layers, dead units): inverting those eigenvalues instead
     amplifies rounding noise without bound.
+
+    The JVP holds the kept rank fixed (pairs of a kept and a dropped eigenvalue
+    contribute nothing); it is the derivative for PSD input, not for a matrix
+    with clearly negative eigenvalues.
 
     Args:
         m: array of shape ``(..., d, d)``, symmetric PSD, float.

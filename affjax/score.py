@@ -138,6 +138,8 @@ def _validate(x: ArrayLike, y: ArrayLike, covariance: str, solver: str, path: st
         )
     if x.shape[0] < 2:
         raise ValueError(f"need at least 2 samples (rows), got x and y of shape {x.shape}")
+    if x.shape[1] == 0:
+        raise ValueError(f"need at least 1 feature (column), got x and y of shape {x.shape}")
     check_options(covariance, solver, path, ridge, sinkhorn_epsilon)
     dtype = jnp.result_type(x.dtype, y.dtype)
     if jnp.finfo(dtype).bits < 32:  # eigh has no half-precision kernels

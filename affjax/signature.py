@@ -151,7 +151,18 @@ def capture_layers(
                             on_full_tensors=on_full_tensors) as ctx:
         if is_nnx:
             ctx.nnx_paths.update(paths)
-            output, nnx_state = nnx.capture(model, nnx.Intermediate)(x, **apply_kwargs)
+            try:
+                output, nnx_state = nnx.capture(model, nnx.Intermediate)(x, **apply_kwargs)
+            except TypeError as e:
+                # nnx.cond / nnx.fori_loop / nnx.scan around an NnxActivation: the sown
+                # values change the state's structure inside the control flow, which JAX
+                # reports as a pytree mismatch naming Flax's internal "__captures__".
+                if "__captures__" not in str(e):
+                    raise
+                raise RuntimeError(_lifted_message(
+                    "an NnxActivation", "could not store its values: it runs inside NNX "
+                    "control flow (nnx.cond, nnx.switch, nnx.fori_loop, nnx.while_loop)"
+                )) from e
         else:
             asked = apply_kwargs.pop("mutable", False)
             # Flax's mutable: False, True (every collection), a name, or a list of names.

@@ -434,11 +434,10 @@ def resolve_solver(solver: str, n: int, d: int) -> str:
 def _exact_pair(what: str, x: ArrayLike, y: ArrayLike) -> tuple[jax.Array, jax.Array]:
     x, y = _checks.point_cloud("x", x), _checks.point_cloud("y", y)
     _checks.same_shape(what, x, y)
-    if not jnp.issubdtype(x.dtype, jnp.inexact) or not jnp.issubdtype(y.dtype, jnp.inexact):
-        # Integer squares overflow (int32 from |x| ~ 5e4) into a silent wrong distance.
-        dtype = jnp.result_type(x.dtype, y.dtype, float)
-        x, y = x.astype(dtype), y.astype(dtype)
-    return x, y
+    # Integer squares overflow (int32 from |x| ~ 5e4) into a silent wrong distance, and
+    # float16 costs overflow at 65504: both are measured in float (float32 for half).
+    dtype = jnp.result_type(_checks.linalg_dtype(x).dtype, _checks.linalg_dtype(y).dtype)
+    return x.astype(dtype), y.astype(dtype)
 
 
 def optimal_permutation(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> jax.Array:
@@ -517,7 +516,8 @@ def sinkhorn_w2_squared(
     from ott.geometry import pointcloud
     from ott.solvers import linear
 
-    x, y = _checks.point_cloud("x", x), _checks.point_cloud("y", y)
+    x = _checks.linalg_dtype(_checks.point_cloud("x", x))
+    y = _checks.linalg_dtype(_checks.point_cloud("y", y))
     if x.shape[1] != y.shape[1]:
         raise ValueError(
             f"sinkhorn_w2_squared needs points of one dimension d, got x {x.shape} and y {y.shape}"

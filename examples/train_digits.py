@@ -217,7 +217,7 @@ def run_model(name: str, cfg: Config, data: dict[str, np.ndarray],
             "median_step_s": statistics.median(step_times) if step_times else float("nan"),
             "wall_s": time.perf_counter() - start,
         }
-    # Overhead of the term on one batch, both steps interleaved on the final parameters.
+    # Overhead of the term on one batch, both steps interleaved from the initial parameters.
     nl_weight, target_weight, target = _term_weights("affine", cfg)
     result["step_time"] = measure_step_times(
         plain, regularized, params0, optimizer.init(params0), x_train[:cfg.batch_size],

@@ -322,3 +322,23 @@ def test_infinite_ridge_and_sort_on_wide_layers_are_named():
         affjax.affinity_score(x, np.tanh(x), ridge=float("inf"))
     with pytest.raises(ValueError, match="got d=50"):  # not the span's 20 coordinates
         affjax.affinity_score(x, np.tanh(x), solver="sort")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.int32])
+def test_building_blocks_take_half_precision_and_integers(dtype):
+    # eigh/Cholesky have no half kernels (a raw NotImplementedError before); integers
+    # broke psd_inv_sqrt's tolerance and Sinkhorn. All are computed in float32, as the score.
+    m = np.array([[4.0, 1.0], [1.0, 3.0]])
+    a = jnp.asarray(m, dtype)
+    want = scipy.linalg.sqrtm(m).real
+    np.testing.assert_allclose(np.asarray(affjax.psd_sqrt(a)), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(affjax.psd_inv_sqrt(a)), np.linalg.inv(want), rtol=1e-5)
+    expected_dtype = jnp.result_type(float) if dtype == jnp.int32 else jnp.float32
+    assert affjax.bures_map(a, a).dtype == expected_dtype
+    np.testing.assert_allclose(np.asarray(affjax.bures_map(a, a)), np.eye(2), atol=1e-5)
+    pts = jnp.asarray([[0, 0], [3, 1], [1, 2], [2, 2]], dtype)
+    exact = float(affjax.w2_squared(pts, pts[::-1] + jnp.asarray(1, dtype)))
+    assert np.isfinite(exact)
+    entropic = float(affjax.sinkhorn_w2_squared(pts, pts[::-1] + jnp.asarray(1, dtype),
+                                                epsilon=1e-2))
+    assert abs(entropic - exact) < 0.05 * exact

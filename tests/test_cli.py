@@ -255,6 +255,10 @@ def test_plot_and_compare(tiny, tmp_path, capsys):
         paths.append(str(out))
     assert cli.main(["plot", paths[0], "--out", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+    # A trailing slash names a folder, made if new (it used to write "figs.png").
+    assert cli.main(["plot", paths[0], "--out", str(tmp_path / "figs") + "/"]) == 0
+    assert (tmp_path / "figs" / "r1.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "figs.png").exists()
     acc = tmp_path / "acc.json"
     acc.write_text(json.dumps({"r1": 60.0, "r2": 70.0, "r3": 65.0}))
     capsys.readouterr()
@@ -279,6 +283,7 @@ def test_plot_and_compare(tiny, tmp_path, capsys):
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "1 of 4 layers have a NaN score" in err and obj["layers"][1]["name"] in err
+    assert "not finite" in err and "ledoit_wolf" not in err  # no advice that does not apply
     assert cli.main([*args, "--nan", "drop"]) == 0
     assert "left out 1 layers with a NaN score" in capsys.readouterr().out
     cmp_ = json.loads((tmp_path / "n" / "compare.json").read_text())

@@ -126,3 +126,17 @@ def test_gram_inv_sqrt_jvp_matches_fd():
     m = f.T @ f
     w, v = np.linalg.eigh(m)
     np.testing.assert_allclose(np.asarray(gram_inv_sqrt(f)), (v / np.sqrt(w)) @ v.T, rtol=1e-10)
+
+
+def test_psd_sqrt_jvp_is_the_clipped_functions_on_indefinite_input():
+    # sqrt(max(l, 0)) is smooth where no eigenvalue is 0; with a clearly negative one the
+    # JVP used 1/(0 + s_j) instead of the divided difference s_j / (l_j - l_i).
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    m = q @ np.diag([-0.5, 0.3, 1.0, 2.0]) @ q.T
+    e = rng.normal(size=(4, 4))
+    e = e + e.T
+    f = lambda t: jnp.sum(jnp.sin(affjax.psd_sqrt(jnp.asarray(m) + t * e)))
+    h = 1e-6
+    fd = (f(h) - f(-h)) / (2 * h)
+    assert abs(float(jax.grad(f)(0.0)) - float(fd)) < 1e-6 * max(1.0, abs(float(fd)))

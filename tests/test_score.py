@@ -198,6 +198,7 @@ def test_check_under_jit_explains():
         (np.zeros((5, 2)), np.zeros((5, 3)), ValueError, r"same shape.*\(5, 2\).*\(5, 3\)"),
         (np.zeros((5, 2)), np.zeros((6, 2)), ValueError, r"same shape.*\(6, 2\)"),
         (np.zeros((1, 2)), np.zeros((1, 2)), ValueError, "at least 2 samples"),
+        (np.zeros((5, 0)), np.zeros((5, 0)), ValueError, r"at least 1 feature.*\(5, 0\)"),
         (np.zeros((4, 2, 2)), np.zeros((4, 2, 2)), ValueError, r"shape \(n, d\).*\(4, 2, 2\)"),
         (np.zeros(()), np.zeros(()), ValueError, r"shape \(n, d\)"),
         (np.zeros((5, 2), np.int32), np.zeros((5, 2)), TypeError, "x must be a floating.*int32"),

@@ -868,3 +868,28 @@ def test_nnx_shape_error_names_the_layer():
 
     with pytest.raises(ValueError, match=r"block7_act \(relu\) has shape \(8, 6, 1, 1, 1\)"):
         affjax.signature(Net(), None, jnp.ones((8, 6, 1)))
+
+
+def test_nnx_control_flow_around_an_activation_is_a_clear_error():
+    class Branch(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 5, rngs=rngs)
+            self.a = affjax.NnxActivation(jax.nn.relu)
+            self.b = affjax.NnxActivation(jnp.tanh)
+
+        def __call__(self, x, flag):
+            return nnx.cond(flag, lambda m, h: m.a(h), lambda m, h: m.b(h), self, self.lin(x))
+
+    class Loop(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 4, rngs=rngs)
+            self.a = affjax.NnxActivation(jnp.tanh)
+
+        def __call__(self, x):
+            return nnx.fori_loop(0, 2, lambda i, c: (c[0], c[0].a(c[0].lin(c[1]))), (self, x))[1]
+
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    with pytest.raises(RuntimeError, match="NNX control flow.*Unroll those layers"):
+        affjax.signature(Branch(nnx.Rngs(0)), None, x, flag=True)
+    with pytest.raises(RuntimeError, match="NNX control flow"):
+        affjax.signature(Loop(nnx.Rngs(0)), None, x)
