@@ -141,11 +141,13 @@ def capture_layers(
     if is_nnx and variables is not None:
         raise TypeError("an nnx.Module carries its own state: pass variables=None")
     if is_nnx:
-        # A copy: the capture leaves the user's model as it was (BatchNorm statistics and
-        # RNG counts of a train-mode pass are not written back: the signature is pure),
-        # and its fresh capture ids make nnx.jit/nnx.remat inside the model trace again
-        # here, so that their calls are recorded (see capture.fresh_capture_ids).
-        model = nnx.clone(model)
+        # A copy: its fresh capture ids make nnx.jit/nnx.remat inside the model trace
+        # again here, so that their calls are recorded (see capture.fresh_capture_ids).
+        # A signature leaves the user's model as it was (BatchNorm statistics and RNG
+        # counts of a train-mode pass are not written back: it is pure); with
+        # return_output the pass stands for the model's own call, so its state updates
+        # are written back, as model(x) would make them.
+        users_model, model = model, nnx.clone(model)
         paths = _capture.fresh_capture_ids(model)
     with _capture.capturing(tokens=tokens, functions=functions,
                             on_full_tensors=on_full_tensors) as ctx:
@@ -180,6 +182,8 @@ def capture_layers(
                 output = (output, _without_own_entries(state, keep or intermediates))
     if is_nnx:
         layers = _assemble(ctx, model, nnx_state=nnx_state)
+        if return_output:
+            nnx.update(users_model, nnx.state(model, nnx.Not(nnx.Intermediate)))
     else:
         layers = _assemble(ctx, None, linen_state=state)
     return (layers, output) if return_output else layers

@@ -495,3 +495,42 @@ def test_gradient_finite_where_the_grouped_cholesky_breaks_down():
                     jax.tree.leaves(ref_grads["params"]["Dense_0"]), strict=True):
         assert np.all(np.isfinite(np.asarray(g)))
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-3, atol=1e-5)
+
+
+def test_nnx_output_and_scores_updates_the_models_state_as_its_call_would():
+    # The capture runs on a copy of an NNX model (the signature is pure); output_and_scores
+    # stands for the model's own forward pass, so BatchNorm statistics and RNG counts must
+    # move exactly as model(x) moves them, also inside nnx.jit and nnx.grad.
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 6, rngs=rngs)
+            self.bn = nnx.BatchNorm(6, rngs=rngs)
+            self.drop = nnx.Dropout(0.25, rngs=rngs)
+            self.act = affjax.NnxActivation(jax.nn.relu)
+            self.out = nnx.Linear(6, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(self.drop(self.act(self.bn(self.lin(x)))))
+
+    x = jax.random.normal(jax.random.key(0), (16, 3)) + 1.0
+    model, reference = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+    model.train()
+    reference.train()
+    y, scores = regularizers.output_and_scores(model, None, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(reference(x)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(model.bn.mean[...]), np.asarray(reference.bn.mean[...]),
+                               rtol=1e-6)
+    assert scores.shape == (1,)
+
+    def loss(m, x):
+        out, s = regularizers.output_and_scores(m, None, x)
+        return jnp.mean(out ** 2) + s[0]
+
+    def ref_loss(m, x):
+        return jnp.mean(m(x) ** 2)
+
+    nnx.jit(nnx.grad(loss))(model, x)
+    nnx.jit(nnx.grad(ref_loss))(reference, x)
+    np.testing.assert_allclose(np.asarray(model.bn.mean[...]), np.asarray(reference.bn.mean[...]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(reference(x)), rtol=1e-5)
