@@ -65,10 +65,16 @@ def square_matrix(name: str, m: ArrayLike) -> jax.Array:
     return linalg_dtype(arr)
 
 
+def linalg_float(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype LAPACK-style kernels take for ``dtype``: ints to float, half to float32."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return jnp.result_type(float)
+    if jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(dtype)
+
+
 def linalg_dtype(arr: jax.Array) -> jax.Array:
-    """``arr`` in a dtype that LAPACK-style kernels take: ints to float, half to float32."""
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-        return arr.astype(jnp.result_type(float))
-    if jnp.finfo(arr.dtype).bits < 32:
-        return arr.astype(jnp.float32)
-    return arr
+    """``arr`` cast to :func:`linalg_float` of its dtype (no copy when it already is)."""
+    dtype = linalg_float(arr.dtype)
+    return arr if arr.dtype == dtype else arr.astype(dtype)
