@@ -165,6 +165,19 @@ def _check_finite(x: jax.Array, y: jax.Array) -> None:
             )
 
 
+def _check_finite_result(score: jax.Array, x: jax.Array, y: jax.Array) -> None:
+    """``ValueError`` when finite inputs gave a NaN score: the dtype overflowed."""
+    if np.all(np.isfinite(np.asarray(score))):
+        return
+    largest = max(float(np.max(np.abs(np.asarray(a)))) for a in (x, y))
+    raise ValueError(
+        f"the score is NaN for finite inputs: values up to {largest:.3g} overflow "
+        f"{x.dtype} in the covariances and distances (their squares must stay below "
+        f"{float(jnp.finfo(x.dtype).max):.3g}); rescale x and y or compute in float64 "
+        "(jax_enable_x64)"
+    )
+
+
 @jax.custom_jvp
 def _span_coordinates(
     xc: jax.Array, yc: jax.Array, basis: jax.Array, coords: jax.Array
@@ -391,8 +404,9 @@ def affinity(
         ``d > 2 n``. Both give the same numbers.
       sinkhorn_epsilon: entropic regularisation relative to the mean cost, for
         ``solver="sinkhorn"``.
-      check: raise ``ValueError`` on NaN/Inf inputs (needs concrete arrays).
-        Otherwise non-finite inputs give a NaN score.
+      check: raise ``ValueError`` on NaN/Inf inputs, and on finite inputs so
+        large that the computation overflows the dtype (float32 values above
+        about 1e19; needs concrete arrays). Otherwise both give a NaN score.
 
     Returns:
       :class:`AffinityResult`, in the input dtype (float16/bfloat16 are
@@ -415,7 +429,7 @@ def affinity(
     x, y = _validate(x, y, covariance, solver, path, ridge, sinkhorn_epsilon)
     if check:
         _check_finite(x, y)
-    return _affinity_jit(
+    result = _affinity_jit(
         x,
         y,
         covariance=covariance,
@@ -424,6 +438,9 @@ def affinity(
         path=path,
         sinkhorn_epsilon=float(sinkhorn_epsilon),
     )
+    if check:
+        _check_finite_result(result.score, x, y)
+    return result
 
 
 def affinity_score(
@@ -455,7 +472,8 @@ def affinity_score(
     Raises:
       TypeError: integer or bool inputs.
       ValueError: shapes that differ, n < 2, rank not 1 or 2, unknown option
-        names, negative ridge; non-finite values when ``check=True``.
+        names, negative ridge; non-finite values, or values that overflow the
+        dtype, when ``check=True``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -466,7 +484,7 @@ def affinity_score(
     x, y = _validate(x, y, covariance, solver, path, ridge, sinkhorn_epsilon)
     if check:
         _check_finite(x, y)
-    return _score_jit(
+    score = _score_jit(
         x,
         y,
         covariance=covariance,
@@ -475,3 +493,6 @@ def affinity_score(
         path=path,
         sinkhorn_epsilon=float(sinkhorn_epsilon),
     )
+    if check:
+        _check_finite_result(score, x, y)
+    return score

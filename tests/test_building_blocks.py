@@ -295,6 +295,21 @@ def test_exact_w2_is_translation_invariant_in_float32(offset):
         assert abs(float(got) - expected) < 2e-3 * expected
 
 
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_sinkhorn_is_translation_invariant_in_float32(offset):
+    # OTT expands |x|^2 + |y|^2 - 2 x.y: unshifted, offset 1e3 gave 4.7e19 for 0.24.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 3)).astype(np.float32)
+    y = (x + 0.3 * rng.normal(size=(64, 3))).astype(np.float32)
+    near = float(affjax.sinkhorn_w2_squared(x, y, epsilon=0.01))
+    far = float(affjax.sinkhorn_w2_squared(x + np.float32(offset), y + np.float32(offset),
+                                           epsilon=0.01))
+    assert abs(far - near) < 1e-3 * near
+    rel = float(affjax.w2_squared(x + np.float32(offset), y + np.float32(offset),
+                                  solver="sinkhorn"))
+    assert abs(rel - float(affjax.w2_squared(x, y, solver="sinkhorn"))) < 1e-3 * near
+
+
 def test_exact_w2_of_integer_points_does_not_overflow():
     rng = np.random.default_rng(4)
     x = rng.integers(0, 60_000, size=(8, 2)).astype(np.int32)

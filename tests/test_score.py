@@ -186,6 +186,22 @@ def test_nan_input_gives_nan_and_check_raises():
         affjax.affinity_score(np.nan_to_num(x), y, check=True)
 
 
+def test_check_raises_when_float32_overflows():
+    # Finite float32 inputs near 1e19 square to inf in the covariances: NaN, and check=True
+    # said nothing about it.
+    x, _ = make_case("relu", 200, 5)
+    x = x.astype(np.float32)
+    big = x * np.float32(1e19)
+    assert np.isnan(float(affjax.affinity_score(big, np.maximum(big, 0))))
+    for fn in (affjax.affinity_score, lambda a, b, **k: affjax.affinity(a, b, **k).score):
+        with pytest.raises(ValueError, match=r"overflow float32.*float64"):
+            fn(big, np.maximum(big, 0), check=True)
+    fine = x * np.float32(1e15)  # still representable: same score as at scale 1
+    np.testing.assert_allclose(
+        float(affjax.affinity_score(fine, np.maximum(fine, 0), check=True)),
+        float(affjax.affinity_score(x, np.maximum(x, 0))), atol=1e-4)
+
+
 def test_check_under_jit_explains():
     x, y = make_case("relu", 20, 2)
     with pytest.raises(ValueError, match="needs concrete arrays"):
