@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import tracers as flax_tracers
+from flax.nnx.bridge import ToNNX
 
 COLLECTION = "intermediates"
 SOW_NAME = "affjax_activation"
@@ -95,8 +96,8 @@ def reduce_activation(v: jax.Array, *, tokens: str = "mean_features", where: str
       where: the layer's name, for the error message.
 
     Returns:
-      ``(N, F)`` array in the dtype of ``v``; rank 4 averages over the two
-      spatial axes and keeps the C channels.
+      ``(N, F)`` array in the dtype of ``v`` (float32 for float16/bfloat16);
+      rank 4 averages over the two spatial axes and keeps the C channels.
 
     Raises:
       ValueError: other ranks, naming ``where`` and the shape.
@@ -109,12 +110,19 @@ def reduce_activation(v: jax.Array, *, tokens: str = "mean_features", where: str
       >>> reduce_activation(jnp.ones((8, 4, 4, 16), jnp.float32)).shape
       (8, 16)
     """
+    # Half precision is averaged into float32, where the score computes it anyway: means
+    # rounded back to bfloat16's 8 bits moved scores by up to 0.08.
+    if jnp.issubdtype(v.dtype, jnp.floating) and jnp.finfo(v.dtype).bits < 32:
+        v = v.astype(jnp.float32) if v.ndim == 2 else v
+        dtype = jnp.float32
+    else:
+        dtype = None
     if v.ndim == 2:
         return v
     if v.ndim == 3:
-        return jnp.mean(v, axis=1 if tokens == "mean_tokens" else 2)
+        return jnp.mean(v, axis=1 if tokens == "mean_tokens" else 2, dtype=dtype)
     if v.ndim == 4:
-        return jnp.mean(v, axis=(1, 2))
+        return jnp.mean(v, axis=(1, 2), dtype=dtype)
     raise ValueError(
         f"activation {where or '?'} has shape {v.shape}; signatures need (N, D), (N, T, D) or "
         "(N, H, W, C) tensors with the batch first"
@@ -325,8 +333,10 @@ def fresh_capture_ids(model: nnx.Module) -> dict[int, str]:
     The ids are static attributes, part of the graph definition that ``nnx.jit`` and
     ``nnx.remat`` key their trace caches on. New ids make those transforms trace their
     bodies again inside this capture, where the calls are recorded; with the old ids a
-    trace cached earlier would run without the calls being seen. Call it on a copy of the
-    user's model (the signature does), so that the user's own caches are untouched.
+    trace cached earlier would run without the calls being seen. Every other module gets
+    a new static stamp for the same reason (its plain activation-function calls). Call it
+    on a copy of the user's model (the signature does), so that the user's own caches are
+    untouched.
 
     Args:
       model: an ``nnx.Module``.
@@ -347,10 +357,19 @@ def fresh_capture_ids(model: nnx.Module) -> dict[int, str]:
       (True, ['a'])
     """
     paths: dict[int, str] = {}
+    stamp = next(_NNX_IDS)
     for path, node in nnx.iter_graph(model):
         if isinstance(node, NnxActivation) and node.capture_id not in paths:
             node.capture_id = next(_NNX_IDS)
             paths[node.capture_id] = "/".join(str(p) for p in path)
+        elif isinstance(node, nnx.Module) and not isinstance(node, NnxActivation | ToNNX):
+            # Modules without an NnxActivation too: one that calls nnx.gelu inside an
+            # nnx.jit helper must trace again, so that the call is seen (and reported).
+            # (Not bridge.ToNNX: it reads every attribute as a linen variable.)
+            try:
+                node._affjax_capture_stamp = stamp
+            except AttributeError:  # a module that refuses new attributes keeps its cache
+                pass
     return paths
 
 
@@ -361,9 +380,12 @@ def _function_wrapper(fn: Callable, kind: str) -> Callable:
         if ctx is None or ctx.inside or not isinstance(x, jax.Array):
             return y
         if x.ndim < 2:
-            if isinstance(x, jax.core.Tracer) and type(x).__name__ == "BatchTracer":
-                # One sample of a per-sample vmap: a layer that the signature cannot see
-                # whole. An error, not a silent gap.
+            if (isinstance(x, jax.core.Tracer) and type(x).__name__ == "BatchTracer"
+                    and flax_tracers.current_trace() != ctx.trace):
+                # One sample of a per-sample vmap inside the model: a layer that the
+                # signature cannot see whole. An error, not a silent gap. (A vmap around
+                # the whole capture, over an ensemble of variables, batches the vector
+                # itself: skipped below like any vector.)
                 ctx.claim(None, kind, function=True).nested = True
                 return y
             # A scalar or vector: a parameter transform (softplus of a scale) or a

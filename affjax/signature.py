@@ -165,6 +165,15 @@ def capture_layers(
                     "an NnxActivation", "could not store its values: it runs inside NNX "
                     "control flow (nnx.cond, nnx.switch, nnx.fori_loop, nnx.while_loop)"
                 )) from e
+            except ValueError as e:
+                if "Cannot infer collection name" not in str(e):
+                    raise
+                # Flax's bridge.ToNNX reads the capture's nnx.Intermediate as a linen variable.
+                raise RuntimeError(
+                    "the model holds a linen module through flax.nnx.bridge.ToNNX, which "
+                    "Flax's nnx.capture (the signature's capture) cannot run. Write that part "
+                    "as NNX modules, or take the signature of the linen module on its own"
+                ) from e
         else:
             asked = apply_kwargs.pop("mutable", False)
             # Flax's mutable: False, True (every collection), a name, or a list of names.
@@ -176,17 +185,44 @@ def capture_layers(
                 mutable = [_capture.COLLECTION, *names]
                 keep = _capture.COLLECTION in names
             intermediates = bool(apply_kwargs.get("capture_intermediates", False))
-            output, state = model.apply(_strip_collection(variables), x, mutable=mutable,
-                                        **apply_kwargs)
+            try:
+                output, state = model.apply(_strip_collection(variables), x, mutable=mutable,
+                                            **apply_kwargs)
+            except TypeError as e:
+                # nn.cond / nn.switch: an Activation sows in one branch only, and JAX
+                # reports the branches' differing outputs as a pytree mismatch.
+                if f"['{_capture.COLLECTION}']" not in str(e) or "branch" not in str(e):
+                    raise
+                raise RuntimeError(_lifted_message(
+                    "an Activation", "could not store its values: it runs inside linen "
+                    "control flow (nn.cond, nn.switch)"
+                )) from e
             if asked or intermediates:  # model.apply would return (y, state) too
                 output = (output, _without_own_entries(state, keep or intermediates))
     if is_nnx:
         layers = _assemble(ctx, model, nnx_state=nnx_state)
         if return_output:
-            nnx.update(users_model, nnx.state(model, nnx.Not(nnx.Intermediate)))
+            _write_back_updates(users_model, model)
     else:
         layers = _assemble(ctx, None, linen_state=state)
     return (layers, output) if return_output else layers
+
+
+def _write_back_updates(users_model: Any, copy: Any) -> None:
+    """Give ``users_model`` the variable values its ``copy`` assigned while it ran.
+
+    Only the assigned ones: writing every variable back would also "mutate" the
+    parameters of a model closed over by ``jax.jit``/``jax.grad``, which NNX refuses
+    even where the call changed nothing (eval mode). A clone shares its arrays with
+    the original, so identity tells what the pass assigned.
+    """
+    mine = {path: v for path, v in nnx.iter_graph(users_model) if isinstance(v, nnx.Variable)}
+    for path, v in nnx.iter_graph(copy):
+        if not isinstance(v, nnx.Variable) or isinstance(v, nnx.Intermediate):
+            continue
+        target = mine.get(path)
+        if target is not None and target.get_value() is not v.get_value():
+            target.set_value(v.get_value())
 
 
 def _stale(v: Any) -> bool:
@@ -263,6 +299,13 @@ def _assemble(
                     "model's state: it must be an attribute of the model (not created during "
                     "the call), and not inside nnx.scan or nnx.vmap, which the signature does "
                     "not support; unroll those layers"
+                )
+            if nnx_model is None and isinstance(call.key, int):  # an NNX id in a linen model
+                raise RuntimeError(
+                    f"an NnxActivation ({call.kind}) ran inside a linen model (an NNX module "
+                    "wrapped by flax.nnx.bridge.to_linen), where the signature cannot find its "
+                    "values. Inside the bridged module call the function itself "
+                    "(nnx.gelu(x)), or use affjax.Activation in the linen model"
                 )
             if call.key not in sown:
                 sown[call.key] = list(_linen_values(linen_state, call.key))
@@ -422,6 +465,8 @@ def _device_tuple(devices: Any) -> tuple:
     if not devices or not all(isinstance(d, jax.Device) for d in devices):
         raise ValueError(f"devices must be a non-empty sequence of jax devices (see "
                          f"jax.devices()), got {devices!r}")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices lists a device more than once: {list(devices)!r}")
     return devices
 
 
@@ -587,8 +632,11 @@ def signature_scores(
       ((1,), dtype('float32'))
     """
     _score.check_options(covariance, solver, ridge=ridge, sinkhorn_epsilon=sinkhorn_epsilon)
-    layers, output = capture_layers(model, variables, x, tokens=tokens, functions=functions,
-                                    return_output=True, **apply_kwargs)
+    # Only with return_output: the pass then stands for the model's own call (an NNX
+    # model's state updates are written back); a signature alone leaves the model as it was.
+    captured = capture_layers(model, variables, x, tokens=tokens, functions=functions,
+                              return_output=return_output, **apply_kwargs)
+    layers, output = captured if return_output else (captured, None)
     layers = _select(layers, include, exclude, kinds, exclude_kinds)
     scores = score_layers(layers, covariance=covariance, ridge=ridge, solver=solver,
                           sinkhorn_epsilon=sinkhorn_epsilon,

@@ -14,9 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from reference import affinity_score_reference
 
 import affjax
+from affjax import regularizers
 from affjax.capture import reduce_activation
+from affjax.signature import capture_layers
 
 
 class Interleaved(nn.Module):
@@ -168,6 +171,31 @@ def test_reduce_activation_shapes_and_errors():
     assert reduce_activation(v[:, 0], tokens="mean_tokens").shape == (4, 6)
     with pytest.raises(ValueError, match=r"block/act.*shape \(4,\)"):
         reduce_activation(jnp.ones(4), where="block/act")
+
+
+def test_half_precision_maps_are_averaged_in_float32():
+    # Means rounded back to bfloat16 moved a conv model's scores by up to 0.08 against the
+    # same bfloat16 maps averaged in float32 (and against the float32 model).
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Conv(16, (3, 3), dtype=jnp.bfloat16)(x))
+            return nn.gelu(nn.Conv(16, (3, 3), dtype=jnp.bfloat16)(h) + 2.0)
+
+    x = jax.random.normal(jax.random.key(0), (128, 16, 16, 3), jnp.float32) + 3.0
+    model = M()
+    variables = model.init(jax.random.key(1), x)
+    full = []
+    capture_layers(model, variables, x, on_full_tensors=lambda a, b: full.append((a, b)))
+    sig = affjax.signature(model, variables, x)
+    assert len(full) == len(sig.scores) == 2
+    for (a, b), got in zip(full, sig.scores, strict=True):
+        a32 = np.asarray(a, np.float64).mean(axis=(1, 2))
+        b32 = np.asarray(b, np.float64).mean(axis=(1, 2))
+        assert abs(got - affinity_score_reference(a32, b32)["score"]) < 2e-3
+    for v in (jnp.ones((4, 3, 5, 6), jnp.bfloat16), jnp.ones((4, 5, 6), jnp.float16)):
+        assert reduce_activation(v).dtype == jnp.float32
+    assert reduce_activation(jnp.ones((4, 5), jnp.bfloat16)).dtype == jnp.float32
 
 
 def test_unsupported_rank_names_the_layer():
@@ -374,6 +402,8 @@ def test_bad_devices_are_named():
         affjax.signature_scores(model, v, x, devices=[])
     with pytest.raises(ValueError, match="devices must be a non-empty sequence of jax devices"):
         affjax.signature_scores(model, v, x, devices=["cpu"])
+    with pytest.raises(ValueError, match="lists a device more than once"):  # a bare assert before
+        affjax.signature_scores(model, v, x, devices=jax.devices()[:1] * 2)
     one = affjax.signature_scores(model, v, x, devices=jax.devices()[:1])
     for devices in ((d for d in jax.devices()[:1]), jax.devices()[0]):  # a generator, a device
         np.testing.assert_array_equal(
@@ -808,6 +838,39 @@ def test_nnx_jit_helper_traced_before_is_captured_every_time():
     np.testing.assert_allclose(over.scores, first.scores, rtol=1e-6)
 
 
+def test_nnx_plain_function_in_a_jit_helper_traced_before_is_an_error_every_time():
+    # The block has no NnxActivation, so its graph definition stayed the same in the
+    # capture's copy: nnx.jit reused the trace made by model(x) and the gelu layer vanished
+    # without a word (signature ['a:0']).
+    class Blk(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, h):
+            return nnx.gelu(self.lin(h))
+
+    @nnx.jit
+    def run(block, h):
+        return block(h)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.blk = Blk(rngs)
+            self.a = affjax.NnxActivation(jnp.tanh)
+
+        def __call__(self, x):
+            return self.a(run(self.blk, x))
+
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    model = Net(nnx.Rngs(0))
+    model(x)
+    for m in (model, model, Net(nnx.Rngs(1))):
+        with pytest.raises(RuntimeError, match="'gelu'.*inside a JAX transform"):
+            affjax.signature(m, None, x)
+    with pytest.raises(RuntimeError, match="'gelu'"):
+        nnx.jit(lambda m: affjax.signature_scores(m, None, x))(model)
+
+
 def test_nnx_signature_leaves_the_model_unchanged_in_train_mode():
     class Net(nnx.Module):
         def __init__(self, rngs):
@@ -829,11 +892,40 @@ def test_nnx_signature_leaves_the_model_unchanged_in_train_mode():
     x = jax.random.normal(jax.random.key(1), (16, 3)) + 2.0
     a = affjax.signature(model, None, x).scores
     affjax.signature_over_batches(model, None, [x, x], progress=False)
+    # signature_scores wrote the copy's BatchNorm statistics and RNG counts back.
+    first = affjax.signature_scores(model, None, x)
+    np.testing.assert_array_equal(np.asarray(affjax.signature_scores(model, None, x)),
+                                  np.asarray(first))
     after = snapshot()
     assert len(before) == len(after) > 5
     for b, a_ in zip(before, after, strict=True):  # BatchNorm statistics, RNG keys and counts
         np.testing.assert_array_equal(b, a_)
     np.testing.assert_array_equal(affjax.signature(model, None, x).scores, a)  # same masks
+
+
+def test_nnx_model_closed_over_by_jax_transforms():
+    # Writing every variable back after the pass "mutated" the parameters of a model closed
+    # over by jax.jit/jax.grad, which NNX refuses: a TraceContextError even in eval mode.
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 5, rngs=rngs)
+            self.bn = nnx.BatchNorm(5, rngs=rngs)
+            self.act = affjax.NnxActivation(jnp.tanh)
+
+        def __call__(self, x):
+            return self.act(self.bn(self.lin(x)))
+
+    model = Net(nnx.Rngs(0))
+    model.eval()
+    x = jax.random.normal(jax.random.key(1), (16, 3))
+    eager = np.asarray(affjax.signature_scores(model, None, x))
+    jitted = jax.jit(lambda x: affjax.signature_scores(model, None, x))(x)
+    np.testing.assert_allclose(np.asarray(jitted), eager, rtol=1e-5)
+    out, scores = jax.jit(lambda x: regularizers.output_and_scores(model, None, x))(x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(model(x)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(scores), eager, rtol=1e-5)
+    g = jax.grad(lambda x: affjax.signature_scores(model, None, x).sum())(x)
+    assert g.shape == x.shape and np.all(np.isfinite(np.asarray(g)))
 
 
 def test_per_sample_vmap_of_a_plain_activation_is_an_error_not_a_gap():
@@ -855,6 +947,25 @@ def test_per_sample_vmap_of_a_plain_activation_is_an_error_not_a_gap():
     variables = model.init(jax.random.key(1), x)
     with pytest.raises(RuntimeError, match="per-sample vmap"):
         affjax.signature(model, variables, x)
+
+
+def test_vmap_over_an_ensemble_of_variables_skips_parameter_vectors_as_a_loop_does():
+    # The softplus of a parameter vector is batched by the ensemble vmap, which was taken
+    # for a per-sample vmap inside the model: an error where the loop worked.
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scale = nn.softplus(self.param("s", nn.initializers.zeros, (5,)))
+            return nn.relu(nn.Dense(5)(x)) * scale
+
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    model = M()
+    ensemble = [model.init(jax.random.key(i), x) for i in range(3)]
+    loop = np.stack([np.asarray(affjax.signature_scores(model, v, x)) for v in ensemble])
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *ensemble)
+    got = jax.vmap(lambda v: affjax.signature_scores(model, v, x))(stacked)
+    assert got.shape == (3, 1)
+    np.testing.assert_allclose(np.asarray(got), loop, rtol=1e-5)
 
 
 def test_nnx_shape_error_names_the_layer():
@@ -893,3 +1004,70 @@ def test_nnx_control_flow_around_an_activation_is_a_clear_error():
         affjax.signature(Branch(nnx.Rngs(0)), None, x, flag=True)
     with pytest.raises(RuntimeError, match="NNX control flow"):
         affjax.signature(Loop(nnx.Rngs(0)), None, x)
+
+
+def test_flax_bridges_give_clear_errors():
+    from flax.nnx import bridge
+
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+
+    class NnxBlock(nnx.Module):
+        def __init__(self, din, rngs):
+            self.lin = nnx.Linear(din, 4, rngs=rngs)
+            self.act = affjax.NnxActivation(nnx.gelu)
+
+        def __call__(self, h):
+            return self.act(self.lin(h))
+
+    class LinenModel(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.tanh(bridge.to_linen(NnxBlock, 4)(x))
+
+    model = LinenModel()
+    variables = model.init(jax.random.key(1), x)
+    # TypeError: 'int' object is not iterable, from affjax's own lookup, before.
+    with pytest.raises(RuntimeError, match="NnxActivation \\(gelu\\) ran inside a linen model"):
+        affjax.signature(model, variables, x)
+
+    class LinenBlock(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return nn.Dense(4)(h)
+
+    class NnxModel(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = bridge.ToNNX(LinenBlock(), rngs=rngs)
+            bridge.lazy_init(self.lin, x)
+            self.act = affjax.NnxActivation(nnx.relu)
+
+        def __call__(self, x):
+            return self.act(self.lin(x))
+
+    # Flax's "Cannot infer collection name from value" before.
+    with pytest.raises(RuntimeError, match="bridge.ToNNX"):
+        affjax.signature(NnxModel(nnx.Rngs(0)), None, x)
+
+
+def test_linen_cond_around_an_activation_is_a_clear_error():
+    # JAX's pytree mismatch about the branches' 'intermediates' came through raw.
+    class Blk(nn.Module):
+        @nn.compact
+        def __call__(self, h):
+            return affjax.Activation(nn.gelu)(nn.Dense(5)(h))
+
+    class Cond(nn.Module):
+        def setup(self):
+            self.b1, self.b2 = Blk(), Blk()
+
+        def __call__(self, x):
+            if self.is_initializing():
+                self.b1(x), self.b2(x)
+            return nn.cond(True, lambda m, h: m.b1(h), lambda m, h: m.b2(h), self, x)
+
+    x = jax.random.normal(jax.random.key(0), (32, 5))
+    model = Cond()
+    variables = model.init(jax.random.key(1), x)
+    for fn in (affjax.signature, affjax.signature_scores):
+        with pytest.raises(RuntimeError, match=r"linen control flow \(nn.cond"):
+            fn(model, variables, x)
