@@ -348,8 +348,10 @@ def _finish(result: dict, json_path: Path) -> None:
     png = json_path.with_suffix(".png")
     plot_signature(result, png)
     print(_table(result))
+    seconds = result["timing"].get("seconds")  # hand-made files may leave it out
+    compute = "" if seconds is None else f", {seconds:.1f} s of compute"
     print(f"\n{len(result['layers'])} activation calls, {len(result['batch_indices'])} batch(es) "
-          f"of {result['batch_size']}, {result['timing']['seconds']:.1f} s of compute")
+          f"of {result['batch_size']}{compute}")
     print(f"wrote {json_path}, {json_path.with_suffix('.csv')}, {png}")
 
 
@@ -434,6 +436,16 @@ def _signature(args: argparse.Namespace) -> int:
     json_path = _results_path(args.out, args.model, args.dataset)
     _check_writable(json_path.parent)
     result = _resume(json_path, args)
+    transform = api.eval_transform(args.model)
+    dataset = data.load_dataset(args.dataset, transform, split=args.split,
+                                data_dir=args.data_dir, download=args.download,
+                                manual_dir=args.manual_dir, seed=args.seed)
+    # A finished file too: with examples added, "complete" would leave new batches out.
+    if result is not None and result.get("num_examples") != dataset.num_examples():
+        raise _fail(f"results file {json_path} was computed on {result.get('num_examples')} "
+                    f"examples of {args.dataset}, which now has {dataset.num_examples()}: "
+                    "its batches would not be the same images. Choose another --out, or "
+                    "pass --overwrite to start again.")
     if result is not None and result["complete"]:
         print(f"{json_path} is complete ({len(result['batch_indices'])} batches); nothing to "
               "compute (pass --overwrite to recompute).", file=sys.stderr)
@@ -441,20 +453,11 @@ def _signature(args: argparse.Namespace) -> int:
         _finish(result, json_path)
         return 0
     model, variables = _load_model(api, args.model, args.weights, args.seed)
-    transform = api.eval_transform(args.model)
-    dataset = data.load_dataset(args.dataset, transform, split=args.split,
-                                data_dir=args.data_dir, download=args.download,
-                                manual_dir=args.manual_dir, seed=args.seed)
     dataset.check_selection(args.batch_size, args.selection)  # before any file is written
     if result is None:
         result = _new_result(args, dataset.num_examples())
         _save(result, json_path)
     else:
-        if result.get("num_examples") != dataset.num_examples():
-            raise _fail(f"results file {json_path} was computed on {result.get('num_examples')} "
-                        f"examples of {args.dataset}, which now has {dataset.num_examples()}: "
-                        "its batches would not be the same images. Choose another --out, or "
-                        "pass --overwrite to start again.")
         if result["batch_indices"]:
             print(f"resuming {json_path}: {len(result['batch_indices'])} batch(es) already done",
                   file=sys.stderr)

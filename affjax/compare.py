@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -125,8 +126,16 @@ def read_accuracy(path: str | os.PathLike) -> dict[str, float]:
                                 "model")
         head = [h.strip().lower() for h in rows[0]]
         col = next((head.index(h) for h in ("accuracy", "acc@1", "top1") if h in head), 1)
-        return {r[0].strip(): _number(r[col], path, r[0].strip())
-                for r in rows[1:] if r and r[0].strip()}
+        table = {}
+        for line, r in enumerate(rows[1:], start=2):
+            if not r or not r[0].strip():
+                continue
+            if len(r) <= col:
+                raise AccuracyError(
+                    f"accuracy file {path}: line {line} ({','.join(r)!r}) has no column "
+                    f"{col + 1}; expected comma-separated rows of a model and its accuracy")
+            table[r[0].strip()] = _number(r[col], path, r[0].strip())
+        return table
     except (ValueError, IndexError) as e:
         if isinstance(e, AccuracyError):
             raise
@@ -139,10 +148,14 @@ def _number(value: Any, path: Path, model: str) -> float:
         raise AccuracyError(f"accuracy file {path}: the accuracy of {model!r} is "
                             f"{json.dumps(value)}, not a number")
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise AccuracyError(f"accuracy file {path}: the accuracy of {model!r} is {value!r}, "
                             "not a number") from None
+    if not math.isfinite(number):  # would make every correlation NaN, without a word
+        raise AccuracyError(f"accuracy file {path}: the accuracy of {model!r} is {value!r}, "
+                            "not a finite number")
+    return number
 
 
 def correlations(stats: Mapping[str, Mapping[str, float]], accuracy: Mapping[str, float]

@@ -580,7 +580,12 @@ def load_dataset(
     if name == "random":
         return RandomImages(transform, seed=seed, size=random_size)
     if names_a_folder(name):
-        if not Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{name!r} is a file, not a folder: give the folder that holds "
+                            "one folder of images per class (root/class/image.png, "
+                            "torchvision's ImageFolder layout).")
+        if not path.is_dir():
             raise DataError(f"image folder {name!r} does not exist.")
         return ImageFolder(name, transform)
     try:

@@ -137,12 +137,18 @@ def validate(result: Any, *, source: str = "results") -> dict:
     if not isinstance(indices, list) or not all(_is_int(i) and i >= 0 for i in indices):
         raise ResultsError(f"{source}: 'batch_indices' must be a list of batch numbers, got "
                            f"{indices!r}")
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise ResultsError(f"{source}: 'batch_indices' lists batch {repeated[0]} more than once "
+                           "(its scores would count twice in the means)")
     if not isinstance(result["complete"], bool):
         raise ResultsError(f"{source}: 'complete' must be true or false, got "
                            f"{result['complete']!r}")
     timing = result["timing"]
     if not isinstance(timing, Mapping):
         raise ResultsError(f"{source}: 'timing' must be an object")
+    if "seconds" in timing and not _is_number(timing["seconds"]):
+        raise ResultsError(f"{source}: 'timing'.'seconds' must be a number")
     if "batch_seconds" in timing:  # optional (hand-made files)
         seconds = timing["batch_seconds"]
         if not isinstance(seconds, list) or len(seconds) != len(indices) or not all(
@@ -168,7 +174,33 @@ def validate(result: Any, *, source: str = "results") -> dict:
         if not all(_is_number(v) for v in (layer["score"], layer["std"], *layer["scores"])):
             raise ResultsError(f"{source}: layer {i} ({layer['name']}) has a score that is "
                                "not a number")
+        _check_metrics(layer, i, nb, result["metrics"] is True,
+                       layers[0].get("metrics") if isinstance(layers[0], Mapping) else None,
+                       source)
     return dict(result)
+
+
+def _check_metrics(layer: Mapping, i: int, nb: int, wanted: bool, first: Any,
+                   source: str) -> None:
+    """The companion metrics of layer ``i``: ``{name: {"mean", "std", "values"}}``."""
+    where = f"{source}: layer {i} ({layer['name']})"
+    if "metrics" not in layer:
+        if wanted:
+            raise ResultsError(f"{where} lacks 'metrics', which the run computed "
+                               "(\"metrics\": true)")
+        return
+    metrics = layer["metrics"]
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise ResultsError(f"{where}: 'metrics' must be an object of metrics")
+    if isinstance(first, Mapping) and list(metrics) != list(first):
+        raise ResultsError(f"{where} has metrics {list(metrics)}, layer 0 {list(first)}")
+    for name, entry in metrics.items():
+        ok = (isinstance(entry, Mapping) and _is_number(entry.get("mean"))
+              and _is_number(entry.get("std")) and isinstance(entry.get("values"), list)
+              and len(entry["values"]) == nb and all(_is_number(v) for v in entry["values"]))
+        if not ok:
+            raise ResultsError(f"{where}: metric {name!r} needs a number 'mean' and 'std' and "
+                               f"one number per batch in 'values' ({nb})")
 
 
 def _is_int(v: Any) -> bool:

@@ -197,7 +197,33 @@ def _span_coordinates(
 def _span_coordinates_jvp(primals, tangents):
     xc, yc, basis, coords = primals
     dxc, dyc = tangents[:2]
+    if basis.shape[1] < basis.shape[0]:
+        basis = _first_order_basis(basis, xc, yc)
     return _span_coordinates(xc, yc, basis, coords), (dxc @ basis, dyc @ basis)
+
+
+@jax.custom_jvp
+def _first_order_basis(basis: jax.Array, xc: jax.Array, yc: jax.Array) -> jax.Array:
+    """``basis``; differentiating it (a second derivative of the score) is an error.
+
+    Holding the span's basis fixed is exact for first derivatives: a sample moving out
+    of the span changes the covariances only at second order. For second derivatives
+    that term is missing (an 18% error on a (6, 15) Hessian), so they are refused
+    rather than silently wrong.
+    """
+    del xc, yc
+    return basis
+
+
+@_first_order_basis.defjvp
+def _first_order_basis_jvp(primals, tangents):
+    del primals, tangents
+    raise NotImplementedError(
+        "second derivatives (jax.hessian, jax.jacfwd(jax.grad(...)), ...) of the score on "
+        "the span path (d > 2n with path='auto', or path='span') are not supported: the "
+        "basis of the samples' span is held fixed, which is exact for first derivatives "
+        "only. Pass path='dense' for second derivatives"
+    )
 
 
 def _uses_span(n: int, d: int, path: str) -> bool:
@@ -337,8 +363,10 @@ def _compute(
         a_full = a_k
         outside = 0.0
     else:
-        # Outside S both covariances are multiples of I: A = sqrt(c_y / c_x) I there.
-        scale = jnp.where(dead, 0.0, jnp.sqrt(cy.shift / cx.shift))
+        # Outside S both covariances are multiples of I: A = sqrt(c_y / c_x) I there; 0
+        # where either is 0 (ridge = 0: the pseudo-inverse's value, not 0 / 0).
+        both = (cx.shift > 0) & (cy.shift > 0) & ~dead
+        scale = jnp.where(both, jnp.sqrt(cy.shift / jnp.where(both, cx.shift, 1.0)), 0.0)
         a_full = basis @ (a_k - scale * eye) @ basis.T + scale * jnp.eye(d, dtype=dtype)
         outside = (d - k) * jnp.sqrt(cx.shift * cy.shift)
     bures_sq = (
@@ -401,7 +429,8 @@ def affinity(
         (entropic, biased upward, so the score is biased downward).
       path: ``"dense"`` works with ``(d, d)`` matrices; ``"span"`` in the span
         of the centred samples (``O(n^2 d)``); ``"auto"`` takes ``"span"`` when
-        ``d > 2 n``. Both give the same numbers.
+        ``d > 2 n``. Both give the same numbers and first derivatives; second
+        derivatives (``jax.hessian``) need ``"dense"`` when ``d > 2 n``.
       sinkhorn_epsilon: entropic regularisation relative to the mean cost, for
         ``solver="sinkhorn"``.
       check: raise ``ValueError`` on NaN/Inf inputs, and on finite inputs so

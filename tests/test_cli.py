@@ -383,7 +383,14 @@ def test_bad_results_file_for_plot(tmp_path, capsys):
                             ({"layers": [{**layer, "score": "0.9"}]}, "not a number"),
                             ({"layers": [{**layer, "kind": 3}]}, "ill-typed name, kind or dim"),
                             ({"batch_indices": None}, "'batch_indices' must be a list"),
-                            ({"complete": "no"}, "'complete' must be true or false")):
+                            ({"complete": "no"}, "'complete' must be true or false"),
+                            # These passed validation and then crashed or misled:
+                            ({"batch_indices": [0, 0], "layers": [{**layer, "scores": [.9, .9]}]},
+                             "lists batch 0 more than once"),
+                            ({"layers": [{**layer, "metrics": {"cka": 5}}]},
+                             "metric 'cka' needs a number 'mean'"),
+                            ({"metrics": True}, "lacks 'metrics', which the run computed"),
+                            ({"timing": {"seconds": "1"}}, "'timing'.'seconds' must be a number")):
         (tmp_path / "m.json").write_text(json.dumps({**good, **change}))
         assert cli.main(["plot", str(tmp_path / "m.json")]) == 2
         err = capsys.readouterr().err
@@ -421,6 +428,18 @@ def test_bad_options_fail_before_anything_is_written(tiny, tmp_path, capsys):
     assert "not a results file" in msg and "--overwrite" in msg
 
 
+def test_a_finished_file_without_timing_is_reported(tiny, tmp_path, capsys):
+    # "timing": {} passes validation (hand-made files); rerunning raised KeyError 'seconds'.
+    out = tmp_path / "r.json"
+    args = ["--model", "tiny", "--batch-size", "8", "--out", str(out)]
+    assert _run(capsys, *args)[0] == 0
+    saved = json.loads(out.read_text())
+    out.write_text(json.dumps({**saved, "timing": {}}))
+    code, printed, err = _run(capsys, *args)
+    assert code == 0 and "is complete" in err and "Traceback" not in err
+    assert "activation calls, 1 batch(es) of 8" in printed
+
+
 def test_stop_after_on_the_last_batch_completes_the_run(tiny, tmp_path, capsys):
     out = tmp_path / "r.json"
     code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--batches", "2",
@@ -451,6 +470,15 @@ def test_a_folder_that_changed_is_not_resumed(tiny, tmp_path, capsys):
     _image_folder(folder, 2, start=6)  # 16 images now: the file order, and so batches, move
     msg = _error(capsys, *args)
     assert "was computed on 12 examples" in msg and "which now has 16" in msg
+    # A finished file too: it said "complete, nothing to compute" and left the new batch out.
+    done = tmp_path / "done"
+    _image_folder(done, 2)
+    args = ["--model", "tiny", "--dataset", str(done), "--batch-size", "2", "--batches", "all",
+            "--out", str(tmp_path / "d.json")]
+    assert _run(capsys, *args)[0] == 0
+    _image_folder(done, 1, start=2)
+    msg = _error(capsys, *args)
+    assert "was computed on 4 examples" in msg and "which now has 6" in msg
 
 
 def test_a_named_dataset_wins_over_a_folder_of_that_name(tiny, tmp_path, capsys, monkeypatch):

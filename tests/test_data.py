@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -157,6 +159,11 @@ def test_empty_or_missing_folder(tmp_path):
         data.load_dataset(str(tmp_path), _identity)
     with pytest.raises(data.DataError, match="does not exist"):
         data.load_dataset(str(tmp_path / "missing") + "/", _identity)
+    image = tmp_path / "cls" / "one.png"  # an image itself was said not to exist
+    image.write_bytes(b"png")
+    for name in (str(image), "./" + os.path.relpath(image)):
+        with pytest.raises(data.DataError, match="is a file, not a folder"):
+            data.load_dataset(name, _identity)
 
 
 def test_image_folder_bicubic_resize_is_pillows_as_published(tmp_path):

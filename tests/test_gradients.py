@@ -128,6 +128,39 @@ def test_gram_inv_sqrt_jvp_matches_fd():
     np.testing.assert_allclose(np.asarray(gram_inv_sqrt(f)), (v / np.sqrt(w)) @ v.T, rtol=1e-10)
 
 
+def test_pseudo_inverse_jvps_follow_rank_preserving_perturbations():
+    # A singular Gram matrix F^T F (F has fewer rows than columns) keeps its rank when F
+    # moves, but its range turns: the kept/dropped cross terms were left out, and with
+    # ridge = 0 a layer wider than its input (x = z W) got a score gradient 15% off.
+    from affjax.linalg import gram_inv_sqrt
+
+    rng = np.random.default_rng(8)
+    f = rng.normal(size=(3, 5))
+    df = rng.normal(size=(3, 5))
+    h = 1e-6
+    _, tangent = jax.jvp(gram_inv_sqrt, (f,), (df,))
+    fd = (np.asarray(gram_inv_sqrt(f + h * df)) - np.asarray(gram_inv_sqrt(f - h * df))) / (2 * h)
+    np.testing.assert_allclose(np.asarray(tangent), fd, rtol=1e-5, atol=1e-7)
+
+    def inv_sqrt_of_gram(f):
+        return affjax.psd_inv_sqrt(f.T @ f)
+
+    _, tangent = jax.jvp(inv_sqrt_of_gram, (f,), (df,))
+    fd = (np.asarray(inv_sqrt_of_gram(f + h * df))
+          - np.asarray(inv_sqrt_of_gram(f - h * df))) / (2 * h)
+    np.testing.assert_allclose(np.asarray(tangent), fd, rtol=1e-5, atol=1e-6)
+
+    z = rng.normal(size=(16, 3))
+    w, dw = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+
+    def score(w):
+        return affjax.affinity_score(z @ w, jax.nn.relu(z @ w), ridge=0.0)
+
+    g = float(np.sum(np.asarray(jax.grad(score)(w)) * dw))
+    fd = (float(score(w + h * dw)) - float(score(w - h * dw))) / (2 * h)
+    assert abs(g - fd) < 1e-6 * max(1.0, abs(fd)), (g, fd)
+
+
 def test_psd_sqrt_jvp_is_the_clipped_functions_on_indefinite_input():
     # sqrt(max(l, 0)) is smooth where no eigenvalue is 0; with a clearly negative one the
     # JVP used 1/(0 + s_j) instead of the divided difference s_j / (l_j - l_i).

@@ -257,6 +257,17 @@ def test_read_accuracy_rejects_values_that_are_not_numbers(tmp_path):
     latin1.write_bytes("model,accuracy\nr\xe9seau,70.1\n".encode("latin-1"))
     with pytest.raises(compare.AccuracyError, match="latin1.csv: not UTF-8"):
         compare.read_accuracy(latin1)
+    # NaN made every correlation NaN silently; short rows gave "list index out of range".
+    nan = tmp_path / "nan.json"
+    nan.write_text('{"resnet18": 69.76, "vgg11": NaN}')
+    with pytest.raises(compare.AccuracyError, match="'vgg11' is nan, not a finite number"):
+        compare.read_accuracy(nan)
+    for name, text in (("one.csv", "model\nresnet18\n"),
+                       ("semi.csv", "model;accuracy\nresnet18;69.7\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(compare.AccuracyError,
+                           match=rf"{name}: line 2 .*has no column 2; expected comma-separated"):
+            compare.read_accuracy(tmp_path / name)
 
 
 def _results(*signatures):

@@ -209,6 +209,10 @@ def test_unknown_name_and_option():
         models.create("resnet18", widht=2)
     with pytest.raises(ValueError, match="num_classes"):
         models.create("resnet18", num_classes=0)
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got True"):
+        models.create("alexnet", num_classes=True)  # built a 1-class model before
+    module, _ = models.create("alexnet", num_classes=np.int64(7))  # refused before
+    assert module.num_classes == 7 and type(module.num_classes) is int
 
 
 def test_kernel_rules_match_index_formulas():
@@ -268,6 +272,20 @@ def test_state_dict_round_trip_and_torchvision_names(resnet18_state):
     sd = dict(sd, **{"bn1.num_batches_tracked": np.array(7)})  # accepted and ignored
     _, back = models.from_torchvision("resnet18", sd)
     _assert_same(back, variables)
+
+
+def test_imported_variables_do_not_share_memory_with_the_source(resnet18_state):
+    # jnp.asarray of a float32 array is zero-copy on CPU: changing the torch model (BatchNorm
+    # statistics updated in place by training) or the arrays afterwards moved the variables.
+    _, sd = resnet18_state
+    sd = {k: np.array(v, copy=True) for k, v in sd.items()}
+    _, variables = models.from_torchvision("resnet18", sd)
+    before = np.array(variables["batch_stats"]["bn1"]["mean"], copy=True)
+    bias = np.array(variables["params"]["fc"]["bias"], copy=True)
+    sd["bn1.running_mean"] += 5.0
+    sd["fc.bias"] += 3.0
+    np.testing.assert_array_equal(np.asarray(variables["batch_stats"]["bn1"]["mean"]), before)
+    np.testing.assert_array_equal(np.asarray(variables["params"]["fc"]["bias"]), bias)
 
 
 def test_num_classes_is_read_from_the_head(resnet18_state):

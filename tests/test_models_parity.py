@@ -244,6 +244,25 @@ def test_eval_transform_output_matches_torchvision(shape):
     assert np.abs(ours_u8 - ref_pil).mean() <= 0.4 * grey
 
 
+@pytest.mark.parametrize("shape, size, crop", [((8, 12), 4, 4), ((37, 53), 24, 20),
+                                              ((50, 50), 64, 60), ((97, 61), 33, 33)])
+def test_nearest_modes_pick_torchvisions_pixels(shape, size, crop):
+    # "nearest" sampled pixel centres (torchvision's NEAREST_EXACT), not NEAREST's
+    # floor(i * in / out): 95% of pixels differed on noise.
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as tf
+
+    img = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    chw = torch.from_numpy(img).permute(2, 0, 1)
+    for mode, tv_mode in (("nearest", InterpolationMode.NEAREST),
+                          ("nearest-exact", InterpolationMode.NEAREST_EXACT)):
+        t = models.EvalTransform(size, crop, interpolation=mode, mean=(0, 0, 0), std=(1, 1, 1))
+        ref = tf.center_crop(tf.resize(chw, size, tv_mode), crop).permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(np.asarray(t(img)), ref / 255.0, atol=1e-6, err_msg=mode)
+    assert models.EvalTransform(size, crop, interpolation="nearest-exact").resize_with_pillow(
+        img).dtype == np.uint8
+
+
 def test_vit_state_dict_names_and_fused_attention_projection():
     """ViT at image_size 32: exact torchvision names, q/k/v order of the fused in_proj."""
     tmodel = parity.torchvision_model("vit_b_16", seed=3, image_size=32)

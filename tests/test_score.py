@@ -128,6 +128,19 @@ def test_ridge_zero_wide_uses_pseudo_inverse():
         assert abs(score - ref["score"]) < 1e-5
 
 
+@pytest.mark.parametrize("covariance", ["empirical", "ledoit_wolf"])
+@pytest.mark.parametrize("n, d, path", [(60, 5, "span"), (10, 30, "auto"), (8, 40, "span")])
+def test_ridge_zero_map_on_the_span_path(n, d, path, covariance):
+    # Off the span the map was sqrt(0 / 0): every entry of A and b NaN with ridge = 0 (the
+    # score was right). The published pseudo-inverse gives 0 there.
+    x, y = make_case("tanh", n, d, seed=5)
+    got = affjax.affinity(x, y, ridge=0.0, path=path, covariance=covariance)
+    ref = affinity_score_reference(x, y, ridge=0.0, covariance=covariance, w2="lsa")
+    np.testing.assert_allclose(np.asarray(got.A), ref["A"], atol=1e-7)
+    np.testing.assert_allclose(np.asarray(got.b), ref["b"], atol=1e-7)
+    assert abs(float(got.score) - ref["score"]) < 1e-6
+
+
 def test_psd_affine_map_scores_one_and_recovers_the_map():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 5))

@@ -205,8 +205,10 @@ def from_torchvision(
         if tuple(value.shape) != rule.torch_shape:
             wrong.append(f"{rule.torch_key} {tuple(value.shape)} (expected {rule.torch_shape})")
             continue
-        flat[flat_key] = jnp.asarray(
-            rule.to_flax(np.asarray(value, np.float32)), dtype=leaves[flat_key].dtype)
+        # A copy: on CPU jnp.asarray may share memory with the tensor, and then training
+        # the torch model on (BatchNorm statistics updated in place) moved these variables.
+        flat[flat_key] = jnp.array(
+            rule.to_flax(np.asarray(value, np.float32)), dtype=leaves[flat_key].dtype, copy=True)
     unexpected = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)
                         and not (spec.ignored_prefixes and k.startswith(spec.ignored_prefixes)))
     if missing or unexpected or wrong:

@@ -157,8 +157,11 @@ def get_spec(name: str) -> ModelSpec:
 
 def build_module(spec: ModelSpec, num_classes: int, kw: Mapping[str, Any]) -> nn.Module:
     """``spec.build`` with an error naming the model and its options on a bad keyword."""
-    if not isinstance(num_classes, int) or num_classes < 1:
+    # NumPy integers are integers; True is not a class count (bool subclasses int).
+    if (isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer)
+            or num_classes < 1):
         raise ValueError(f"{spec.name}: num_classes must be a positive int, got {num_classes!r}")
+    num_classes = int(num_classes)
     try:
         return spec.build(num_classes=num_classes, **kw)
     except TypeError as e:

@@ -12,8 +12,22 @@ from jax.typing import ArrayLike
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# torchvision InterpolationMode value -> jax.image.resize method.
-_METHODS = {"nearest": "nearest", "bilinear": "linear", "bicubic": "cubic"}
+# torchvision InterpolationMode value -> jax.image.resize method ("nearest": torch's own
+# rule, see _nearest_legacy; jax's nearest samples pixel centres, torch's "nearest-exact").
+_METHODS = {"nearest": "nearest-legacy", "nearest-exact": "nearest", "bilinear": "linear",
+            "bicubic": "cubic"}
+
+
+def _nearest_legacy(images: jax.Array, new_h: int, new_w: int) -> jax.Array:
+    """torch's ``nearest`` (torchvision's ``NEAREST`` on tensors): source pixel
+    ``floor(i * in / out)``, computed in float32 as torch does, not the pixel centre."""
+    def index(size_in: int, size_out: int) -> np.ndarray:
+        scale = np.float32(size_in) / np.float32(size_out)
+        src = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64)
+        return np.minimum(src, size_in - 1)
+
+    h, w = images.shape[1:3]
+    return images[:, index(h, new_h)][:, :, index(w, new_w)]
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -39,8 +53,11 @@ def _transform(images, *, resize_size, crop_size, method, antialias, mean, std):
     n, h, w, c = images.shape
     new_h, new_w = resized_shape(h, w, resize_size)
     if (new_h, new_w) != (h, w):
-        images = jax.image.resize(images, (n, new_h, new_w, c), method=method,
-                                  antialias=antialias)
+        if method == "nearest-legacy":
+            images = _nearest_legacy(images, new_h, new_w)
+        else:
+            images = jax.image.resize(images, (n, new_h, new_w, c), method=method,
+                                      antialias=antialias)
         if is_uint8:
             # torchvision resizes a uint8 image in float and casts back to uint8: bicubic's
             # overshoot at edges is clamped to 0..255 (then rounded; we keep the fraction,
@@ -63,7 +80,9 @@ class EvalTransform:
     Attributes:
       resize_size: the shorter side after resizing (pixels).
       crop_size: the side of the square centre crop (pixels).
-      interpolation: ``"bilinear"``, ``"bicubic"`` or ``"nearest"`` (torchvision's mode names).
+      interpolation: ``"bilinear"``, ``"bicubic"``, ``"nearest"`` or ``"nearest-exact"``
+        (torchvision's mode names; ``"nearest"`` picks the pixels torchvision's ``NEAREST``
+        picks on tensors, ``floor(i * in / out)``; ``"nearest-exact"`` the pixel centres).
       mean, std: per-channel normalisation (RGB).
       antialias: low-pass filter when downsampling, as torchvision's default ``antialias=True``.
 
@@ -74,7 +93,8 @@ class EvalTransform:
     Numerical caveat: the filter is ``jax.image.resize``'s scaled triangle (bilinear) or Keys
     cubic (bicubic), computed in float32 on the [0, 1]-scaled image. For ``uint8`` input the
     resized image is clipped to [0, 1] as torchvision clamps it to 0..255 (bicubic overshoots
-    at edges by up to about 30 grey levels). torchvision on a ``uint8`` tensor then rounds to
+    at edges by up to about 30 grey levels). torchvision (the weights' v1 transforms; v2 is a
+    fixed-point kernel, see ``docs/models.md``) on a ``uint8`` tensor then rounds to
     ``uint8``; this transform keeps the fraction, so outputs differ by at most half a grey
     level (0.5 / 255 / std, about 0.009 after normalisation; rounding too would make it 0 on
     most pixels but a whole grey level where the two float results straddle a half). Against
@@ -142,5 +162,6 @@ class EvalTransform:
             from PIL import Image
         except ImportError:
             return image
-        resample = getattr(Image.Resampling, self.interpolation.upper())
+        # torchvision hands both nearest modes to Pillow's NEAREST.
+        resample = getattr(Image.Resampling, self.interpolation.upper().replace("-EXACT", ""))
         return np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
