@@ -133,6 +133,9 @@ def output_and_scores(
       >>> term = target_penalty_from_scores(scores, target=0.5)       # doctest: +SKIP
     """
     _check_model(model, variables)
+    if "return_output" in apply_kwargs:
+        raise TypeError("output_and_scores always returns (output, scores); it takes no "
+                        "return_output (for the scores alone use affjax.signature_scores)")
     return signature_scores(
         model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
         sinkhorn_epsilon=sinkhorn_epsilon, include=include,
@@ -181,7 +184,8 @@ def target_penalty_from_scores(
       scores: ``(L,)`` affinity scores (from :func:`output_and_scores` or
         :func:`affjax.signature_scores`).
       target: scalar, or ``(L,)`` one target per layer; scores lie in
-        ``[0, 1]``, so must the targets.
+        ``[0, 1]``, so must the targets (a ``ValueError``; a traced target
+        outside gives a NaN penalty).
       weight: scalar multiplier (may be traced, e.g. a schedule).
 
     Returns:
@@ -207,7 +211,10 @@ def target_penalty_from_scores(
     w = _as_float("weight", weight, s.dtype)
     if w.ndim:
         raise ValueError(f"weight must be a scalar, got shape {w.shape}")
-    return w * jnp.mean((s - t) ** 2)
+    penalty = w * jnp.mean((s - t) ** 2)
+    if concrete is None:  # traced (a jit argument): cannot raise, so NaN, not a number
+        penalty = jnp.where(jnp.all((t >= 0) & (t <= 1)), penalty, jnp.nan)
+    return penalty
 
 
 def mean_nonlinearity_from_scores(scores: ArrayLike, *, weight: ArrayLike = 1.0) -> jax.Array:

@@ -215,6 +215,13 @@ def test_bad_inputs_name_the_problem():
         regularizers.mean_nonlinearity(model, v, x, solver="sinkhorn", sinkhorn_epsilon=0.0)
     with pytest.raises(TypeError, match="takes no return_output: .* use output_and_scores"):
         regularizers.target_penalty(model, v, x, target=0.5, return_output=True)
+    with pytest.raises(TypeError, match="output_and_scores always returns"):  # raw TypeError
+        regularizers.output_and_scores(model, v, x, return_output=False)
+    # A traced target outside [0, 1] cannot raise: NaN, not the 1.73 it gave before.
+    penalty = jax.jit(lambda t: regularizers.target_penalty_from_scores(
+        jnp.array([0.5, 0.9]), target=t))
+    assert np.isnan(float(penalty(2.0))) and np.isnan(float(penalty(-0.1)))
+    assert abs(float(penalty(0.7)) - 0.04) < 1e-6
     # One name may be a plain string.
     np.testing.assert_array_equal(
         np.asarray(regularizers.output_and_scores(model, v, x, kinds="tanh")[1]),
