@@ -1,5 +1,3 @@
-import sys
+from affjax.cli import run
 
-from affjax.cli import main
-
-sys.exit(main())
+run()

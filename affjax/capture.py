@@ -334,9 +334,9 @@ def fresh_capture_ids(model: nnx.Module) -> dict[int, str]:
     ``nnx.remat`` key their trace caches on. New ids make those transforms trace their
     bodies again inside this capture, where the calls are recorded; with the old ids a
     trace cached earlier would run without the calls being seen. Every other module gets
-    a new static stamp for the same reason (its plain activation-function calls). Call it
-    on a copy of the user's model (the signature does), so that the user's own caches are
-    untouched.
+    the capture stamp for the same reason (its plain activation-function calls), kept
+    from one successful capture to the next. Call it on a copy of the user's model (the
+    signature does), so that the user's own caches are untouched.
 
     Args:
       model: an ``nnx.Module``.
@@ -357,20 +357,32 @@ def fresh_capture_ids(model: nnx.Module) -> dict[int, str]:
       (True, ['a'])
     """
     paths: dict[int, str] = {}
-    stamp = next(_NNX_IDS)
     for path, node in nnx.iter_graph(model):
         if isinstance(node, NnxActivation) and node.capture_id not in paths:
             node.capture_id = next(_NNX_IDS)
             paths[node.capture_id] = "/".join(str(p) for p in path)
         elif isinstance(node, nnx.Module) and not isinstance(node, NnxActivation | ToNNX):
-            # Modules without an NnxActivation too: one that calls nnx.gelu inside an
-            # nnx.jit helper must trace again, so that the call is seen (and reported).
-            # (Not bridge.ToNNX: it reads every attribute as a linen variable.)
+            # The other modules get the current capture stamp: traces that the user's own
+            # calls cached (no stamp) hold no recording wrappers, so a module calling
+            # nnx.gelu inside an nnx.jit helper must trace again here for the call to be
+            # seen (and reported). Not bridge.ToNNX: it reads attributes as linen variables.
             try:
-                node._affjax_capture_stamp = stamp
-            except AttributeError:  # a module that refuses new attributes keeps its cache
+                node._affjax_capture_stamp = _STAMP[0]
+            except Exception:  # a module that refuses new attributes keeps its cache
                 pass
     return paths
+
+
+# The stamp of :func:`fresh_capture_ids`. It stays while captures succeed, so nnx.jit
+# helpers without activations compile once for all of them; a capture that fails renews
+# it (:func:`renew_capture_stamp`): a trace it cached may hold calls that were reported
+# as errors and would be silent when reused.
+_STAMP = [next(_NNX_IDS)]
+
+
+def renew_capture_stamp() -> None:
+    """Start a new capture stamp (after a failed capture, see :func:`fresh_capture_ids`)."""
+    _STAMP[0] = next(_NNX_IDS)
 
 
 def _function_wrapper(fn: Callable, kind: str) -> Callable:

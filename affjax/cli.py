@@ -437,16 +437,25 @@ def _signature(args: argparse.Namespace) -> int:
     _check_writable(json_path.parent)
     result = _resume(json_path, args)
     transform = api.eval_transform(args.model)
-    dataset = data.load_dataset(args.dataset, transform, split=args.split,
-                                data_dir=args.data_dir, download=args.download,
-                                manual_dir=args.manual_dir, seed=args.seed)
+    complete = result is not None and result["complete"]
+    try:
+        dataset = data.load_dataset(args.dataset, transform, split=args.split,
+                                    data_dir=args.data_dir, download=args.download,
+                                    manual_dir=args.manual_dir, seed=args.seed)
+    except data.DataError as e:
+        if not complete:
+            raise
+        # A finished result is shown without its data (moved, or not prepared here).
+        print(f"note: cannot check that {args.dataset} is unchanged ({e})", file=sys.stderr)
+        dataset = None
     # A finished file too: with examples added, "complete" would leave new batches out.
-    if result is not None and result.get("num_examples") != dataset.num_examples():
+    if (result is not None and dataset is not None
+            and result.get("num_examples") != dataset.num_examples()):
         raise _fail(f"results file {json_path} was computed on {result.get('num_examples')} "
                     f"examples of {args.dataset}, which now has {dataset.num_examples()}: "
                     "its batches would not be the same images. Choose another --out, or "
                     "pass --overwrite to start again.")
-    if result is not None and result["complete"]:
+    if complete:
         print(f"{json_path} is complete ({len(result['batch_indices'])} batches); nothing to "
               "compute (pass --overwrite to recompute).", file=sys.stderr)
         _save(result, json_path)
@@ -485,6 +494,15 @@ def _signature(args: argparse.Namespace) -> int:
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped (--stop-after)"
         print(f"\n{why}: {len(result['batch_indices'])} batch(es) saved in {json_path}; run the "
               "same command again to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        # Ctrl-C inside the scipy assignment's host callback reaches us as JAX's error
+        # about the callback, not as a KeyboardInterrupt.
+        if not _interrupted_in_callback(e):
+            raise
+        bar.close()
+        print(f"\ninterrupted: {len(result['batch_indices'])} batch(es) saved in {json_path}; "
+              "run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.close()
     result["complete"] = True
@@ -660,6 +678,26 @@ def _report(command: str, message: str) -> None:
                         break_on_hyphens=False), file=sys.stderr)
 
 
+def _interrupted_in_callback(e: BaseException) -> bool:
+    """Whether ``e`` is JAX's report of a KeyboardInterrupt raised inside a host callback."""
+    return "callback" in str(e).lower() and "KeyboardInterrupt" in str(e)
+
+
+def run() -> None:
+    """The ``affjax`` command: :func:`main`, then exit with its status.
+
+    After Ctrl-C the process ends without Python's teardown (``os._exit``): with XLA
+    still compiling or running on its threads, the teardown crashed (SIGSEGV) after the
+    results had been saved and the message printed, instead of exiting with 130.
+    """
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     from affjax.compare import AccuracyError
@@ -681,4 +719,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

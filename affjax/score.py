@@ -433,9 +433,9 @@ def affinity(
         derivatives (``jax.hessian``) need ``"dense"`` when ``d > 2 n``.
       sinkhorn_epsilon: entropic regularisation relative to the mean cost, for
         ``solver="sinkhorn"``.
-      check: raise ``ValueError`` on NaN/Inf inputs, and on finite inputs so
-        large that the computation overflows the dtype (float32 values above
-        about 1e19; needs concrete arrays). Otherwise both give a NaN score.
+      check: raise ``ValueError`` on NaN/Inf inputs, and on finite outputs so
+        large that ``trace C_y`` overflows the dtype (float32 ``y`` above about
+        1e19; needs concrete arrays). Otherwise both give a NaN score.
 
     Returns:
       :class:`AffinityResult`, in the input dtype (float16/bfloat16 are

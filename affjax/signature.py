@@ -137,6 +137,20 @@ def capture_layers(
       >>> [(layer.kind, layer.x.shape, layer.x.dtype) for layer in layers]
       [('tanh', (32, 8), dtype('float32'))]
     """
+    try:
+        return _capture_layers(model, variables, x, tokens=tokens, functions=functions,
+                               return_output=return_output, on_full_tensors=on_full_tensors,
+                               **apply_kwargs)
+    except BaseException:
+        if isinstance(model, nnx.Module):
+            # Traces cached by this capture may hold calls it reported; see
+            # affjax.capture.fresh_capture_ids.
+            _capture.renew_capture_stamp()
+        raise
+
+
+def _capture_layers(model, variables, x, *, tokens, functions, return_output, on_full_tensors,
+                    **apply_kwargs):
     is_nnx = isinstance(model, nnx.Module)
     if is_nnx and variables is not None:
         raise TypeError("an nnx.Module carries its own state: pass variables=None")
@@ -209,20 +223,25 @@ def capture_layers(
 
 
 def _write_back_updates(users_model: Any, copy: Any) -> None:
-    """Give ``users_model`` the variable values its ``copy`` assigned while it ran.
+    """Give ``users_model`` the state its ``copy`` assigned or created while it ran.
 
-    Only the assigned ones: writing every variable back would also "mutate" the
-    parameters of a model closed over by ``jax.jit``/``jax.grad``, which NNX refuses
-    even where the call changed nothing (eval mode). A clone shares its arrays with
-    the original, so identity tells what the pass assigned.
+    Only that: writing every variable back would also "mutate" the parameters of a
+    model closed over by ``jax.jit``/``jax.grad``, which NNX refuses even where the call
+    changed nothing (eval mode). A clone shares its arrays with the original, so
+    identity tells what the pass assigned; plain array attributes count, and so do
+    variables the call created.
     """
-    mine = {path: v for path, v in nnx.iter_graph(users_model) if isinstance(v, nnx.Variable)}
-    for path, v in nnx.iter_graph(copy):
-        if not isinstance(v, nnx.Variable) or isinstance(v, nnx.Intermediate):
-            continue
-        target = mine.get(path)
-        if target is not None and target.get_value() is not v.get_value():
-            target.set_value(v.get_value())
+    def value(v: Any) -> Any:
+        return v.get_value() if isinstance(v, nnx.Variable) else v
+
+    def flat(model: Any) -> list:
+        return list(nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Intermediate))))
+
+    before = dict(flat(users_model))
+    changed = [(path, v) for path, v in flat(copy)
+               if path not in before or value(v) is not value(before[path])]
+    if changed:
+        nnx.update(users_model, nnx.from_flat_state(changed))
 
 
 def _stale(v: Any) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -205,6 +206,39 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny, tmp_path, c
     monkeypatch.setattr(cli, "_batch_signature", None)
     code, _, err = _run(capsys, *args, "--out", part)
     assert code == 0 and "is complete" in err
+
+
+def test_ctrl_c_inside_the_assignment_callback_is_an_interruption(tiny, tmp_path, capsys,
+                                                                  monkeypatch):
+    # JAX reports a KeyboardInterrupt raised in the scipy host callback as its own error:
+    # that was a traceback and exit status 1, not 130 with the resume message.
+    def interrupted(*a, **k):
+        raise ValueError("INTERNAL: CpuCallback error calling callback: Traceback ...\n"
+                         "KeyboardInterrupt")
+
+    monkeypatch.setattr(cli, "_batch_signature", interrupted)
+    code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--out",
+                        str(tmp_path / "o"))
+    assert code == 130 and "run the same command again to resume" in err
+
+    def broken(*a, **k):
+        raise ValueError("something else")
+
+    monkeypatch.setattr(cli, "_batch_signature", broken)
+    with pytest.raises(ValueError, match="something else"):
+        _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(tmp_path / "p"))
+
+
+def test_the_command_exits_with_mains_status_and_skips_teardown_after_ctrl_c():
+    # After Ctrl-C the interpreter's teardown crashed (SIGSEGV) with XLA busy; the command
+    # now leaves with os._exit(130). Other statuses go through sys.exit.
+    for status in (130, 2, 0):
+        code = (f"import sys, affjax.cli as c; c.main = lambda: {status}; "
+                "import atexit; atexit.register(lambda: print('teardown')); c.run()")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == status
+        assert ("teardown" in out.stdout) == (status != 130)
 
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
@@ -479,6 +513,10 @@ def test_a_folder_that_changed_is_not_resumed(tiny, tmp_path, capsys):
     _image_folder(done, 1, start=2)
     msg = _error(capsys, *args)
     assert "was computed on 4 examples" in msg and "which now has 6" in msg
+    # Without its data (moved away, not prepared here) a finished file is still shown.
+    shutil.rmtree(done)
+    code, _, err = _run(capsys, *args)
+    assert code == 0 and "cannot check that" in err and "is complete" in err
 
 
 def test_a_named_dataset_wins_over_a_folder_of_that_name(tiny, tmp_path, capsys, monkeypatch):

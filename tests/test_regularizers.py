@@ -504,6 +504,30 @@ def test_gradient_finite_where_the_grouped_cholesky_breaks_down():
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-3, atol=1e-5)
 
 
+def test_nnx_output_and_scores_keeps_plain_array_attributes_and_new_variables():
+    # Writing back only the variables that existed before lost these two.
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 4, rngs=rngs)
+            self.act = affjax.NnxActivation(jax.nn.relu)
+            self.calls = jnp.zeros(())
+
+        def __call__(self, x):
+            self.calls = self.calls + 1
+            y = self.act(self.lin(x))
+            self.last = nnx.BatchStat(y.mean())
+            return y
+
+    x = jax.random.normal(jax.random.key(0), (16, 4))
+    model, reference = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+    reference(x)
+    regularizers.output_and_scores(model, None, x)
+    assert float(model.calls) == float(reference.calls) == 1.0
+    assert float(model.last[...]) == float(reference.last[...])
+    affjax.signature_scores(model, None, x)  # a signature alone changes nothing
+    assert float(model.calls) == 1.0
+
+
 def test_nnx_output_and_scores_updates_the_models_state_as_its_call_would():
     # The capture runs on a copy of an NNX model (the signature is pure); output_and_scores
     # stands for the model's own forward pass, so BatchNorm statistics and RNG counts must

@@ -871,6 +871,51 @@ def test_nnx_plain_function_in_a_jit_helper_traced_before_is_an_error_every_time
         nnx.jit(lambda m: affjax.signature_scores(m, None, x))(model)
 
 
+def test_nnx_jit_helpers_without_activations_compile_once_for_all_signatures():
+    # A fresh stamp for every capture made nnx.jit retrace (and compile) such helpers on
+    # every signature and every batch.
+    traces = []
+
+    @nnx.jit
+    def trunk(block, h):
+        traces.append(1)
+        return block(h)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 4, rngs=rngs)
+            self.act = affjax.NnxActivation(jnp.tanh)
+
+        def __call__(self, x):
+            return self.act(trunk(self.lin, x))
+
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    model = Net(nnx.Rngs(0))
+    first = affjax.signature_scores(model, None, x)
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(affjax.signature_scores(model, None, x)),
+                                      np.asarray(first))
+    assert len(traces) == 1
+
+
+def test_a_module_refusing_new_attributes_still_has_a_signature():
+    class Strict(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(4, 4, rngs=rngs)
+            self.act = affjax.NnxActivation(jnp.tanh)
+
+        def __setattr__(self, name, value):
+            if name.startswith("_affjax"):
+                raise TypeError("frozen")
+            super().__setattr__(name, value)
+
+        def __call__(self, x):
+            return self.act(self.lin(x))
+
+    x = jax.random.normal(jax.random.key(0), (32, 4))
+    assert affjax.signature_scores(Strict(nnx.Rngs(0)), None, x).shape == (1,)
+
+
 def test_nnx_signature_leaves_the_model_unchanged_in_train_mode():
     class Net(nnx.Module):
         def __init__(self, rngs):
