@@ -375,12 +375,12 @@ def fresh_capture_ids(model: nnx.Module) -> dict[int, str]:
 
 # The stamp of :func:`fresh_capture_ids`. It stays while captures succeed, so nnx.jit
 # helpers without activations compile once for all of them; a capture that fails renews
-# it (:func:`renew_capture_stamp`): a trace it cached may hold calls that were reported
+# it (:func:`_renew_capture_stamp`): a trace it cached may hold calls that were reported
 # as errors and would be silent when reused.
 _STAMP = [next(_NNX_IDS)]
 
 
-def renew_capture_stamp() -> None:
+def _renew_capture_stamp() -> None:
     """Start a new capture stamp (after a failed capture, see :func:`fresh_capture_ids`)."""
     _STAMP[0] = next(_NNX_IDS)
 
