@@ -50,6 +50,8 @@ from flax import nnx
 from flax.core import tracers as flax_tracers
 from flax.nnx.bridge import ToNNX
 
+from affjax import _checks
+
 COLLECTION = "intermediates"
 SOW_NAME = "affjax_activation"
 CAPTURED_FUNCTIONS: tuple[str, ...] = (
@@ -110,19 +112,16 @@ def reduce_activation(v: jax.Array, *, tokens: str = "mean_features", where: str
       >>> reduce_activation(jnp.ones((8, 4, 4, 16), jnp.float32)).shape
       (8, 16)
     """
-    # Half precision is averaged into float32, where the score computes it anyway: means
-    # rounded back to bfloat16's 8 bits moved scores by up to 0.08.
-    if jnp.issubdtype(v.dtype, jnp.floating) and jnp.finfo(v.dtype).bits < 32:
-        v = v.astype(jnp.float32) if v.ndim == 2 else v
-        dtype = jnp.float32
-    else:
-        dtype = None
+    if jnp.issubdtype(v.dtype, jnp.floating):
+        # Half precision is averaged in float32, where the score computes it anyway: means
+        # rounded back to bfloat16's 8 bits moved scores by up to 0.08.
+        v = _checks.linalg_dtype(v)
     if v.ndim == 2:
         return v
     if v.ndim == 3:
-        return jnp.mean(v, axis=1 if tokens == "mean_tokens" else 2, dtype=dtype)
+        return jnp.mean(v, axis=1 if tokens == "mean_tokens" else 2)
     if v.ndim == 4:
-        return jnp.mean(v, axis=(1, 2), dtype=dtype)
+        return jnp.mean(v, axis=(1, 2))
     raise ValueError(
         f"activation {where or '?'} has shape {v.shape}; signatures need (N, D), (N, T, D) or "
         "(N, H, W, C) tensors with the batch first"

@@ -113,16 +113,19 @@ def test_psd_sqrt_and_inv_sqrt_jvp_match_fd():
     np.testing.assert_allclose(np.asarray(t), -dm[:3, :3] / 16.0, atol=1e-12)
 
 
+def _assert_jvp_matches_fd(fn, x, dx, *, rtol, atol, h=1e-6):
+    """The JVP of a matrix function along ``dx`` against central finite differences."""
+    _, tangent = jax.jvp(fn, (x,), (dx,))
+    fd = (np.asarray(fn(x + h * dx)) - np.asarray(fn(x - h * dx))) / (2 * h)
+    np.testing.assert_allclose(np.asarray(tangent), fd, rtol=rtol, atol=atol)
+
+
 def test_gram_inv_sqrt_jvp_matches_fd():
     from affjax.linalg import gram_inv_sqrt
 
     rng = np.random.default_rng(7)
     f = rng.normal(size=(9, 4))
-    df = rng.normal(size=(9, 4))
-    h = 1e-6
-    _, tangent = jax.jvp(gram_inv_sqrt, (f,), (df,))
-    fd = (np.asarray(gram_inv_sqrt(f + h * df)) - np.asarray(gram_inv_sqrt(f - h * df))) / (2 * h)
-    np.testing.assert_allclose(np.asarray(tangent), fd, rtol=1e-6, atol=1e-8)
+    _assert_jvp_matches_fd(gram_inv_sqrt, f, rng.normal(size=(9, 4)), rtol=1e-6, atol=1e-8)
     m = f.T @ f
     w, v = np.linalg.eigh(m)
     np.testing.assert_allclose(np.asarray(gram_inv_sqrt(f)), (v / np.sqrt(w)) @ v.T, rtol=1e-10)
@@ -138,17 +141,9 @@ def test_pseudo_inverse_jvps_follow_rank_preserving_perturbations():
     f = rng.normal(size=(3, 5))
     df = rng.normal(size=(3, 5))
     h = 1e-6
-    _, tangent = jax.jvp(gram_inv_sqrt, (f,), (df,))
-    fd = (np.asarray(gram_inv_sqrt(f + h * df)) - np.asarray(gram_inv_sqrt(f - h * df))) / (2 * h)
-    np.testing.assert_allclose(np.asarray(tangent), fd, rtol=1e-5, atol=1e-7)
-
-    def inv_sqrt_of_gram(f):
-        return affjax.psd_inv_sqrt(f.T @ f)
-
-    _, tangent = jax.jvp(inv_sqrt_of_gram, (f,), (df,))
-    fd = (np.asarray(inv_sqrt_of_gram(f + h * df))
-          - np.asarray(inv_sqrt_of_gram(f - h * df))) / (2 * h)
-    np.testing.assert_allclose(np.asarray(tangent), fd, rtol=1e-5, atol=1e-6)
+    _assert_jvp_matches_fd(gram_inv_sqrt, f, df, rtol=1e-5, atol=1e-7, h=h)
+    _assert_jvp_matches_fd(lambda f: affjax.psd_inv_sqrt(f.T @ f), f, df, rtol=1e-5, atol=1e-6,
+                           h=h)
 
     z = rng.normal(size=(16, 3))
     w, dw = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
