@@ -5,6 +5,8 @@ Non-linearity of Deep Neural Networks with Affine Optimal Transport", CVPR 2025.
 """
 
 from affjax import regularizers  # a module: affjax.regularizers.target_penalty(...)
+from affjax.assignment import AssignmentResult
+from affjax.assignment import linear_assignment
 from affjax.capture import Activation
 from affjax.capture import NnxActivation
 from affjax.covariance import empirical_covariance
@@ -29,6 +31,7 @@ from affjax.signature import signature_scores
 from affjax.transport import bures_map
 from affjax.transport import bures_w2
 from affjax.transport import exact_w2
+from affjax.transport import optimal_assignment
 from affjax.transport import optimal_permutation
 from affjax.transport import sinkhorn_w2_squared
 from affjax.transport import w2_squared
@@ -38,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Activation",
     "AffinityResult",
+    "AssignmentResult",
     "NnxActivation",
     "Signature",
     "affinity",
@@ -52,8 +56,10 @@ __all__ = [
     "ledoit_wolf_covariance",
     "ledoit_wolf_shrinkage",
     "linear_cka",
+    "linear_assignment",
     "linear_fit_r2",
     "load_dataset",
+    "optimal_assignment",
     "optimal_permutation",
     "psd_inv_sqrt",
     "psd_sqrt",

@@ -88,8 +88,15 @@ def _qr_r(m: jax.Array) -> jax.Array:
 
 
 @_loop_on_cpu
-def _qr_reduced(m: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``jnp.linalg.qr(m, mode="reduced")``: ``q, r``."""
+def qr_reduced(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``jnp.linalg.qr(m, mode="reduced")``: ``q, r`` (a loop over a batch on CPU).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> q, r = qr_reduced(jnp.array([[3.0, 0.0], [4.0, 1.0], [0.0, 0.0]]))
+      >>> q.shape, r.shape, abs(round(float(r[0, 0]), 4))
+      ((3, 2), (2, 2), 5.0)
+    """
     return jnp.linalg.qr(m, mode="reduced")
 
 

@@ -32,16 +32,14 @@ returns) together with the scores from the same forward pass. Calling
 ``model.apply`` and :func:`target_penalty` separately runs the forward pass
 twice and, worse, backpropagates through it twice.
 
-Gradients: exact solvers (``"scipy"`` on the host through a callback,
-``"hungarian"`` on the device, ``"sort"`` for 1-D layers) hold the optimal
-matching fixed and differentiate the matched cost; this is the gradient of the
-exact score wherever the optimal matching is unique (almost everywhere).
+Gradients: exact solvers (``"auction"``, the default, and ``"hungarian"`` on the
+device, ``"scipy"`` on the host through a callback, ``"sort"`` for 1-D layers) hold
+the optimal matching fixed and differentiate the matched cost; this is the gradient
+of the exact score wherever the optimal matching is unique (almost everywhere).
 ``"sinkhorn"`` (OTT-JAX, on device, smooth) differentiates the entropic plan's
-cost by unrolling; it is biased low and costs far more (measured in
-``docs/regularizers.md``). ``"auto"`` picks ``"scipy"`` on every backend: on an
-H100 it was 5-21x faster than the device's Hungarian algorithm at n = 256..2048,
-host round trip included. ``"hungarian"`` keeps the whole step on the device,
-for programs that may not call back to the host.
+cost by unrolling; it is biased low and costs more (``docs/regularizers.md``).
+With ``"auto"`` (the certified auction) the whole training step runs on the
+device, every layer's assignment in one batched call.
 """
 
 from __future__ import annotations
@@ -113,7 +111,7 @@ def output_and_scores(
       model: a ``flax.linen.Module``, or an ``nnx.Module`` with ``variables=None``.
       variables: linen variables (``{"params": ..., "batch_stats": ...}``).
       x: input batch, batch axis first, at least 2 samples.
-      solver: ``"auto"``, ``"scipy"``, ``"hungarian"``, ``"sinkhorn"`` (see
+      solver: ``"auto"``, ``"auction"``, ``"scipy"``, ``"hungarian"``, ``"sinkhorn"`` (see
         the module docstring).
       covariance, ridge, sinkhorn_epsilon: as in :func:`affjax.affinity_score`.
       include, exclude, kinds, exclude_kinds, tokens, functions: layer

@@ -23,6 +23,7 @@ orthogonal maps that fix ``S``, so its derivative along directions leaving
 from __future__ import annotations
 
 import functools
+from typing import Any
 from typing import NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ from jax.typing import ArrayLike
 from affjax import _checks
 from affjax import linalg
 from affjax import transport
+from affjax.assignment import linear_assignment
 from affjax.covariance import COVARIANCES
 from affjax.covariance import covariance_parts
 from affjax.transport import safe_sqrt
@@ -166,10 +168,17 @@ def _check_finite(x: jax.Array, y: jax.Array) -> None:
 
 
 def _check_finite_result(score: jax.Array, x: jax.Array, y: jax.Array) -> None:
-    """``ValueError`` when finite inputs gave a NaN score: the dtype overflowed."""
+    """``ValueError`` when finite inputs gave a NaN score, saying why."""
     if np.all(np.isfinite(np.asarray(score))):
         return
     largest = max(float(np.max(np.abs(np.asarray(a)))) for a in (x, y))
+    n, d = x.shape
+    if (largest * 2.0) ** 2 * n * d < float(jnp.finfo(x.dtype).max):
+        raise ValueError(
+            "the score is NaN for finite inputs that cannot overflow: the 'auction' "
+            "assignment reached its round cap without certifying its matching (see "
+            "affjax.linear_assignment); use solver='scipy' for this layer"
+        )
     raise ValueError(
         f"the score is NaN for finite inputs: values up to {largest:.3g} overflow "
         f"{x.dtype} in the covariances and distances (their squares must stay below "
@@ -275,16 +284,61 @@ def cholesky_hopeless_for(
     return transport.cholesky_hopeless(cy.shift, largest, y.dtype)
 
 
-def _compute(
-    x: jax.Array,
-    y: jax.Array,
-    covariance: str,
-    ridge: float,
-    solver: str,
-    path: str,
-    sinkhorn_epsilon: float,
+class Fit(NamedTuple):
+    """The fitted map of one score and the two point clouds the exact W2 compares.
+
+    Produced by :func:`fit_map`; :func:`assignment_cost`, an assignment solver,
+    :func:`matched_w2_squared` and :func:`score_from_w2` finish the score. Batched
+    callers (signatures) fit every layer first and solve all the assignments in one
+    call.
+
+    Attributes:
+      mapped: ``(n, k)``: ``T(x_i) - m_y`` in the working coordinates (``k = d``, or
+        the span's ``min(d, 2n)``).
+      target: ``(n, k)``: ``y_j - m_y`` in the same coordinates.
+      trace_cov_y: ``trace C_y``.
+      dead: bool, the dead-output rule set ``A = 0``.
+      valid: bool, finite inputs and a factor of ``C_y`` that did not break down.
+      a_k, trace_sqrt, trace_cov_x, cov_x, cov_y, basis: what :func:`affinity`
+        reports besides the score (``basis`` is ``None`` on the dense path).
+    """
+
+    mapped: jax.Array
+    target: jax.Array
+    trace_cov_y: jax.Array
+    dead: jax.Array
+    valid: jax.Array
+    a_k: jax.Array
+    trace_sqrt: jax.Array
+    trace_cov_x: jax.Array
+    cov_x: Any
+    cov_y: Any
+    basis: jax.Array | None
+
+
+def fit_map(
+    x: jax.Array, y: jax.Array, *, covariance: str, ridge: float, path: str = "auto",
     factor: str = "auto",
-) -> AffinityResult:
+) -> Fit:
+    """Covariances, the Bures map and the mapped samples of one score (steps 1-2).
+
+    Args:
+      x, y: ``(n, d)`` float arrays, checked (see :func:`affinity`).
+      covariance, ridge, path: as in :func:`affinity`.
+      factor: how the lower factor of ``C_y`` is computed: ``"auto"`` (Cholesky, QR
+        where it breaks down or is known to), ``"cholesky"`` (a breakdown is reported
+        in ``valid`` and computed from ``R = I``) or ``"qr"``.
+
+    Returns:
+      A :class:`Fit`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.random.normal(jax.random.key(0), (64, 3), jnp.float32)
+      >>> f = fit_map(x, 2.0 * x, covariance="empirical", ridge=1e-6)
+      >>> f.mapped.shape, bool(f.dead), bool(f.valid)
+      ((64, 3), False, True)
+    """
     n, d = x.shape
     dtype = x.dtype
     cx = covariance_parts(x, covariance=covariance, ridge=ridge)
@@ -293,7 +347,7 @@ def _compute(
     if _uses_span(n, d, path):
         # Orthonormal basis Q (d, 2n) of a space holding every centred sample.
         stacked = jax.lax.stop_gradient(jnp.concatenate([cx.centered, cy.centered], axis=0))
-        basis, coords = linalg._qr_reduced(stacked.T)
+        basis, coords = linalg.qr_reduced(stacked.T)
         a, b = _span_coordinates(cx.centered, cy.centered, basis, coords)
     else:
         basis = None
@@ -327,50 +381,130 @@ def _compute(
         a_k, trace_sqrt = transport.bures_from_factors(
             factor_x, factor_y, factor=factor, smallest_eigenvalue_y=known_eigenvalue
         )
-
     a_k = jnp.where(dead, 0.0, a_k)
-    trace_sqrt = jnp.where(zero_cov_y, 0.0, trace_sqrt)
+    return Fit(
+        mapped=a @ a_k,
+        target=b,
+        trace_cov_y=trace_cov_y,
+        dead=dead,
+        valid=jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y)) & factor_ok,
+        a_k=a_k,
+        trace_sqrt=jnp.where(zero_cov_y, 0.0, trace_sqrt),
+        trace_cov_x=trace_cov_x,
+        cov_x=cx,
+        cov_y=cy,
+        basis=basis,
+    )
 
-    # T(x_i) - m_y against y_j - m_y, both in coordinates of the basis.
-    mapped = a @ a_k
-    # The rule looks at the points' own dimension d (errors name it), not the span's k.
-    solver = transport.resolve_solver(solver, n, d)
-    if solver == "sinkhorn":
-        w2_sq = transport.w2_squared(
-            mapped, b, solver="sinkhorn", sinkhorn_epsilon=sinkhorn_epsilon
-        )
-        perm = jnp.full((n,), -1, jnp.int32)
-    else:
-        # Dead output: A = 0 maps every x_i to m_y, so every matching costs the same; the
-        # assignment solver is skipped (scipy's takes O(n^3) on such constant-row costs).
-        perm = jax.lax.cond(
-            dead,
-            lambda: jnp.arange(n, dtype=jnp.int32),
-            lambda: transport.optimal_permutation(mapped, b, solver=solver),
-        )
-        w2_sq = jnp.mean(jnp.sum((mapped - b[perm]) ** 2, axis=1))
 
+def assignment_cost(mapped: jax.Array, target: jax.Array, dead: jax.Array) -> jax.Array:
+    """The ``(n, n)`` cost matrix of the score's exact W2: ``|T(x_i) - y_j|^2``.
+
+    Args:
+      mapped, target, dead: the fields of a :class:`Fit`.
+
+    Returns:
+      ``(n, n)``, treated as a constant (the matching is held fixed under
+      differentiation). Zero for a dead output: ``A = 0`` maps every ``x_i`` to
+      ``m_y``, so every matching costs the same, and the identity is taken.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.random.normal(jax.random.key(0), (8, 2), jnp.float32)
+      >>> f = fit_map(x, x, covariance="empirical", ridge=1e-6)
+      >>> assignment_cost(f.mapped, f.target, f.dead).shape
+      (8, 8)
+    """
+    cost = transport.squared_distances(
+        jax.lax.stop_gradient(mapped), jax.lax.stop_gradient(target))
+    return jnp.where(dead, 0.0, cost)
+
+
+def matched_w2_squared(mapped: jax.Array, target: jax.Array, permutation: jax.Array) -> jax.Array:
+    """``(1/n) sum_i |T(x_i) - y_perm(i)|^2``, differentiable with the matching fixed.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.random.normal(jax.random.key(0), (8, 2), jnp.float32)
+      >>> f = fit_map(x, x, covariance="empirical", ridge=1e-6)
+      >>> round(float(matched_w2_squared(f.mapped, f.target, jnp.arange(8))), 6)
+      0.0
+    """
+    return jnp.mean(jnp.sum((mapped - target[permutation]) ** 2, axis=1))
+
+
+def score_from_w2(
+    w2_sq: jax.Array, trace_cov_y: jax.Array, valid: jax.Array = True, solved: jax.Array = True
+) -> jax.Array:
+    """``1 - sqrt(W2^2 / (2 trace C_y))`` (step 4), NaN unless ``valid`` and ``solved``.
+
+    Args:
+      w2_sq: the exact (or entropic) squared W2.
+      trace_cov_y, valid: the fields of a :class:`Fit`.
+      solved: the matching behind ``w2_sq`` is certified optimal (an auction that hit
+        its round cap is not).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.random.normal(jax.random.key(0), (8, 2), jnp.float32)
+      >>> f = fit_map(x, 3.0 * x, covariance="empirical", ridge=1e-6)
+      >>> w2_sq = matched_w2_squared(f.mapped, f.target, jnp.arange(8))
+      >>> round(float(score_from_w2(w2_sq, f.trace_cov_y)), 4)
+      1.0
+    """
     # A constant output with ridge = 0 has trace C_y = 0; its dead map is exact (W2 = 0): 1.
     # The safe denominator keeps the unused branch's gradient finite.
     positive = trace_cov_y > 0
     denom = jnp.where(positive, 2.0 * trace_cov_y, 1.0)
     ratio = jnp.clip(jnp.where(positive, w2_sq / denom, 0.0), 0.0, 1.0)
-    score = 1.0 - safe_sqrt(ratio)
-    finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y)) & factor_ok
-    score = jnp.where(finite, score, jnp.nan)
+    return jnp.where(valid & solved, 1.0 - safe_sqrt(ratio), jnp.nan)
 
+
+def _compute(
+    x: jax.Array,
+    y: jax.Array,
+    covariance: str,
+    ridge: float,
+    solver: str,
+    path: str,
+    sinkhorn_epsilon: float,
+    factor: str = "auto",
+) -> AffinityResult:
+    n, d = x.shape
+    fit = fit_map(x, y, covariance=covariance, ridge=ridge, path=path, factor=factor)
+    # The rule looks at the points' own dimension d (errors name it), not the span's k.
+    solver = transport.resolve_solver(solver, n, d)
+    if solver == "sinkhorn":
+        w2_sq = transport.w2_squared(
+            fit.mapped, fit.target, solver="sinkhorn", sinkhorn_epsilon=sinkhorn_epsilon
+        )
+        perm, solved = jnp.full((n,), -1, jnp.int32), True
+    else:
+        if solver == "sort":
+            matching = transport.optimal_assignment(fit.mapped, fit.target, solver="sort")
+        else:
+            matching = linear_assignment(
+                assignment_cost(fit.mapped, fit.target, fit.dead), solver=solver)
+        perm, solved = matching.permutation, matching.converged | ~fit.valid
+        w2_sq = matched_w2_squared(fit.mapped, fit.target, perm)
+    score = score_from_w2(w2_sq, fit.trace_cov_y, fit.valid, solved)
+
+    cx, cy, basis = fit.cov_x, fit.cov_y, fit.basis
+    k = fit.a_k.shape[0]
     if basis is None:
-        a_full = a_k
+        a_full = fit.a_k
         outside = 0.0
     else:
         # Outside S both covariances are multiples of I: A = sqrt(c_y / c_x) I there; 0
         # where either is 0 (ridge = 0: the pseudo-inverse's value, not 0 / 0).
-        both = (cx.shift > 0) & (cy.shift > 0) & ~dead
+        both = (cx.shift > 0) & (cy.shift > 0) & ~fit.dead
         scale = jnp.where(both, jnp.sqrt(cy.shift / jnp.where(both, cx.shift, 1.0)), 0.0)
-        a_full = basis @ (a_k - scale * eye) @ basis.T + scale * jnp.eye(d, dtype=dtype)
+        eye = jnp.eye(k, dtype=x.dtype)
+        a_full = basis @ (fit.a_k - scale * eye) @ basis.T + scale * jnp.eye(d, dtype=x.dtype)
         outside = (d - k) * jnp.sqrt(cx.shift * cy.shift)
     bures_sq = (
-        jnp.sum((cx.mean - cy.mean) ** 2) + trace_cov_x + trace_cov_y - 2.0 * (trace_sqrt + outside)
+        jnp.sum((cx.mean - cy.mean) ** 2) + fit.trace_cov_x + fit.trace_cov_y
+        - 2.0 * (fit.trace_sqrt + outside)
     )
     return AffinityResult(
         score=score,
@@ -378,9 +512,9 @@ def _compute(
         bures_w2=safe_sqrt(bures_sq),
         A=a_full,
         b=cy.mean - a_full @ cx.mean,
-        trace_cov_y=trace_cov_y,
+        trace_cov_y=fit.trace_cov_y,
         permutation=perm,
-        dead=dead,
+        dead=fit.dead,
     )
 
 
@@ -425,8 +559,10 @@ def affinity(
         units, or ``d >= n``): the derivative of its factor needs ``C_y^-1``.
         Use a positive ridge to train through the score.
       solver: the W2 solver, see :mod:`affjax.transport`: ``"auto"``,
-        ``"sort"``, ``"scipy"``, ``"hungarian"`` (exact) or ``"sinkhorn"``
-        (entropic, biased upward, so the score is biased downward).
+        ``"sort"``, ``"auction"`` (certified, on device), ``"scipy"``,
+        ``"hungarian"`` (exact) or ``"sinkhorn"`` (entropic, biased upward, so the
+        score is biased downward). The auction's score is NaN in the rare case
+        that it reaches its round cap uncertified (``check=True`` raises).
       path: ``"dense"`` works with ``(d, d)`` matrices; ``"span"`` in the span
         of the centred samples (``O(n^2 d)``); ``"auto"`` takes ``"span"`` when
         ``d > 2 n``. Both give the same numbers and first derivatives; second

@@ -24,11 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 
 from affjax import capture as _capture
+from affjax import layer_scoring as _layer_scoring
 from affjax import score as _score
 
 
@@ -400,121 +398,6 @@ def _select(
     return out
 
 
-def _stacked_scores(xs, ys, *, covariance, ridge, solver, sequential, sinkhorn_epsilon=1e-2):
-    """Scores of a stack of same-shape layers: ``(g, n, d)`` -> ``(g,)``.
-
-    ``sequential``: a ``lax.map`` loop instead of ``vmap``. On CPU, batched LAPACK
-    kernels split their batch over XLA's intra-op thread pool and block a pool
-    thread while waiting; two such kernels running at once can take every thread
-    and deadlock (seen with jaxlib 0.10.2 on 2 cores: a jitted signature hung).
-    Unbatched kernels inside a loop never wait on the pool.
-    """
-
-    def scores(factor):
-        def one(x, y):
-            return _score._compute(x, y, covariance, ridge, solver, "auto", sinkhorn_epsilon,
-                                  factor).score
-
-        if sequential:
-            return jax.lax.map(lambda xy: one(*xy), (xs, ys))
-        return jax.vmap(one)(xs, ys)
-
-    with jax.default_matmul_precision("highest"):
-        # The score's Cholesky-or-QR choice is a cond, which vmap turns into a select that
-        # runs both (and inside the CPU loop it measured slower than this). Go straight to
-        # QR where some layer's Cholesky is known to fail; otherwise try Cholesky on the
-        # whole group and redo it with QR only if some layer's factor broke down (a NaN;
-        # non-finite inputs stay NaN either way).
-        hopeless = jnp.any(jax.vmap(functools.partial(
-            _score.cholesky_hopeless_for, covariance=covariance, ridge=ridge))(ys))
-
-        def cholesky_first():
-            first = scores("cholesky")
-            return jax.lax.cond(
-                jnp.all(jnp.isfinite(first)), lambda: first, lambda: scores("qr")
-            )
-
-        return jax.lax.cond(hopeless, lambda: scores("qr"), cholesky_first)
-
-
-def _shard_layers(fn: Any, mesh: Any) -> Any:
-    """``fn`` of stacked layers with the layer axis split over every axis of ``mesh``.
-
-    Each device scores its own layers: no collective, so the varying-value check has
-    nothing to protect, and it rejects the solvers' loops (constant initial carries).
-    """
-    spec = PartitionSpec(tuple(mesh.axis_names))
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
-
-
-@functools.cache
-def _layer_mesh(devices: tuple) -> Mesh:
-    return Mesh(np.asarray(devices), ("layers",))
-
-
-@functools.cache
-def _group_scorer(
-    covariance: str, ridge: float, solver: str, placement: Any, sinkhorn_epsilon: float = 1e-2
-):
-    """A scorer of stacked layers, its layer axis split over ``placement``.
-
-    ``placement``: a tuple of devices (a jitted scorer; with several, each device scores
-    its own slice of layers with ``shard_map``, and host callbacks such as the scipy solver
-    run per slice), or the (abstract) mesh of a caller's ``jit`` whose inputs are sharded
-    over it (split over that mesh: a mesh of our own would mix two meshes in one program).
-    On CPU the layers of a slice are scored in a loop, elsewhere with ``vmap`` (see
-    :func:`_stacked_scores`).
-    """
-    devices = placement if isinstance(placement, tuple) else None
-    cpu = (all(dev.platform == "cpu" for dev in devices) if devices is not None
-           else jax.default_backend() == "cpu")
-    fn = functools.partial(
-        _stacked_scores, covariance=covariance, ridge=ridge, solver=solver,
-        sinkhorn_epsilon=sinkhorn_epsilon, sequential=cpu,
-    )
-    if devices is None:
-        return _shard_layers(fn, placement)
-    if len(devices) > 1:
-        fn = _shard_layers(fn, _layer_mesh(devices))
-    return jax.jit(fn)
-
-
-def _device_tuple(devices: Any) -> tuple:
-    devices = tuple([devices] if isinstance(devices, jax.Device) else devices)
-    if not devices or not all(isinstance(d, jax.Device) for d in devices):
-        raise ValueError(f"devices must be a non-empty sequence of jax devices (see "
-                         f"jax.devices()), got {devices!r}")
-    if len(set(devices)) != len(devices):
-        raise ValueError(f"devices lists a device more than once: {list(devices)!r}")
-    return devices
-
-
-def _group_scores(xs, ys, *, covariance, ridge, solver, devices, sinkhorn_epsilon=1e-2):
-    """``devices``: a tuple from :func:`_device_tuple`, or ``None`` (see docs/signatures.md)."""
-    placement = devices
-    if devices is None:
-        placement = tuple(jax.devices())
-        if isinstance(xs, jax.core.Tracer):
-            # Inside the caller's jit the caller decides the placement: with inputs sharded
-            # over a mesh the layers are split over that mesh; otherwise they stay where the
-            # program runs (a mesh of our own could clash with inputs committed to a device).
-            mesh = getattr(getattr(jax.typeof(xs), "sharding", None), "mesh", None)
-            placement = mesh if mesh is not None and mesh.size > 1 else placement[:1]
-    size = len(placement) if isinstance(placement, tuple) else placement.size
-    g = xs.shape[0]
-    pad = (-g) % size
-    if pad:  # equal slices per device
-        xs = jnp.concatenate([xs, jnp.repeat(xs[:1], pad, axis=0)])
-        ys = jnp.concatenate([ys, jnp.repeat(ys[:1], pad, axis=0)])
-    if isinstance(placement, tuple) and size > 1 and not isinstance(xs, jax.core.Tracer):
-        # An array committed to one device, or sharded over another mesh, goes onto the
-        # scorer's mesh first (jit would refuse the mismatch).
-        sharding = NamedSharding(_layer_mesh(placement), PartitionSpec("layers"))
-        xs, ys = jax.device_put(xs, sharding), jax.device_put(ys, sharding)
-    scorer = _group_scorer(covariance, ridge, solver, placement, float(sinkhorn_epsilon))
-    return scorer(xs, ys)[:g]
-
-
 def score_layers(
     layers: Sequence[Layer],
     *,
@@ -552,7 +435,7 @@ def score_layers(
     """
     _score.check_options(covariance, solver, ridge=ridge, sinkhorn_epsilon=sinkhorn_epsilon)
     if devices is not None:  # once: a generator would be used up by the first group
-        devices = _device_tuple(devices)
+        devices = _layer_scoring.device_tuple(devices)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):
         if layer.x.shape[0] < 2:
@@ -569,24 +452,19 @@ def score_layers(
             if not jnp.issubdtype(v.dtype, jnp.floating):
                 raise TypeError(f"activation {layer.name} ({layer.kind}) has a {v.dtype} "
                                 f"{side}: the score needs floating-point activations")
-        groups[(layer.x.shape, jnp.result_type(layer.x.dtype, layer.y.dtype))].append(i)
-    dtype = jnp.result_type(*(k[1] for k in groups))
+        groups[layer.x.shape].append(i)
+    dtype = jnp.result_type(*(v.dtype for layer in layers for v in (layer.x, layer.y)))
     if jnp.finfo(dtype).bits < 32:
         dtype = jnp.float32
+    stacks = [(jnp.stack([layers[i].x for i in idx]).astype(dtype),
+               jnp.stack([layers[i].y for i in idx]).astype(dtype)) for idx in groups.values()]
+    outs = _layer_scoring.score_stacks(
+        stacks, covariance=covariance, ridge=float(ridge), solver=solver,
+        sinkhorn_epsilon=sinkhorn_epsilon, devices=devices)
     scores = jnp.zeros((len(layers),), dtype)
-    for (_, _), idx in groups.items():
-        xs = jnp.stack([layers[i].x for i in idx]).astype(dtype)
-        ys = jnp.stack([layers[i].y for i in idx]).astype(dtype)
-        # One group after the other, so the groups' LAPACK calls don't compete for
-        # XLA:CPU's thread pool (see _stacked_scores).
-        xs, ys, scores = jax.lax.optimization_barrier((xs, ys, scores))
-        out = _group_scores(xs, ys, covariance=covariance, ridge=float(ridge), solver=solver,
-                            sinkhorn_epsilon=sinkhorn_epsilon,
-                            devices=devices)
+    for idx, out in zip(groups.values(), outs, strict=True):
         if not isinstance(out, jax.core.Tracer):
-            # Eager: wait for this group before dispatching the next (as the barrier), and
-            # bring its scores back to where the others are.
-            out = jax.device_put(out.block_until_ready(), scores.sharding)
+            out = jax.device_put(out, scores.sharding)  # back to where the others are
         scores = scores.at[jnp.asarray(idx)].set(out)
     return scores
 

@@ -7,19 +7,16 @@
   an assignment problem (Birkhoff-von Neumann). Solvers:
 
   ``"sort"``      d == 1 only: the sorted matching, on device.
+  ``"auction"``   :func:`affjax.linear_assignment`'s certified on-device solver:
+                  jittable, vmappable, no host callback.
   ``"scipy"``     ``scipy.optimize.linear_sum_assignment`` on the host, through
                   ``jax.pure_callback`` (one host round trip per call, batched
                   under ``vmap``).
   ``"hungarian"`` ``optax.assignment.hungarian_algorithm``, exact, on device.
   ``"sinkhorn"``  entropic OT (OTT-JAX), on device and smooth but biased
                   upward: it returns ``<P_eps, C>`` for the entropic plan.
-  ``"auto"``      ``"sort"`` when d == 1, else ``"scipy"`` on every backend.
-                  SciPy on the host beat optax's on-device Hungarian algorithm
-                  everywhere it was measured, host round trip included: about
-                  4x on a 2-core CPU at n = 1024, and 5x to 21x on an H100 for
-                  n = 256 to 2048 (``benchmarks/bench_solvers.py``, figures in
-                  the README). Ask for ``"hungarian"`` where no host callback
-                  may run (an exported program, say).
+  ``"auto"``      ``"sort"`` when d == 1, else ``"auction"`` on every backend
+                  (``docs/assignment.md`` has the rule and the measurements).
 
 Gradients: the exact solvers return a permutation that is held fixed, and the
 matched cost is differentiated (envelope theorem): the gradient exists almost
@@ -36,14 +33,16 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from affjax import _checks
+from affjax.assignment import AssignmentResult
+from affjax.assignment import linear_assignment
 from affjax.linalg import gram_cholesky
 from affjax.linalg import gram_inv_sqrt_and_trace_sqrt
 from affjax.linalg import psd_sqrt
 from affjax.linalg import qr_lower_factor
 
-SolverName = Literal["auto", "sort", "scipy", "hungarian", "sinkhorn"]
-SOLVERS: tuple[str, ...] = ("auto", "sort", "scipy", "hungarian", "sinkhorn")
-EXACT_SOLVERS: tuple[str, ...] = ("sort", "scipy", "hungarian")
+SolverName = Literal["auto", "sort", "auction", "scipy", "hungarian", "sinkhorn"]
+SOLVERS: tuple[str, ...] = ("auto", "sort", "auction", "scipy", "hungarian", "sinkhorn")
+EXACT_SOLVERS: tuple[str, ...] = ("sort", "auction", "scipy", "hungarian")
 
 
 # --- Gaussian (Bures) transport -------------------------------------------------
@@ -368,45 +367,11 @@ def squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.maximum(sq, 0.0)
 
 
-def _scipy_assignment_host(cost: np.ndarray) -> np.ndarray:
-    from scipy.optimize import linear_sum_assignment
-
-    cost = np.asarray(cost)
-    batch_shape, n = cost.shape[:-2], cost.shape[-1]
-    flat = cost.reshape((-1, n, n))
-    out = np.empty((flat.shape[0], n), np.int32)
-    for k, c in enumerate(flat):
-        if not np.all(np.isfinite(c)):
-            # The score is NaN anyway (see affjax.score); any matching will do.
-            out[k] = np.arange(n)
-            continue
-        rows, cols = linear_sum_assignment(c)
-        out[k, rows] = cols
-    return out.reshape(batch_shape + (n,))
-
-
-def _scipy_assignment(cost: jax.Array) -> jax.Array:
-    n = cost.shape[-1]
-    return jax.pure_callback(
-        _scipy_assignment_host,
-        jax.ShapeDtypeStruct(cost.shape[:-2] + (n,), jnp.int32),
-        cost,
-        vmap_method="broadcast_all",
-    )
-
-
-def _hungarian_assignment(cost: jax.Array) -> jax.Array:
-    from optax.assignment import hungarian_algorithm
-
-    rows, cols = hungarian_algorithm(cost)
-    return jnp.zeros(cost.shape[0], jnp.int32).at[rows].set(cols.astype(jnp.int32))
-
-
 def resolve_solver(solver: str, n: int, d: int) -> str:
     """The concrete solver that ``solver`` names for ``n`` points in ``d`` dims.
 
-    ``"auto"`` picks ``"sort"`` for 1-D points and SciPy's assignment
-    otherwise, on every backend (the module docstring has the measurements).
+    ``"auto"`` picks ``"sort"`` for 1-D points and the certified on-device
+    ``"auction"`` otherwise, on every backend (see ``docs/assignment.md``).
 
     Args:
       solver: one of ``SOLVERS``.
@@ -422,8 +387,8 @@ def resolve_solver(solver: str, n: int, d: int) -> str:
     Example:
       >>> resolve_solver("auto", 128, 1)
       'sort'
-      >>> resolve_solver("scipy", 128, 8)
-      'scipy'
+      >>> resolve_solver("auto", 128, 8)
+      'auction'
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
@@ -433,7 +398,7 @@ def resolve_solver(solver: str, n: int, d: int) -> str:
         return solver
     if d == 1:
         return "sort"
-    return "scipy"
+    return "auction"
 
 
 def _exact_pair(what: str, x: ArrayLike, y: ArrayLike) -> tuple[jax.Array, jax.Array]:
@@ -445,12 +410,54 @@ def _exact_pair(what: str, x: ArrayLike, y: ArrayLike) -> tuple[jax.Array, jax.A
     return x.astype(dtype), y.astype(dtype)
 
 
+def optimal_assignment(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> AssignmentResult:
+    """The optimal matching of two equal-size point clouds with its certificate.
+
+    The cost is the squared Euclidean distance ``|x_i - y_j|^2``
+    (:func:`squared_distances`), solved by :func:`affjax.linear_assignment`.
+
+    Args:
+      x, y: ``(n, d)`` point clouds.
+      solver: ``"auto"``, ``"auction"``, ``"scipy"`` or ``"hungarian"`` (``"sort"``, d == 1:
+        the sorted matching, whose certificate is exact).
+
+    Returns:
+      An :class:`affjax.AssignmentResult`: ``x[i]`` is matched to ``y[permutation[i]]``,
+      ``cost`` is the sum of the matched squared distances. Inputs are treated as
+      constants.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[0.0, 0.0], [5.0, 5.0]], jnp.float32)
+      >>> r = optimal_assignment(x, x[::-1] + 0.5)
+      >>> r.permutation.tolist(), float(r.cost), bool(r.converged)
+      ([1, 0], 1.0, True)
+    """
+    x, y = _exact_pair("optimal_assignment", x, y)
+    x, y = jax.lax.stop_gradient(x), jax.lax.stop_gradient(y)
+    n, d = x.shape
+    solver = resolve_solver(solver, n, d)
+    if solver == "sinkhorn":
+        raise ValueError("solver 'sinkhorn' gives a plan, not a permutation")
+    if solver == "sort":
+        rank_of_x = jnp.argsort(jnp.argsort(x[:, 0]))
+        permutation = jnp.argsort(y[:, 0])[rank_of_x].astype(jnp.int32)
+        cost = jnp.sum((x[:, 0] - y[permutation, 0]) ** 2)
+        finite = jnp.isfinite(cost)
+        return AssignmentResult(
+            permutation=permutation, cost=cost, lower_bound=jnp.where(finite, cost, jnp.nan),
+            converged=finite, rounds=jnp.zeros((), jnp.int32),
+            certified_candidate=jnp.zeros((), bool))
+    return linear_assignment(squared_distances(x, y), solver=solver)
+
+
 def optimal_permutation(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> jax.Array:
     """The optimal matching of two equal-size point clouds, squared Euclidean cost.
 
     Args:
       x, y: ``(n, d)`` point clouds.
-      solver: ``"auto"``, ``"sort"`` (d == 1), ``"scipy"`` or ``"hungarian"``.
+      solver: ``"auto"``, ``"sort"`` (d == 1), ``"auction"``, ``"scipy"`` or
+        ``"hungarian"``.
 
     Returns:
       ``perm``, int32 of shape ``(n,)``: ``x[i]`` is matched to ``y[perm[i]]``.
@@ -465,19 +472,7 @@ def optimal_permutation(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> 
       >>> perm.dtype, perm.tolist()
       (dtype('int32'), [1, 0])
     """
-    x, y = _exact_pair("optimal_permutation", x, y)
-    x, y = jax.lax.stop_gradient(x), jax.lax.stop_gradient(y)
-    n, d = x.shape
-    solver = resolve_solver(solver, n, d)
-    if solver == "sort":
-        rank_of_x = jnp.argsort(jnp.argsort(x[:, 0]))
-        return jnp.argsort(y[:, 0])[rank_of_x].astype(jnp.int32)
-    if solver == "sinkhorn":
-        raise ValueError("solver 'sinkhorn' gives a plan, not a permutation")
-    cost = squared_distances(x, y)
-    if solver == "scipy":
-        return _scipy_assignment(cost)
-    return _hungarian_assignment(cost)
+    return optimal_assignment(x, y, solver=solver).permutation
 
 
 def _check_epsilon(name: str, value: float | jax.Array) -> None:
@@ -549,7 +544,8 @@ def w2_squared(
 
     Args:
       x, y: ``(n, d)`` point clouds (a 1-D array is read as ``d = 1``).
-      solver: see the module docstring. ``"sinkhorn"`` returns the transport
+      solver: see the module docstring; NaN if ``"auction"`` reaches its round cap
+        without certifying its matching. ``"sinkhorn"`` returns the transport
         cost of the entropic plan at ``epsilon = sinkhorn_epsilon * mean cost``,
         about the exact value and usually above it (see
         :func:`sinkhorn_w2_squared`); ``epsilon`` is held constant under
@@ -577,8 +573,11 @@ def w2_squared(
         return sinkhorn_w2_squared(x, y, epsilon=epsilon)
     if solver == "sort":
         return jnp.mean((jnp.sort(x[:, 0]) - jnp.sort(y[:, 0])) ** 2)
-    perm = optimal_permutation(x, y, solver=solver)
-    return jnp.mean(jnp.sum((x - y[perm]) ** 2, axis=1))
+    matching = optimal_assignment(x, y, solver=solver)
+    w2_sq = jnp.mean(jnp.sum((x - y[matching.permutation]) ** 2, axis=1))
+    # A capped auction whose matching is not certified gives NaN, never a number off
+    # by its gap; non-finite inputs keep their own non-finite result.
+    return jnp.where(matching.converged | ~jnp.isfinite(w2_sq), w2_sq, jnp.nan)
 
 
 def exact_w2(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> jax.Array:
@@ -586,7 +585,8 @@ def exact_w2(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> jax.Array:
 
     Args:
       x, y: ``(n, d)`` point clouds, or ``(n,)``.
-      solver: an exact solver: ``"auto"``, ``"sort"``, ``"scipy"``, ``"hungarian"``.
+      solver: an exact solver: ``"auto"``, ``"sort"``, ``"auction"``, ``"scipy"``,
+        ``"hungarian"``.
 
     Returns:
       ``W2`` (not squared), a scalar.

@@ -6,6 +6,12 @@ the pieces (eigh, SVD, QR, Cholesky, covariance, cost matrix, assignment, whole 
 the cause can be found. Each row is compiled ahead of time, then called twice warm.
 
     python benchmarks/compile_times.py --n 2048 --d 64 512
+
+On a GPU, XLA autotunes every new matrix-product shape (it compiles and times candidate
+kernels); ``gpu_check.sh`` runs this script twice, the second time with
+``XLA_FLAGS=--xla_gpu_autotune_level=0``, to measure that share. JAX's persistent
+compilation cache (the ``affjax`` command turns it on) keeps both the executables and
+the autotuning results across runs.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ def _pieces(n: int, d: int):
         "cost matrix": (transport.squared_distances, (x, y)),
         "optimal_permutation scipy": (
             lambda a, b: affjax.optimal_permutation(a, b, solver="scipy"), (x, y)),
+        "linear_assignment auction": (
+            lambda a, b: affjax.linear_assignment(transport.squared_distances(a, b)), (x, y)),
+        "affinity_score scipy": (
+            lambda a, b: affjax.affinity_score(a, b, solver="scipy"), (x, y)),
         "affinity_score (auto)": (affjax.affinity_score, (x, y)),
         "affinity_score path=dense": (
             lambda a, b: affjax.affinity_score(a, b, path="dense"), (x, y)),

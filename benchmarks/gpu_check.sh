@@ -26,20 +26,22 @@ section() { echo; echo "=== $(date +%T) $*"; }
 
 if [ -n "${QUICK:-}" ]; then
     COMPILE=(--n 256 --d 16)
-    SCORE=(--n 256 --d 16 --no-headlines --repeats 1)
-    SIG=(--batch 64 --repeats 1 --modes grouped published --mode-timeout 60)
+    ASSIGN=(--quick)
+    ZOO=(--model resnet18 --n 64 --size 32 --repeats 1)
     SOLVERS=(--n 64 128 --batch 1 2 --repeats 1)
-    TESTS=(tests/test_building_blocks.py)
-    LIMIT=(60 60 60 60 60)
+    TESTS=(tests/test_assignment.py -k "random or batch")
+    LIMIT=(60 60 60 60 60 60)
 else
-    # Sized for one call of 560 s (2026-11-27 on an H100: the first call of a score shape
-    # compiled for 5-26 s, so rows that compile many shapes get their own limits).
+    # Sized for one call of at most 8 minutes on one H100 (the device tool lends 15 minutes
+    # a session): compile times twice (with and without XLA's GEMM autotuning), the
+    # assignment corpus, resnet50's whole signature at n = 2048 and 224 px (cold, warm, and
+    # cold again from the persistent compilation cache), the solver table, the core tests.
     COMPILE=(--n 2048 --d 64 512)
-    SCORE=(--n 2048 8192 --d 64 512 2048 --repeats 3 --budget-seconds 10 --breakdown)
-    SIG=(--batch 512 --repeats 3 --modes forward grouped published fused --mode-timeout 70)
-    SOLVERS=(--n 64 256 1024 --batch 1 4 --repeats 3)
-    TESTS=(tests/test_building_blocks.py)
-    LIMIT=(90 170 150 50 60)
+    ASSIGN=(--n 512 2048 --repeats 3 --budget 20)
+    ZOO=(--model resnet50 --n 2048 --size 224 --repeats 3)
+    SOLVERS=(--n 256 1024 2048 --batch 1 8 --repeats 3)
+    TESTS=(tests/test_assignment.py tests/test_building_blocks.py)
+    LIMIT=(60 60 120 150 40 50)
 fi
 
 section "machine"
@@ -58,20 +60,26 @@ EOF
 
 section "compile_times ${COMPILE[*]}"
 timeout "${LIMIT[0]}" $PY benchmarks/compile_times.py "${COMPILE[@]}" 2>&1 | tee "$OUT/compile.log"
+section "compile_times without GEMM autotuning"
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout "${LIMIT[1]}" \
+    $PY benchmarks/compile_times.py "${COMPILE[@]}" 2>&1 | tee -a "$OUT/compile.log"
 
-section "bench_score ${SCORE[*]}"
-timeout "${LIMIT[1]}" $PY benchmarks/bench_score.py "${SCORE[@]}" --wait-idle 0 \
-    --json "$OUT/score.json" 2>&1 | tee "$OUT/score.log" | grep -v "^  "
+section "bench_assignment ${ASSIGN[*]}"
+timeout "${LIMIT[2]}" $PY benchmarks/bench_assignment.py "${ASSIGN[@]}" \
+    --json "$OUT/assignment.json" 2>&1 | tee "$OUT/assignment.log"
 
-section "bench_signature ${SIG[*]}"
-timeout "${LIMIT[2]}" $PY benchmarks/bench_signature.py "${SIG[@]}" --json "$OUT/signature.json" \
-    2>&1 | tee "$OUT/signature.log"
+section "bench_zoo_signature ${ZOO[*]} (cold, warm; then cold from the persistent cache)"
+rm -rf /tmp/affjax-jax-cache
+timeout "${LIMIT[3]}" $PY benchmarks/bench_zoo_signature.py "${ZOO[@]}" \
+    --cache /tmp/affjax-jax-cache 2>&1 | tee "$OUT/zoo.log"
+timeout "${LIMIT[3]}" $PY benchmarks/bench_zoo_signature.py "${ZOO[@]}" --solvers auto \
+    --cache /tmp/affjax-jax-cache 2>&1 | tee -a "$OUT/zoo.log"
 
 section "bench_solvers ${SOLVERS[*]}"
-timeout "${LIMIT[3]}" $PY benchmarks/bench_solvers.py "${SOLVERS[@]}" 2>&1 | tee "$OUT/solvers.log"
+timeout "${LIMIT[4]}" $PY benchmarks/bench_solvers.py "${SOLVERS[@]}" 2>&1 | tee "$OUT/solvers.log"
 
 section "pytest ${TESTS[*]}"
-timeout "${LIMIT[4]}" $PY -m pytest -p no:cacheprovider -rfE "${TESTS[@]}" >"$OUT/pytest.log" 2>&1
+timeout "${LIMIT[5]}" $PY -m pytest -p no:cacheprovider -rfE "${TESTS[@]}" >"$OUT/pytest.log" 2>&1
 echo "pytest exit $?"
 grep -E "passed|failed|error" "$OUT/pytest.log" | tail -5
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20

@@ -19,6 +19,7 @@ DOCUMENTED_MODULES = (
     "affjax",
     "affjax.covariance",
     "affjax.linalg",
+    "affjax.assignment",
     "affjax.transport",
     "affjax.score",
     "affjax.capture",
@@ -35,6 +36,7 @@ DOCUMENTED_MODULES = (
 DOCTEST_MODULES = (
     "affjax.covariance",
     "affjax.linalg",
+    "affjax.assignment",
     "affjax.transport",
     "affjax.score",
     "affjax.capture",
@@ -57,6 +59,8 @@ FIELDS_INSTEAD_OF_EXAMPLE = {
     "affjax.compare.AccuracyError": "exception; raised by read_accuracy",
     "affjax.capture.Call": "NamedTuple of one captured call's tensors",
     "affjax.signature.Layer": "NamedTuple describing one captured layer",
+    "affjax.assignment.AssignmentResult": "NamedTuple; linear_assignment's example shows it",
+    "affjax.score.Fit": "NamedTuple of one fitted map; fit_map's example shows it",
 }
 
 

@@ -51,7 +51,7 @@ def test_grad_wrt_x_and_y_separately(n, d):
     _fd_check(lambda y: affjax.affinity_score(x, y), y, rng)
 
 
-@pytest.mark.parametrize("solver", ["hungarian", "sort"])
+@pytest.mark.parametrize("solver", ["auction", "hungarian", "sort"])
 def test_grad_other_exact_solvers(solver):
     rng = np.random.default_rng(2)
     d = 1 if solver == "sort" else 2

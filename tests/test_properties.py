@@ -8,6 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import affjax
+from affjax.layer_scoring import ASSIGNMENT_SOLVERS
 
 SETTINGS = settings(max_examples=25, deadline=None)
 ACTIVATIONS = {
@@ -66,7 +67,7 @@ def test_invariances(data, shift_x, shift_y, scale_x):
 def test_sort_path_equals_assignment_path(data):
     x, y, _ = data
     sort = float(affjax.affinity_score(x, y, solver="sort"))
-    for solver in ("scipy", "hungarian"):
+    for solver in ASSIGNMENT_SOLVERS:
         assert abs(float(affjax.affinity_score(x, y, solver=solver)) - sort) < 1e-10
 
 

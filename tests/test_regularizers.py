@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 
 import affjax
 from affjax import regularizers
+from affjax.layer_scoring import ASSIGNMENT_SOLVERS
 
 
 class TinyMLP(nn.Module):
@@ -231,7 +232,7 @@ def test_bad_inputs_name_the_problem():
 # --- gradients ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", ["scipy", "hungarian"])
+@pytest.mark.parametrize("solver", ASSIGNMENT_SOLVERS)
 def test_gradient_matches_central_differences_float64(solver):
     x = _x(16, 3)
     model = TinyMLP()

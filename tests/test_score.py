@@ -12,6 +12,8 @@ from cases import make_case
 from reference import affinity_score_reference
 
 import affjax
+from affjax.layer_scoring import ASSIGNMENT_SOLVERS
+from affjax.transport import EXACT_SOLVERS
 
 SHAPES = [(300, 1), (400, 7), (256, 64), (100, 150), (40, 300)]  # includes d > n, d > 2n
 
@@ -153,7 +155,7 @@ def test_psd_affine_map_scores_one_and_recovers_the_map():
     np.testing.assert_array_equal(np.asarray(res.permutation), np.arange(500))
 
 
-@pytest.mark.parametrize("solver", ["scipy", "hungarian"])
+@pytest.mark.parametrize("solver", ASSIGNMENT_SOLVERS)
 def test_exact_solvers_agree(solver):
     x, y = make_case("tanh", 128, 3, seed=4)
     base = affjax.affinity(x, y, solver="scipy")
@@ -161,7 +163,7 @@ def test_exact_solvers_agree(solver):
     assert abs(float(res.score) - float(base.score)) < 1e-12
     sort_x, sort_y = x[:, :1], y[:, :1]
     one_d = [float(affjax.affinity_score(sort_x, sort_y, solver=s))
-             for s in ("sort", "scipy", "hungarian")]
+             for s in EXACT_SOLVERS]
     np.testing.assert_allclose(one_d, one_d[0], atol=1e-12)
 
 
@@ -178,7 +180,7 @@ def test_jit_and_vmap():
     xs = np.stack([make_case("relu", 64, 4, seed=s)[0] for s in range(3)])
     ys = np.maximum(xs, 0)
     loop = np.array([float(affjax.affinity_score(a, b)) for a, b in zip(xs, ys, strict=True)])
-    for solver in ("scipy", "hungarian"):
+    for solver in ASSIGNMENT_SOLVERS:
         f = jax.vmap(lambda a, b, s=solver: affjax.affinity_score(a, b, solver=s))
         np.testing.assert_allclose(np.asarray(f(xs, ys)), loop, atol=1e-12)
         np.testing.assert_allclose(np.asarray(jax.jit(f)(xs, ys)), loop, atol=1e-12)

@@ -457,7 +457,7 @@ def _stack_of_layers(dtype):
 @pytest.mark.parametrize("sequential", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_group_scores_equal_per_layer_scores_with_cholesky_breakdown(sequential, dtype):
-    from affjax.signature import _stacked_scores
+    from affjax.layer_scoring import stacked_scores as _stacked_scores
     from affjax.transport import _lower_factor
 
     xs, ys = _stack_of_layers(dtype)
@@ -478,7 +478,7 @@ def test_group_scores_equal_per_layer_scores_with_cholesky_breakdown(sequential,
 def test_cpu_group_scorer_uses_no_batched_lapack():
     # Batched CPU LAPACK kernels wait on XLA's thread pool; two at once have deadlocked a
     # jitted signature. On CPU the group is a loop of unbatched kernels.
-    from affjax.signature import _group_scorer
+    from affjax.layer_scoring import group_scorer as _group_scorer
 
     xs, ys = _stack_of_layers(jnp.float32)
     fn = _group_scorer("empirical", 1e-6, "auto", tuple(jax.devices("cpu")[:1]))
@@ -550,8 +550,8 @@ def test_group_of_wide_float32_layers_skips_cholesky_and_equals_per_layer_scores
     # n = 16 samples in d = 24 and 40 dimensions: the ridge is an eigenvalue of C_y, and
     # at this scale far below float32 rounding of the largest one, so Cholesky is known
     # to fail and the group goes to QR.
+    from affjax.layer_scoring import stacked_scores as _stacked_scores
     from affjax.score import cholesky_hopeless_for
-    from affjax.signature import _stacked_scores
 
     for d in (24, 40):  # dense path (d <= 2n) and span path (d > 2n)
         rng = np.random.default_rng(d)

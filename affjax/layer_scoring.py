@@ -1,0 +1,375 @@
+"""Scoring many layers at once: fit every map, then one batched assignment.
+
+Layers of one reduced shape form a stack ``(g, n, d)``. Each stack's maps are fitted in
+one compiled call (:func:`stack_fits`, which owns the Cholesky-or-QR choice of batched
+scoring). Every layer's exact W2 is an ``(n, n)`` assignment and every stack of a
+signature has the same ``n``, so the cost matrices of all stacks go to ONE
+:func:`affjax.linear_assignment` call: with the ``"auction"`` solver, nothing leaves the
+device; with ``"scipy"``, one host round trip serves every layer.
+
+Where the layers of a stack run: a ``lax.map`` loop on CPU, a ``vmap`` elsewhere; see
+``docs/signatures.md``, "Batched LAPACK on CPU", for why.
+
+Placement: a tuple of devices (each stage jitted; with several devices the layer axis is
+split over them with ``shard_map``), or, inside a caller's ``jit``, the mesh its inputs
+are sharded over (a mesh of our own would mix two meshes in one program).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+from affjax import score as _score
+from affjax import transport
+from affjax.assignment import linear_assignment
+
+ASSIGNMENT_SOLVERS: tuple[str, ...] = ("auction", "scipy", "hungarian")
+
+
+class StackFit(NamedTuple):
+    """The fitted maps of a stack of layers, leading axis ``g`` (see :class:`affjax.score.Fit`).
+
+    Attributes:
+      mapped, target: ``(g, n, k)``.
+      trace_cov_y: ``(g,)``.
+      dead, valid: ``(g,)`` bool.
+    """
+
+    mapped: jax.Array
+    target: jax.Array
+    trace_cov_y: jax.Array
+    dead: jax.Array
+    valid: jax.Array
+
+
+def _over_layers(fn: Callable, arrays: tuple, sequential: bool) -> Any:
+    if sequential:
+        return jax.lax.map(lambda a: fn(*a), arrays)
+    return jax.vmap(fn)(*arrays)
+
+
+def stack_fits(
+    xs: jax.Array, ys: jax.Array, *, covariance: str, ridge: float, sequential: bool
+) -> StackFit:
+    """The maps of a stack of same-shape layers: ``(g, n, d)`` inputs and outputs.
+
+    The batched path's Cholesky-or-QR policy, all of it: the score's own choice is a
+    ``cond``, which ``vmap`` turns into a select that runs both factorisations. So a
+    stack goes straight to QR where some layer's Cholesky is known to fail
+    (:func:`affjax.score.cholesky_hopeless_for`); otherwise Cholesky runs on the whole
+    stack and the stack is redone with QR only if some layer's factor broke down.
+
+    Args:
+      xs, ys: ``(g, n, d)`` float arrays.
+      covariance, ridge: as in :func:`affjax.affinity_score`.
+      sequential: a ``lax.map`` loop over the layers instead of ``vmap`` (CPU).
+
+    Returns:
+      A :class:`StackFit`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> xs = jax.random.normal(jax.random.key(0), (3, 32, 4), jnp.float32)
+      >>> f = stack_fits(xs, jnp.tanh(xs), covariance="empirical", ridge=1e-6,
+      ...                sequential=True)
+      >>> f.mapped.shape, f.valid.tolist()
+      ((3, 32, 4), [True, True, True])
+    """
+
+    def fits(factor: str) -> StackFit:
+        def one(x, y):
+            f = _score.fit_map(x, y, covariance=covariance, ridge=ridge, factor=factor)
+            return StackFit(f.mapped, f.target, f.trace_cov_y, f.dead, f.valid)
+
+        return _over_layers(one, (xs, ys), sequential)
+
+    with jax.default_matmul_precision("highest"):
+        hopeless = jnp.any(jax.vmap(functools.partial(
+            _score.cholesky_hopeless_for, covariance=covariance, ridge=ridge))(ys))
+
+        def cholesky_first() -> StackFit:
+            first = fits("cholesky")
+            return jax.lax.cond(jnp.all(first.valid), lambda: first, lambda: fits("qr"))
+
+        return jax.lax.cond(hopeless, lambda: fits("qr"), cholesky_first)
+
+
+def stack_costs(fit: StackFit, *, sequential: bool) -> jax.Array:
+    """The ``(g, n, n)`` cost matrices of a stack's exact W2 (:func:`affjax.score.assignment_cost`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> xs = jax.random.normal(jax.random.key(0), (2, 16, 3), jnp.float32)
+      >>> f = stack_fits(xs, xs, covariance="empirical", ridge=1e-6, sequential=False)
+      >>> stack_costs(f, sequential=False).shape
+      (2, 16, 16)
+    """
+    with jax.default_matmul_precision("highest"):
+        return _over_layers(_score.assignment_cost, (fit.mapped, fit.target, fit.dead),
+                            sequential)
+
+
+def scores_from_matchings(
+    fit: StackFit, permutations: jax.Array, solved: jax.Array
+) -> jax.Array:
+    """``(g,)`` scores of a stack from its optimal matchings ``(g, n)``.
+
+    ``solved``: ``(g,)`` bool, each matching certified (a layer whose matching is not
+    scores NaN; see :func:`affjax.score.score_from_w2`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> xs = jax.random.normal(jax.random.key(0), (2, 16, 3), jnp.float32)
+      >>> f = stack_fits(xs, 2.0 * xs, covariance="empirical", ridge=1e-6, sequential=False)
+      >>> perms = jnp.tile(jnp.arange(16), (2, 1))
+      >>> scores_from_matchings(f, perms, jnp.array([True, True])).round(4).tolist()
+      [1.0, 1.0]
+    """
+    w2_sq = jax.vmap(_score.matched_w2_squared)(fit.mapped, fit.target, permutations)
+    # A layer with non-finite inputs or a broken factor is NaN whatever its matching.
+    return jax.vmap(_score.score_from_w2)(w2_sq, fit.trace_cov_y, fit.valid,
+                                          solved | ~fit.valid)
+
+
+def _solve(costs: jax.Array, solver: str) -> tuple[jax.Array, jax.Array]:
+    result = linear_assignment(costs, solver=solver)
+    return result.permutation, result.converged
+
+
+def stacked_scores(
+    xs: jax.Array, ys: jax.Array, *, covariance: str, ridge: float, solver: str,
+    sequential: bool, sinkhorn_epsilon: float = 1e-2,
+) -> jax.Array:
+    """Scores of one stack of same-shape layers, ``(g, n, d)`` -> ``(g,)``.
+
+    Args:
+      xs, ys: ``(g, n, d)``.
+      covariance, ridge, solver, sinkhorn_epsilon: as in :func:`affjax.affinity_score`.
+      sequential: see :func:`stack_fits`.
+
+    Returns:
+      ``(g,)`` scores, equal to :func:`affjax.affinity_score` of each layer.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> xs = jax.random.normal(jax.random.key(0), (2, 64, 2), jnp.float32)
+      >>> s = stacked_scores(xs, 2.0 * xs + 1.0, covariance="empirical", ridge=1e-6,
+      ...                    solver="auto", sequential=True)
+      >>> s.round(4).tolist()
+      [1.0, 1.0]
+    """
+    g, n, d = xs.shape
+    solver = transport.resolve_solver(solver, n, d)
+    fit = stack_fits(xs, ys, covariance=covariance, ridge=ridge, sequential=sequential)
+    if solver in ASSIGNMENT_SOLVERS:
+        return scores_from_matchings(fit, *_solve(stack_costs(fit, sequential=sequential),
+                                                  solver))
+    with jax.default_matmul_precision("highest"):
+        w2_sq = _over_layers(
+            functools.partial(transport.w2_squared, solver=solver,
+                              sinkhorn_epsilon=sinkhorn_epsilon),
+            (fit.mapped, fit.target), sequential)
+        return jax.vmap(_score.score_from_w2)(w2_sq, fit.trace_cov_y, fit.valid)
+
+
+# --- placement ----------------------------------------------------------------------
+
+
+def _shard_layers(fn: Callable, mesh: Any) -> Callable:
+    """``fn`` of stacked arrays with the layer axis split over every axis of ``mesh``.
+
+    Each device handles its own layers: no collective, so the varying-value check has
+    nothing to protect, and it rejects the solvers' loops (constant initial carries).
+    """
+    spec = PartitionSpec(tuple(mesh.axis_names))
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
+@functools.cache
+def layer_mesh(devices: tuple) -> Mesh:
+    """A one-axis mesh (``"layers"``) over ``devices``.
+
+    Example:
+      >>> import jax
+      >>> layer_mesh(tuple(jax.devices()[:1])).axis_names
+      ('layers',)
+    """
+    return Mesh(np.asarray(devices), ("layers",))
+
+
+def _is_cpu(placement: Any) -> bool:
+    if isinstance(placement, tuple):
+        return all(dev.platform == "cpu" for dev in placement)
+    return jax.default_backend() == "cpu"
+
+
+@functools.cache
+def _placed(stage: str, options: tuple, placement: Any) -> Callable:
+    """The jitted (or, inside a caller's jit, sharded) function of one stage.
+
+    ``stage``: ``"scores"`` (a whole stack), ``"fits"`` (maps and costs of a stack) or
+    ``"assign"`` (the batched assignment); ``options``: that stage's static options.
+    """
+    sequential = _is_cpu(placement)
+    if stage == "scores":
+        covariance, ridge, solver, sinkhorn_epsilon = options
+        fn = functools.partial(stacked_scores, covariance=covariance, ridge=ridge,
+                               solver=solver, sinkhorn_epsilon=sinkhorn_epsilon,
+                               sequential=sequential)
+    elif stage == "fits":
+        covariance, ridge = options
+
+        def fn(xs, ys):
+            fit = stack_fits(xs, ys, covariance=covariance, ridge=ridge, sequential=sequential)
+            return fit, stack_costs(fit, sequential=sequential)
+    else:
+        (solver,) = options
+        fn = functools.partial(_solve, solver=solver)
+    if not isinstance(placement, tuple):
+        return _shard_layers(fn, placement)
+    if len(placement) > 1:
+        fn = _shard_layers(fn, layer_mesh(placement))
+    return jax.jit(fn)
+
+
+def group_scorer(
+    covariance: str, ridge: float, solver: str, placement: Any, sinkhorn_epsilon: float = 1e-2
+) -> Callable:
+    """A scorer of one stack, ``(xs, ys) -> (g,)``, its layer axis split over ``placement``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> fn = group_scorer("empirical", 1e-6, "auto", tuple(jax.devices()[:1]))
+      >>> xs = jax.random.normal(jax.random.key(0), (2, 32, 3), jnp.float32)
+      >>> fn(xs, jnp.tanh(xs)).shape
+      (2,)
+    """
+    return _placed("scores", (covariance, ridge, solver, float(sinkhorn_epsilon)), placement)
+
+
+def device_tuple(devices: Any) -> tuple:
+    """``devices`` (a device or a sequence of them) as a checked tuple.
+
+    Example:
+      >>> import jax
+      >>> device_tuple(jax.devices()[0]) == (jax.devices()[0],)
+      True
+    """
+    devices = tuple([devices] if isinstance(devices, jax.Device) else devices)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(f"devices must be a non-empty sequence of jax devices (see "
+                         f"jax.devices()), got {devices!r}")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices lists a device more than once: {list(devices)!r}")
+    return devices
+
+
+def _placement(devices: tuple | None, example: jax.Array) -> Any:
+    if devices is not None:
+        return devices
+    placement = tuple(jax.devices())
+    if isinstance(example, jax.core.Tracer):
+        # Inside the caller's jit the caller decides the placement: with inputs sharded
+        # over a mesh the layers are split over that mesh; otherwise they stay where the
+        # program runs (a mesh of our own could clash with inputs committed to a device).
+        mesh = getattr(getattr(jax.typeof(example), "sharding", None), "mesh", None)
+        return mesh if mesh is not None and mesh.size > 1 else placement[:1]
+    return placement
+
+
+def _run(stage: str, options: tuple, placement: Any, *arrays: jax.Array) -> Any:
+    """One stage on stacked ``arrays`` (layer axis first), padded to split evenly."""
+    size = len(placement) if isinstance(placement, tuple) else placement.size
+    g = arrays[0].shape[0]
+    pad = (-g) % size
+    if pad:  # equal slices per device
+        arrays = tuple(jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]) for a in arrays)
+    if isinstance(placement, tuple) and size > 1 and not isinstance(arrays[0], jax.core.Tracer):
+        # An array committed to one device, or sharded over another mesh, goes onto the
+        # stage's mesh first (jit would refuse the mismatch).
+        sharding = NamedSharding(layer_mesh(placement), PartitionSpec("layers"))
+        arrays = tuple(jax.device_put(a, sharding) for a in arrays)
+    out = _placed(stage, options, placement)(*arrays)
+    return jax.tree.map(lambda a: a[:g], out)
+
+
+def _settle(out: Any) -> Any:
+    """Eager: wait for a stage before the next is dispatched (see the module docstring)."""
+    leaves = jax.tree.leaves(out)
+    if leaves and not isinstance(leaves[0], jax.core.Tracer):
+        jax.block_until_ready(out)
+    return out
+
+
+def score_stacks(
+    stacks: Sequence[tuple[jax.Array, jax.Array]],
+    *,
+    covariance: str,
+    ridge: float,
+    solver: str,
+    sinkhorn_epsilon: float,
+    devices: tuple | None,
+) -> list[jax.Array]:
+    """Scores of several stacks that share ``n``, their assignments solved in one call.
+
+    Args:
+      stacks: ``(xs, ys)`` pairs, each ``(g_i, n, d_i)``, float, one dtype.
+      covariance, ridge, solver, sinkhorn_epsilon: as in :func:`affjax.affinity_score`
+        (checked by the caller).
+      devices: from :func:`device_tuple`, or ``None`` for every device (or the
+        caller's mesh inside its ``jit``).
+
+    Returns:
+      One ``(g_i,)`` array of scores per stack.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> xs = jax.random.normal(jax.random.key(0), (2, 32, 3), jnp.float32)
+      >>> a, b = score_stacks([(xs, jnp.tanh(xs)), (xs[:, :, :2], 2.0 * xs[:, :, :2])],
+      ...                     covariance="empirical", ridge=1e-6, solver="auto",
+      ...                     sinkhorn_epsilon=1e-2, devices=None)
+      >>> a.shape, b.round(4).tolist()
+      ((2,), [1.0, 1.0])
+    """
+    n = stacks[0][0].shape[1]
+    placement = _placement(devices, stacks[0][0])
+    out: list[Any] = [None] * len(stacks)
+    fitted: list[tuple[int, StackFit, jax.Array]] = []
+    assignment_solver = None
+    carry: Any = ()
+    for i, (xs, ys) in enumerate(stacks):
+        # One stack after the other, so that the stacks' LAPACK calls don't compete for
+        # XLA:CPU's thread pool (docs/signatures.md): eager, each stage is waited for.
+        if isinstance(xs, jax.core.Tracer):
+            xs, ys, carry = jax.lax.optimization_barrier((xs, ys, carry))
+        concrete = transport.resolve_solver(solver, n, xs.shape[2])
+        if concrete in ASSIGNMENT_SOLVERS:
+            assignment_solver = concrete
+            fit, costs = _settle(_run("fits", (covariance, ridge), placement, xs, ys))
+            fitted.append((i, fit, costs))
+            carry = costs
+        else:
+            out[i] = _settle(_run("scores", (covariance, ridge, solver, float(sinkhorn_epsilon)),
+                                  placement, xs, ys))
+            carry = out[i]
+    if fitted:
+        costs = jnp.concatenate([c for _, _, c in fitted]) if len(fitted) > 1 else fitted[0][2]
+        permutations, solved = _run("assign", (assignment_solver,), placement, costs)
+        start = 0
+        for i, fit, c in fitted:
+            g = c.shape[0]
+            out[i] = scores_from_matchings(fit, permutations[start:start + g],
+                                           solved[start:start + g])
+            start += g
+    return out
