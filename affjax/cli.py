@@ -5,8 +5,11 @@ saved after every batch and resumable), ``plot``, ``compare``, ``models``, ``dat
 ``reproduce`` (the paper's published small experiments). Run ``affjax COMMAND --help``.
 
 Errors caused by the input (unknown names, missing files, datasets not prepared, batch sizes,
-unwritable folders, results of another run) are one paragraph on stderr and exit status 2;
-an interruption (Ctrl-C) exits with 130 after saying how to resume.
+unwritable folders, results of another run) and a missing optional dependency (named with the
+extra that installs it) are one paragraph on stderr and exit status 2; an interruption
+(Ctrl-C) exits with 130 after saying how to resume. The signature itself needs only the core
+dependencies: without tqdm a line per batch replaces the progress bars, and without
+matplotlib ``signature`` and ``compare`` skip their figures with a note.
 """
 
 from __future__ import annotations
@@ -48,6 +51,83 @@ class _StopRequested(Exception):
 
 def _fail(message: str) -> CliError:
     return CliError(message)
+
+
+# Optional dependencies: top-level module -> (pip package, affjax extra, what needs it).
+OPTIONAL_MODULES: dict[str, tuple[str, str, str]] = {
+    "torch": ("torch", "torch", "reading a torch weights file (.pth and the like; a "
+              ".safetensors file needs no torch)"),
+    "tensorflow_datasets": ("tensorflow-datasets", "data", "TFDS datasets"),
+    "tensorflow": ("tensorflow", "data", "TFDS datasets"),
+    "PIL": ("pillow", "data", "reading image files"),
+    "matplotlib": ("matplotlib", "cli", "drawing figures"),
+    "tqdm": ("tqdm", "cli", "progress bars"),
+}
+
+
+def _missing_optional(error: BaseException) -> ImportError | None:
+    """The failed import of an optional module (see ``OPTIONAL_MODULES``) behind ``error``.
+
+    Follows the chain of causes and contexts, so an ImportError re-raised with another
+    message (``raise ImportError(...) from None`` keeps the original as its context) is
+    traced to the module too. ``None`` when no optional module is involved.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ImportError) and e.name and e.name.split(".")[0] in OPTIONAL_MODULES:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _missing_message(error: ImportError) -> str:
+    package, extra, purpose = OPTIONAL_MODULES[str(error.name).split(".")[0]]
+    return (f"{purpose} needs the optional package {package}, which cannot be imported here "
+            f"({' '.join(str(error).split())}). Install it with: pip install 'affjax[{extra}]'.")
+
+
+def _optional_figure(draw: Any, what: str) -> bool:
+    """Call ``draw()``; without matplotlib print a note on stderr instead. Whether it drew."""
+    try:
+        draw()
+    except ImportError as e:
+        missing = _missing_optional(e)
+        if missing is None or not str(missing.name).startswith("matplotlib"):
+            raise
+        print(f"note: no {what}: drawing it needs matplotlib, which is not installed (pip "
+              "install 'affjax[cli]').", file=sys.stderr)
+        return False
+    return True
+
+
+class _LineProgress:
+    """Progress without tqdm: one line on stderr per finished batch."""
+
+    def __init__(self, total: int | None, initial: int, disable: bool):
+        self.total, self.n, self.disable = total, initial, disable
+        self.start = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if not self.disable:
+            of = "" if self.total is None else f"/{self.total}"
+            print(f"batches: {self.n}{of} done, {time.perf_counter() - self.start:.1f} s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _batch_progress(total: int | None, initial: int, enabled: bool) -> Any:
+    """The outer progress bar: tqdm's, or a line per batch where tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _LineProgress(total, initial, disable=not enabled)
+    return tqdm(total=total, initial=initial, desc="batches", unit="batch", file=sys.stderr,
+                disable=not enabled)
 
 
 def _model_api() -> Any:
@@ -244,12 +324,21 @@ def _chunked_capture(capture: Any, variables: Any, images: Any, chunk: int) -> t
     return layers, sparsities
 
 
+def _group_progress(groups: list, enabled: bool, label: str) -> Any:
+    """The inner progress bar over layer groups (tqdm's; none where tqdm is not installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return groups
+    return tqdm(groups, desc=f"{label}: layer groups", unit="group", leave=False,
+                file=sys.stderr, disable=not enabled)
+
+
 def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str, metrics: bool,
                      progress: bool, label: str,
                      forward_chunk: int = DEFAULT_FORWARD_CHUNK) -> list[dict]:
     """Scores (and metrics) of every activation call on one batch, one dict per layer."""
     import numpy as np
-    from tqdm import tqdm
 
     from affjax.metrics import layer_metrics
     from affjax.signature import score_layers
@@ -265,9 +354,7 @@ def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str
     for i, layer in enumerate(layers):
         groups[(layer.x.shape, str(layer.x.dtype), str(layer.y.dtype))].append(i)
     scores = np.zeros(len(layers))
-    bar = tqdm(groups.values(), desc=f"{label}: layer groups", unit="group", leave=False,
-               file=sys.stderr, disable=not progress)
-    for idx in bar:
+    for idx in _group_progress(list(groups.values()), progress, label):
         out = score_layers([layers[i] for i in idx], covariance=covariance)
         scores[idx] = np.asarray(out, np.float64)
     rows = []
@@ -346,13 +433,14 @@ def _finish(result: dict, json_path: Path) -> None:
     from affjax.plot import plot_signature
 
     png = json_path.with_suffix(".png")
-    plot_signature(result, png)
+    drawn = _optional_figure(lambda: plot_signature(result, png), f"plot {png.name}")
     print(_table(result))
     seconds = result["timing"].get("seconds")  # hand-made files may leave it out
     compute = "" if seconds is None else f", {seconds:.1f} s of compute"
     print(f"\n{len(result['layers'])} activation calls, {len(result['batch_indices'])} batch(es) "
           f"of {result['batch_size']}{compute}")
-    print(f"wrote {json_path}, {json_path.with_suffix('.csv')}, {png}")
+    written = [json_path, json_path.with_suffix(".csv")] + ([png] if drawn else [])
+    print(f"wrote {', '.join(str(p) for p in written)}")
 
 
 def _new_result(args: argparse.Namespace, num_examples: int | None) -> dict:
@@ -426,8 +514,6 @@ def _normalise_args(args: argparse.Namespace) -> None:
 
 
 def _signature(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from affjax import data
 
     _normalise_args(args)
@@ -472,8 +558,7 @@ def _signature(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     done = list(result["batch_indices"])
     todo = args.selection.indices(dataset.num_batches(args.batch_size))
-    bar = tqdm(total=None if todo is None else len(todo), initial=len(done), desc="batches",
-               unit="batch", file=sys.stderr, disable=not args.progress)
+    bar = _batch_progress(None if todo is None else len(todo), len(done), args.progress)
     new = 0
     try:
         for index, images in dataset.batches(args.batch_size, args.selection, skip=done):
@@ -588,10 +673,13 @@ def _compare(args: argparse.Namespace) -> int:
     for label, names in out["dropped"].items():
         print(f"\n{label}: left out {len(names)} layers with a NaN score: {', '.join(names)}")
     png = folder / "compare_dendrogram.png"
-    out["linkage"] = plot_dendrogram(labels, out["dtw"], png, method=args.linkage).tolist()
+    link = compare.linkage(out["dtw"], method=args.linkage)
+    drawn = _optional_figure(
+        lambda: plot_dendrogram(labels, out["dtw"], png, method=args.linkage), png.name)
+    out["linkage"] = link.tolist()
     out["files"] = [str(p) for p in args.results]
     results.atomic_write_text(folder / "compare.json", json.dumps(out, indent=1) + "\n")
-    print(f"\nwrote {folder / 'compare.json'}, {png}")
+    print(f"\nwrote {folder / 'compare.json'}" + (f", {png}" if drawn else ""))
     return 0
 
 
@@ -712,6 +800,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CliError, DataError, ResultsError, AccuracyError) as e:
         _report(args.command, str(e))
+        return EXIT_USAGE
+    except ImportError as e:
+        missing = _missing_optional(e)
+        if missing is None:
+            raise
+        _report(args.command, _missing_message(missing))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

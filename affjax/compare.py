@@ -202,6 +202,26 @@ def correlations(stats: Mapping[str, Mapping[str, float]], accuracy: Mapping[str
     return out
 
 
+def linkage(distances: Any, method: str = "average") -> np.ndarray:
+    """Hierarchical clustering of signatures from their distance matrix (SciPy's ``linkage``).
+
+    Args:
+      distances: ``(k, k)`` symmetric matrix with a zero diagonal (e.g. DTW distances).
+      method: a ``scipy.cluster.hierarchy.linkage`` method.
+
+    Returns:
+      The ``(k - 1, 4)`` linkage matrix.
+
+    Example:
+      >>> linkage([[0.0, 1.0, 4.0], [1.0, 0.0, 4.0], [4.0, 4.0, 0.0]]).tolist()
+      [[0.0, 1.0, 1.0, 2.0], [2.0, 3.0, 4.0, 3.0]]
+    """
+    from scipy.cluster.hierarchy import linkage as scipy_linkage
+    from scipy.spatial.distance import squareform
+
+    return scipy_linkage(squareform(np.asarray(distances, float), checks=False), method=method)
+
+
 def compare(results: Sequence[Mapping[str, Any]], labels: Sequence[str], *,
             accuracy: Mapping[str, float] | None = None, nan: str = "raise") -> dict[str, Any]:
     """DTW distance matrix, summary statistics and (optionally) correlations with accuracy.

@@ -112,11 +112,11 @@ def plot_dendrogram(labels: Sequence[str], distances: np.ndarray, path: str | os
       True
     """
     from scipy.cluster.hierarchy import dendrogram
-    from scipy.cluster.hierarchy import linkage
-    from scipy.spatial.distance import squareform
+
+    from affjax.compare import linkage
 
     plt = _pyplot()
-    link = linkage(squareform(np.asarray(distances, float), checks=False), method=method)
+    link = linkage(distances, method)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * len(labels) + 3), 4))
     dendrogram(link, labels=list(labels), ax=ax, leaf_rotation=60)
     ax.set_title(title)

@@ -585,3 +585,125 @@ def test_results_file_of_a_tfds_config_keeps_the_dataset_name(tmp_path):
     (tmp_path / "imgs").mkdir()
     assert cli._results_path(str(tmp_path), "resnet18", str(tmp_path / "imgs")) == (
         tmp_path / "resnet18_imgs.json")
+
+
+# ---------------------------------------------------------------- optional dependencies
+
+
+def _unimportable(monkeypatch, *names):
+    """Make the packages ``names`` (and their submodules) unimportable in this process."""
+    for name in names:
+        for module in [m for m in sys.modules if m.split(".")[0] == name]:
+            monkeypatch.setitem(sys.modules, module, None)
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def _missing_error(capsys, argv, extra):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "\n\n" not in err.strip()
+    msg = " ".join(err.split())
+    assert f"pip install 'affjax[{extra}]'" in msg
+    return msg
+
+
+def test_a_torch_weights_file_without_torch_names_the_extra(tmp_path, capsys, monkeypatch):
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"not read: torch is missing")
+    _unimportable(monkeypatch, "torch")
+    msg = _missing_error(capsys, ["signature", "--no-progress", "--weights", str(weights),
+                                  "--out", str(tmp_path / "o")], "torch")
+    assert "needs the optional package torch" in msg and ".safetensors" in msg
+
+
+def test_datasets_without_tensorflow_datasets_name_the_extra(tiny, tmp_path, capsys,
+                                                             monkeypatch):
+    _unimportable(monkeypatch, "tensorflow_datasets")
+    assert cli.main(["datasets"]) == 0  # the named list needs no TFDS
+    capsys.readouterr()
+    msg = _missing_error(capsys, ["datasets", "--all"], "data")
+    assert "needs the optional package tensorflow-datasets" in msg
+    msg = _missing_error(capsys, ["signature", "--no-progress", "--model", "tiny", "--dataset",
+                                  "cifar10", "--out", str(tmp_path)], "data")
+    assert "'cifar10' needs tensorflow-datasets" in msg
+
+
+def test_an_image_folder_without_pillow_names_the_extra(tiny, tmp_path, capsys, monkeypatch):
+    _image_folder(tmp_path / "imgs", 2)
+    _unimportable(monkeypatch, "PIL")
+    msg = _missing_error(capsys, ["signature", "--no-progress", "--model", "tiny", "--dataset",
+                                  str(tmp_path / "imgs"), "--batch-size", "4", "--out",
+                                  str(tmp_path / "o")], "data")
+    assert "reading image files needs the optional package pillow" in msg
+
+
+def test_signature_and_compare_run_without_the_cli_extra(tiny, tmp_path, capsys, monkeypatch):
+    _unimportable(monkeypatch, "tqdm", "matplotlib")
+    paths = []
+    for model in ("tiny", "tiny3", "tiny"):
+        paths.append(tmp_path / f"{model}{len(paths)}.json")
+        code = cli.main(["signature", "--model", model, "--batch-size", "8", "--batches", "2",
+                         "--seed", str(len(paths)), "--out", str(paths[-1])])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert "batches: 1/2 done" in err and "batches: 2/2 done" in err  # lines, not a bar
+        assert "no plot" in err and "pip install 'affjax[cli]'" in err
+        assert paths[-1].is_file() and paths[-1].with_suffix(".csv").is_file()
+        assert not paths[-1].with_suffix(".png").exists()
+        assert f"wrote {paths[-1]}, {paths[-1].with_suffix('.csv')}\n" in out
+    assert cli.main(["compare", *map(str, paths), "--out", str(tmp_path / "c")]) == 0
+    out, err = capsys.readouterr()
+    assert "no compare_dendrogram.png" in err and "pip install 'affjax[cli]'" in err
+    saved = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert np.asarray(saved["linkage"]).shape == (2, 4)  # the clustering needs no figure
+    assert not (tmp_path / "c" / "compare_dendrogram.png").exists()
+    # `plot` exists to draw: without matplotlib it is a message.
+    msg = _missing_error(capsys, ["plot", str(paths[0])], "cli")
+    assert "drawing figures needs the optional package matplotlib" in msg
+
+
+_BLOCKER = """
+import importlib.abc, sys
+BLOCKED = {"torch", "torchvision", "tensorflow", "tensorflow_datasets", "PIL", "matplotlib",
+           "tqdm"}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Blocker())
+for name in list(sys.modules):
+    if name.split(".")[0] in BLOCKED:
+        del sys.modules[name]
+import types
+import flax.linen as nn, jax, jax.numpy as jnp
+import affjax
+from affjax import cli, models
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(affjax.Activation(nn.relu)(nn.Conv(4, (3, 3))(x)).mean((1, 2)))
+def create(name, *, seed=0, num_classes=1000):
+    module = Tiny()
+    return module, module.init(jax.random.key(seed), jnp.zeros((1, 12, 12, 3)))
+cli._model_api = lambda: types.SimpleNamespace(
+    list_models=lambda: ["tiny"], create=create,
+    eval_transform=lambda name: models.EvalTransform(resize_size=16, crop_size=12))
+cli.run()
+"""
+
+
+def test_the_command_needs_no_optional_package(tmp_path):
+    # A fresh process in which none of the extras' packages can be imported, as after
+    # `pip install affjax`: the main job runs, the figure is skipped with a note.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "blocked.py"
+    script.write_text(_BLOCKER)
+    env = dict(os.environ, PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, str(script), "signature", "--model", "tiny",
+                           "--batch-size", "4", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "batches: 1/1 done" in proc.stderr and "no plot" in proc.stderr
+    assert (tmp_path / "o" / "tiny_random.json").is_file()
+    assert "Activation_0:0" in proc.stdout  # the table
