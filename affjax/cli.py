@@ -15,7 +15,9 @@ matplotlib ``signature`` and ``compare`` skip their figures with a note.
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
+import errno
 import functools
 import math
 import os
@@ -219,12 +221,27 @@ def _results_path(out: str, model: str, dataset: str) -> Path:
     return Path(out) / f"{stem}.json"
 
 
-def _check_writable(folder: Path) -> None:
+def _check_writable(folder: Path, *, create: bool = False) -> None:
+    """Stop unless files can be written in ``folder``, or in it once created.
+
+    A missing folder is only made with ``create``: ``signature`` makes it when it saves its
+    first batch, so a run that fails before then leaves nothing behind.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".affjax-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            existing = folder
+        if existing == folder:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".affjax-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        else:  # the folders to make must be creatable here
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".affjax-probe-"))
     except OSError as e:
         raise _fail(f"output folder {folder} is not writable ({e.strerror or e}): choose "
                     "another with --out.") from None
@@ -369,7 +386,11 @@ def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str
 
 
 def _merge_batch(result: dict, index: int, rows: list[dict], seconds: float) -> None:
-    """Append one batch's per-layer values to the results object and refresh the summaries."""
+    """Add one batch's per-layer values to the results object and refresh the summaries.
+
+    Per-batch lists stay in batch order (``batch_indices`` ascending), so a run extended
+    to more batches equals one that selected them from the start.
+    """
     from affjax.metrics import METRIC_NAMES
     from affjax.results import summarise
 
@@ -379,18 +400,19 @@ def _merge_batch(result: dict, index: int, rows: list[dict], seconds: float) -> 
     names = [layer["name"] for layer in result["layers"]]
     if names != [r["name"] for r in rows]:
         raise RuntimeError(f"batch {index} gives different activation calls than the saved ones")
+    at = bisect.bisect(result["batch_indices"], index)
     for layer, row in zip(result["layers"], rows, strict=True):
-        layer["scores"].append(row["score"])
+        layer["scores"].insert(at, row["score"])
         layer["score"], layer["std"] = summarise(layer["scores"])
         if "metrics" in row:
             metrics = layer.setdefault("metrics", {m: {"values": []} for m in METRIC_NAMES})
             for m in METRIC_NAMES:
-                metrics[m]["values"].append(row["metrics"][m])
+                metrics[m]["values"].insert(at, row["metrics"][m])
                 metrics[m]["mean"], metrics[m]["std"] = summarise(metrics[m]["values"])
-    result["batch_indices"].append(index)
     timing = result["timing"]
-    timing.setdefault("batch_seconds", [0.0] * (len(result["batch_indices"]) - 1))  # hand-made
-    timing["batch_seconds"].append(seconds)
+    timing.setdefault("batch_seconds", [0.0] * len(result["batch_indices"]))  # hand-made
+    result["batch_indices"].insert(at, index)
+    timing["batch_seconds"].insert(at, seconds)
     timing["seconds"] = float(sum(timing["batch_seconds"]))
     timing["updated"] = _now()
 
@@ -399,6 +421,7 @@ def _save(result: dict, json_path: Path) -> None:
     from affjax import results
 
     try:
+        json_path.parent.mkdir(parents=True, exist_ok=True)  # first save: the folder is new
         results.atomic_write_text(json_path, results.to_json(result))
         results.atomic_write_text(json_path.with_suffix(".csv"), results.to_csv(result))
     except OSError as e:  # the atomic write leaves the file as it was before this write
@@ -429,18 +452,24 @@ def _table(result: dict) -> str:
     return text
 
 
-def _finish(result: dict, json_path: Path) -> None:
+def _finish(result: dict, json_path: Path, *, saved: bool = True) -> None:
+    """Draw the PNG and print the table. ``saved=False``: the files are as they were (the PNG
+    is drawn only if it is missing)."""
     from affjax.plot import plot_signature
 
+    files = [json_path, json_path.with_suffix(".csv")]
     png = json_path.with_suffix(".png")
-    drawn = _optional_figure(lambda: plot_signature(result, png), f"plot {png.name}")
+    if saved or not png.exists():
+        if _optional_figure(lambda: plot_signature(result, png), f"plot {png.name}"):
+            files.append(png)
+    else:
+        files.append(png)
     print(_table(result))
     seconds = result["timing"].get("seconds")  # hand-made files may leave it out
     compute = "" if seconds is None else f", {seconds:.1f} s of compute"
     print(f"\n{len(result['layers'])} activation calls, {len(result['batch_indices'])} batch(es) "
           f"of {result['batch_size']}{compute}")
-    written = [json_path, json_path.with_suffix(".csv")] + ([png] if drawn else [])
-    print(f"wrote {', '.join(str(p) for p in written)}")
+    print(f"{'wrote' if saved else 'results in'} {', '.join(str(p) for p in files)}")
 
 
 def _new_result(args: argparse.Namespace, num_examples: int | None) -> dict:
@@ -456,7 +485,17 @@ def _new_result(args: argparse.Namespace, num_examples: int | None) -> dict:
             "layers": []}
 
 
+# Options a results file is tied to; --batches may grow to include more batches.
+_FIXED_KEYS = ("model", "weights", "dataset", "split", "batch_size", "covariance", "metrics",
+               "seed")
+
+
 def _resume(json_path: Path, args: argparse.Namespace) -> dict | None:
+    """The saved results of this run, or ``None`` for a new run.
+
+    A saved file continues when its run options equal this run's and ``--batches`` selects
+    every batch it holds (the same selection, or a larger one: the new batches are added).
+    """
     from affjax import results
 
     if args.overwrite or not json_path.exists():
@@ -467,14 +506,27 @@ def _resume(json_path: Path, args: argparse.Namespace) -> dict | None:
         saved = results.load(json_path)
     except results.ResultsError as e:
         raise _fail(f"{e}. Choose another --out, or pass --overwrite to replace it.") from None
-    wanted = {k: getattr(args, k) for k in results.RUN_KEYS}
-    diff = [f"{k} {saved.get(k)!r} (this run: {wanted[k]!r})" for k in results.RUN_KEYS
-            if saved.get(k) != wanted[k]]
+    diff = [f"{k} {saved.get(k)!r} (this run: {getattr(args, k)!r})" for k in _FIXED_KEYS
+            if saved.get(k) != getattr(args, k)]
     if diff:
         raise _fail(f"results file {json_path} belongs to another run: it has "
                     f"{'; '.join(diff)}. Resume with the same options, choose another --out, or "
                     "pass --overwrite to start again.")
+    sel = args.selection
+    outside = [i for i in saved["batch_indices"]
+               if i < sel.start or (sel.stop is not None and i >= sel.stop)]
+    if outside:
+        raise _fail(f"results file {json_path} holds batch(es) {_listing(outside)}, which "
+                    f"--batches {args.batches} does not select (it was run with --batches "
+                    f"{saved['batches']}). Resume with a selection that includes them (its "
+                    "new batches are added), choose another --out, or pass --overwrite to "
+                    "start again.")
     return saved
+
+
+def _listing(indices: list[int], most: int = 8) -> str:
+    shown = ", ".join(str(i) for i in indices[:most])
+    return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")
 
 
 def _normalise_args(args: argparse.Namespace) -> None:
@@ -523,41 +575,49 @@ def _signature(args: argparse.Namespace) -> int:
     _check_writable(json_path.parent)
     result = _resume(json_path, args)
     transform = api.eval_transform(args.model)
-    complete = result is not None and result["complete"]
+    # A finished file asked for its own batches is shown, even without its data.
+    finished = (result is not None and result["complete"]
+                and result["batches"] == args.batches)
     try:
         dataset = data.load_dataset(args.dataset, transform, split=args.split,
                                     data_dir=args.data_dir, download=args.download,
                                     manual_dir=args.manual_dir, seed=args.seed)
     except data.DataError as e:
-        if not complete:
+        if not finished:
             raise
         # A finished result is shown without its data (moved, or not prepared here).
         print(f"note: cannot check that {args.dataset} is unchanged ({e})", file=sys.stderr)
         dataset = None
-    # A finished file too: with examples added, "complete" would leave new batches out.
-    if (result is not None and dataset is not None
-            and result.get("num_examples") != dataset.num_examples()):
-        raise _fail(f"results file {json_path} was computed on {result.get('num_examples')} "
-                    f"examples of {args.dataset}, which now has {dataset.num_examples()}: "
-                    "its batches would not be the same images. Choose another --out, or "
-                    "pass --overwrite to start again.")
-    if complete:
+    todo = None
+    if dataset is not None:
+        # A finished file too: with examples added, "complete" would leave new batches out.
+        if result is not None and result.get("num_examples") != dataset.num_examples():
+            raise _fail(f"results file {json_path} was computed on "
+                        f"{result.get('num_examples')} examples of {args.dataset}, which now "
+                        f"has {dataset.num_examples()}: its batches would not be the same "
+                        "images. Choose another --out, or pass --overwrite to start again.")
+        dataset.check_selection(args.batch_size, args.selection)  # before any file is written
+        todo = args.selection.indices(dataset.num_batches(args.batch_size))
+        finished = finished or (result is not None and result["complete"] and todo is not None
+                                and set(todo) <= set(result["batch_indices"]))
+    if finished:
         print(f"{json_path} is complete ({len(result['batch_indices'])} batches); nothing to "
               "compute (pass --overwrite to recompute).", file=sys.stderr)
-        _save(result, json_path)
-        _finish(result, json_path)
+        _finish(result, json_path, saved=False)
         return 0
     model, variables = _load_model(api, args.model, args.weights, args.seed)
-    dataset.check_selection(args.batch_size, args.selection)  # before any file is written
     if result is None:
-        result = _new_result(args, dataset.num_examples())
-        _save(result, json_path)
+        result = _new_result(args, dataset.num_examples())  # saved with its first batch
+        saved = 0
     else:
-        if result["batch_indices"]:
-            print(f"resuming {json_path}: {len(result['batch_indices'])} batch(es) already done",
-                  file=sys.stderr)
+        saved = len(result["batch_indices"])
+        if result["batches"] != args.batches:
+            print(f"extending {json_path} from --batches {result['batches']} to "
+                  f"{args.batches}: {saved} batch(es) already done", file=sys.stderr)
+            result["batches"], result["complete"] = args.batches, False
+        elif saved:
+            print(f"resuming {json_path}: {saved} batch(es) already done", file=sys.stderr)
     done = list(result["batch_indices"])
-    todo = args.selection.indices(dataset.num_batches(args.batch_size))
     bar = _batch_progress(None if todo is None else len(todo), len(done), args.progress)
     new = 0
     try:
@@ -572,13 +632,13 @@ def _signature(args: argparse.Namespace) -> int:
                                     label=f"batch {index}", forward_chunk=args.forward_chunk)
             _merge_batch(result, index, rows, time.perf_counter() - start)
             _save(result, json_path)
+            saved = len(result["batch_indices"])
             bar.update(1)
             new += 1
     except (KeyboardInterrupt, _StopRequested) as e:
         bar.close()
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped (--stop-after)"
-        print(f"\n{why}: {len(result['batch_indices'])} batch(es) saved in {json_path}; run the "
-              "same command again to resume.", file=sys.stderr)
+        print(f"\n{why}: {_saved_message(saved, json_path)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
         # Ctrl-C inside the scipy assignment's host callback reaches us as JAX's error
@@ -586,14 +646,19 @@ def _signature(args: argparse.Namespace) -> int:
         if not _interrupted_in_callback(e):
             raise
         bar.close()
-        print(f"\ninterrupted: {len(result['batch_indices'])} batch(es) saved in {json_path}; "
-              "run the same command again to resume.", file=sys.stderr)
+        print(f"\ninterrupted: {_saved_message(saved, json_path)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.close()
     result["complete"] = True
     _save(result, json_path)
     _finish(result, json_path)
     return 0
+
+
+def _saved_message(saved: int, json_path: Path) -> str:
+    if not saved:
+        return "no batch had finished, so nothing was written; run the same command to start again."
+    return (f"{saved} batch(es) saved in {json_path}; run the same command again to resume.")
 
 
 # --------------------------------------------------------------------------- plot, compare
@@ -608,7 +673,7 @@ def _plot(args: argparse.Namespace) -> int:
         raise _fail(f"{args.result} holds no batch yet: nothing to plot.")
     default = Path(args.result).with_suffix(".png")
     out = _figure_path(args.out, default.name) if args.out else default
-    _check_writable(out.parent)
+    _check_writable(out.parent, create=True)
     plot_signature(result, out)
     print(f"wrote {out}")
     return 0
@@ -652,7 +717,7 @@ def _compare(args: argparse.Namespace) -> int:
     except ValueError as e:  # AccuracyError included
         raise _fail(str(e)) from None
     folder = Path(args.out)
-    _check_writable(folder)
+    _check_writable(folder, create=True)
     width = max(len(label) for label in labels)
     print(f"{'model':<{width}}  {'layers':>6}  " + "  ".join(f"{s:>13}"
                                                            for s in compare.STATISTICS))

@@ -30,7 +30,8 @@ import csv
 import io
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     r"""Write ``text`` to ``path`` so that readers see the old file or the new one, never half.
 
     The text goes to a temporary file in the same folder (same file system), is flushed to
-    disk, then renamed over ``path`` with ``os.replace`` (atomic on POSIX and Windows).
+    disk, then renamed over ``path`` with ``os.replace`` (atomic on POSIX and Windows). A new
+    file gets the mode of any file the process creates (``0o666`` less the umask, as
+    ``open`` gives); a file that exists keeps its mode.
 
     Args:
       path: the file to write; its folder must exist.
@@ -70,11 +73,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
       ('{}\n', ['out.json'])
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        keep_mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        keep_mode = None
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # os.open applies the umask to 0o666, like open(); tempfile.mkstemp would give 0o600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
+            if keep_mode is not None:
+                os.chmod(tmp, keep_mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

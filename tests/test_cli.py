@@ -219,7 +219,7 @@ def test_ctrl_c_inside_the_assignment_callback_is_an_interruption(tiny, tmp_path
     monkeypatch.setattr(cli, "_batch_signature", interrupted)
     code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--out",
                         str(tmp_path / "o"))
-    assert code == 130 and "run the same command again to resume" in err
+    assert code == 130 and "nothing was written" in err
 
     def broken(*a, **k):
         raise ValueError("something else")
@@ -450,7 +450,7 @@ def test_bad_options_fail_before_anything_is_written(tiny, tmp_path, capsys):
         msg = _error(capsys, *(["--model", "tiny"] if "--model" not in args else []),
                      "--batch-size", "8", *args, "--out", str(out))
         assert message in msg
-    assert not out.exists() or not any(out.iterdir())  # no stub blocks the corrected command
+    assert not out.exists()  # no folder, no stub to block the corrected command
     folder = tmp_path / "dir.json"
     folder.mkdir()
     code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(folder))
@@ -460,6 +460,80 @@ def test_bad_options_fail_before_anything_is_written(tiny, tmp_path, capsys):
     msg = _error(capsys, "--model", "tiny", "--batch-size", "8",
                  "--out", str(tmp_path / "bin.json"))
     assert "not a results file" in msg and "--overwrite" in msg
+
+
+def test_files_are_created_with_the_umask_mode(tiny, tmp_path, capsys):
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "r.json"
+        assert _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(out))[0] == 0
+        for suffix in (".json", ".csv", ".png"):  # the JSON and CSV were 0o600
+            assert oct(out.with_suffix(suffix).stat().st_mode & 0o777) == "0o640", suffix
+        # A file that exists keeps its mode when rewritten.
+        os.chmod(out, 0o664)
+        results.atomic_write_text(out, "{}")
+        assert oct(out.stat().st_mode & 0o777) == "0o664"
+    finally:
+        os.umask(old)
+
+
+def test_a_run_failing_before_its_first_batch_leaves_nothing(tiny, tmp_path, capsys,
+                                                            monkeypatch):
+    out = tmp_path / "new" / "deeper"
+
+    def broken(*a, **k):
+        raise RuntimeError("the forward pass failed")
+
+    monkeypatch.setattr(cli, "_batch_signature", broken)
+    with pytest.raises(RuntimeError, match="forward pass failed"):
+        _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(out))
+    assert not (tmp_path / "new").exists()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_batch_signature", interrupted)
+    code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(out))
+    assert code == 130 and "nothing was written" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_finished_run_adds_new_batches_and_leaves_its_files_alone(tiny, tmp_path, capsys,
+                                                                     monkeypatch):
+    args = ["--model", "tiny", "--batch-size", "8", "--metrics"]
+    out = tmp_path / "r.json"
+    assert _run(capsys, *args, "--batches", "1", "--out", str(out))[0] == 0
+    real, calls = cli._batch_signature, []
+
+    def counted(*a, **k):
+        calls.append(k["label"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, "_batch_signature", counted)
+    code, _, err = _run(capsys, *args, "--batches", "3", "--out", str(out))
+    assert code == 0 and "extending" in err, err
+    assert calls == ["batch 1", "batch 2"]  # batch 0 is not recomputed
+    assert _run(capsys, *args, "--batches", "3", "--out", str(tmp_path / "fresh.json"))[0] == 0
+    grown, fresh = (json.loads(p.read_text()) for p in (out, tmp_path / "fresh.json"))
+    assert grown["batches"] == "3" and grown["complete"]
+    for key in ("timing", "versions"):
+        grown.pop(key), fresh.pop(key)
+    assert grown == fresh  # bit for bit, as if --batches 3 had been asked from the start
+    # Nothing new to do: no file is rewritten (nor recomputed).
+    files = [out.with_suffix(s) for s in (".json", ".csv", ".png")]
+    for f in files:
+        os.utime(f, ns=(10**9, 10**9))
+    calls.clear()
+    code, printed, err = _run(capsys, *args, "--batches", "3", "--out", str(out))
+    assert code == 0 and "is complete" in err and "results in" in printed
+    assert calls == [] and [f.stat().st_mtime_ns for f in files] == [10**9] * 3
+    # A selection leaving saved batches out is refused, as are other options.
+    msg = _error(capsys, *args, "--batches", "@3", "--out", str(out))
+    assert "holds batch(es) 0, 1, 2, which --batches @3 does not select" in msg
+    msg = _error(capsys, *args, "--batches", "4", "--covariance", "ledoit_wolf",
+                 "--out", str(out))
+    assert "belongs to another run" in msg and "covariance 'empirical'" in msg
+    assert calls == []
 
 
 def test_a_finished_file_without_timing_is_reported(tiny, tmp_path, capsys):
@@ -615,6 +689,7 @@ def test_a_torch_weights_file_without_torch_names_the_extra(tmp_path, capsys, mo
     msg = _missing_error(capsys, ["signature", "--no-progress", "--weights", str(weights),
                                   "--out", str(tmp_path / "o")], "torch")
     assert "needs the optional package torch" in msg and ".safetensors" in msg
+    assert not (tmp_path / "o").exists()
 
 
 def test_datasets_without_tensorflow_datasets_name_the_extra(tiny, tmp_path, capsys,
