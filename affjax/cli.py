@@ -726,15 +726,14 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"{label:<{width}}  {len(r['layers']) - len(out['dropped'].get(label, ())):>6}  "
               + "  ".join(f"{st[s]:>13.4f}" for s in compare.STATISTICS))
     print("\nDTW distances")
-    print(" " * width + "  " + "  ".join(f"{i:>8}" for i in range(len(labels))))
+    columns = [max(8, len(label)) for label in labels]
+    print(" " * width + "  " + "  ".join(f"{label:>{w}}"
+                                         for label, w in zip(labels, columns, strict=True)))
     for i, label in enumerate(labels):
-        print(f"{label:<{width}}  " + "  ".join(f"{v:>8.3f}" for v in out["dtw"][i]))
+        print(f"{label:<{width}}  " + "  ".join(
+            f"{v:>{w}.3f}" for v, w in zip(out["dtw"][i], columns, strict=True)))
     if out["correlations"] is not None:
-        print(f"\ncorrelation with accuracy ({len(labels)} models)")
-        print(f"{'statistic':<14} {'pearson':>8} {'p':>8} {'spearman':>9} {'p':>8}")
-        for s, c in out["correlations"].items():
-            print(f"{s:<14} {c['pearson']:>8.3f} {c['pearson_p']:>8.3f} {c['spearman']:>9.3f} "
-                  f"{c['spearman_p']:>8.3f}")
+        _print_correlations(out["correlations"], len(labels))
     for label, names in out["dropped"].items():
         print(f"\n{label}: left out {len(names)} layers with a NaN score: {', '.join(names)}")
     png = folder / "compare_dendrogram.png"
@@ -746,6 +745,27 @@ def _compare(args: argparse.Namespace) -> int:
     results.atomic_write_text(folder / "compare.json", json.dumps(out, indent=1) + "\n")
     print(f"\nwrote {folder / 'compare.json'}" + (f", {png}" if drawn else ""))
     return 0
+
+
+def _print_correlations(correlations: dict, n: int) -> None:
+    from affjax import compare
+
+    exact = all(c["p_method"] == "exact" for c in correlations.values())
+    how = (f"exact permutation p-values over all {n}! = {math.factorial(n)} pairings" if exact
+           else "large-sample p-values of scipy.stats.pearsonr and spearmanr")
+    print(f"\ncorrelation with accuracy ({n} models; {how})")
+    print(f"{'statistic':<14} {'pearson':>8} {'p':>8} {'spearman':>9} {'p':>8}")
+    for s, c in correlations.items():
+        print(f"{s:<14} {c['pearson']:>8.3f} {_p_text(c['pearson_p']):>8} "
+              f"{c['spearman']:>9.3f} {_p_text(c['spearman_p']):>8}")
+    smallest = compare.smallest_p_value(n)
+    if exact and smallest > 0.05:
+        print(f"warning: with {n} models the smallest possible p-value is {smallest:.3f}: no "
+              "correlation can be significant at the 0.05 level.", file=sys.stderr)
+
+
+def _p_text(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"  # NaN compares False: "nan"
 
 
 # --------------------------------------------------------------------------- parser, main

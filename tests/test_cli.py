@@ -293,14 +293,22 @@ def test_plot_and_compare(tiny, tmp_path, capsys):
     assert cli.main(["plot", paths[0], "--out", str(tmp_path / "figs") + "/"]) == 0
     assert (tmp_path / "figs" / "r1.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "figs.png").exists()
-    acc = tmp_path / "acc.json"
-    acc.write_text(json.dumps({"r1": 60.0, "r2": 70.0, "r3": 65.0}))
+    acc = tmp_path / "acc.csv"
+    acc.write_text("r1,60.0\nr2,70.0\nr3,65.0\n")  # no header: the first row is a model
     capsys.readouterr()
     assert cli.main(["compare", *paths, "--accuracy", str(acc), "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "DTW distances" in out and "correlation with accuracy" in out
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    dtw_head = lines[lines.index("DTW distances") + 1]
+    assert dtw_head.split() == ["r1", "r2", "r3"]  # the matrix's columns are named
+    assert [line.split()[0] for line in lines[lines.index("DTW distances") + 2:][:3]] == [
+        "r1", "r2", "r3"]
+    assert "exact permutation p-values over all 3! = 6 pairings" in out
+    assert "smallest possible p-value is 0.333" in " ".join(err.split())
     cmp_ = json.loads((tmp_path / "compare.json").read_text())
     assert cmp_["labels"] == ["r1", "r2", "r3"]  # model names repeat: the file stems are used
+    assert cmp_["correlations"]["mean"]["p_method"] == "exact"
+    assert cmp_["correlations"]["mean"]["spearman_p"] >= 1 / 3 - 1e-12
     sigs = [[la["score"] for la in json.loads(open(p).read())["layers"]] for p in paths]
     np.testing.assert_allclose(cmp_["dtw"], metrics.dtw_matrix(sigs), atol=1e-12)
     assert cmp_["statistics"]["r2"]["max"] == pytest.approx(max(sigs[1]))
