@@ -435,10 +435,11 @@ def _table(result: dict) -> str:
     from affjax.signature import Signature
 
     layers = result["layers"]
+    spread = len(result["batch_indices"]) > 1  # no std column for one batch
     sig = Signature(names=[la["name"] for la in layers], kinds=[la["kind"] for la in layers],
                     scores=np.array([la["score"] for la in layers]),
                     dims=[la["dim"] for la in layers],
-                    std=np.array([la["std"] for la in layers]))
+                    std=np.array([la["std"] for la in layers]) if spread else None)
     text = str(sig)
     if layers and "metrics" in layers[0]:
         from affjax.metrics import METRIC_NAMES

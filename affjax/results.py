@@ -291,7 +291,8 @@ def to_csv(result: Mapping[str, Any]) -> str:
 
     Returns:
       CSV text with a header row; floats are written with ``repr`` (no rounding),
-      per-batch columns are named ``batch_<index>``.
+      per-batch columns are named ``batch_<index>``. With one batch there is no ``std``
+      column (a spread over one batch is not a measurement; the JSON keeps its 0).
 
     Example:
       >>> result = {"format": FORMAT, **dict.fromkeys(RUN_KEYS), "batch_indices": [0, 1],
@@ -301,15 +302,24 @@ def to_csv(result: Mapping[str, Any]) -> str:
       >>> print(to_csv(result), end="")
       index,name,kind,dim,score,std,batch_0,batch_1
       0,relu:0,relu,4,0.9,0.01,0.89,0.91
+      >>> one = {**result, "batch_indices": [0], "layers": [
+      ...     {"name": "relu:0", "kind": "relu", "dim": 4, "score": 0.9, "std": 0.0,
+      ...      "scores": [0.9]}]}
+      >>> print(to_csv(one), end="")
+      index,name,kind,dim,score,batch_0
+      0,relu:0,relu,4,0.9,0.9
     """
     layers = result["layers"]
     metric_names = list(layers[0].get("metrics", {})) if layers else []
     batch_cols = [f"batch_{b}" for b in result["batch_indices"]]
+    spread = len(batch_cols) > 1
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["index", "name", "kind", "dim", "score", "std", *metric_names, *batch_cols])
+    w.writerow(["index", "name", "kind", "dim", "score", *(["std"] if spread else []),
+                *metric_names, *batch_cols])
     for i, layer in enumerate(layers):
         means = [repr(layer["metrics"][m]["mean"]) for m in metric_names]
         w.writerow([i, layer["name"], layer["kind"], layer["dim"], repr(layer["score"]),
-                    repr(layer["std"]), *means, *(repr(s) for s in layer["scores"])])
+                    *([repr(layer["std"])] if spread else []), *means,
+                    *(repr(s) for s in layer["scores"])])
     return buf.getvalue()

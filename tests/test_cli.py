@@ -336,6 +336,81 @@ def test_plot_and_compare(tiny, tmp_path, capsys):
     assert "given twice" in capsys.readouterr().err
 
 
+def _drawn_figures(monkeypatch):
+    """The figures ``affjax.plot`` saves, kept for inspection."""
+    import matplotlib.figure
+
+    saved = []
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        saved.append(fig)
+        return real(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return saved
+
+
+def _result_of(names, batches):
+    rng = np.random.default_rng(0)
+    layers = []
+    for name in names:
+        scores = rng.uniform(0.6, 1.0, batches).tolist()
+        layers.append({"name": name, "kind": "relu", "dim": 4, "score": float(np.mean(scores)),
+                       "std": float(np.std(scores)), "scores": scores})
+    return {"model": "m", "weights": "random", "dataset": "random", "batch_size": 8,
+            "layers": layers}
+
+
+def test_the_signature_plot_names_its_layers(tmp_path, monkeypatch):
+    from affjax.plot import plot_signature
+
+    figures = _drawn_figures(monkeypatch)
+    names17 = ["relu:0"] + [f"layer{a}.{b}/relu:{c}" for a in range(1, 5) for b in (0, 1)
+                            for c in (0, 1)]
+    plot_signature(_result_of(names17, 1), tmp_path / "a.png")
+    ax = figures[-1].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names17  # every layer, by name
+    assert len(ax.collections) == 1  # one batch: the points (one kind), no std band
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["relu"]
+    plot_signature(_result_of(names17, 3), tmp_path / "b.png")
+    ax = figures[-1].axes[0]
+    assert len(ax.collections) == 2  # the band and the points
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "mean ± std over 3 batches", "relu"]
+    # 151 layers: every layer has a tick, every 2nd a readable name; long names keep their end.
+    names151 = [f"features.denseblock{i // 40}.denselayer{i % 40}/relu{i % 2}:0"
+                for i in range(151)]
+    plot_signature(_result_of(names151, 2), tmp_path / "c.png")
+    ax = figures[-1].axes[0]
+    labels = ax.get_xticklabels()
+    step = round(ax.get_xticks()[1] - ax.get_xticks()[0])
+    assert 2 <= step <= 3 and len(labels) == len(range(0, 151, step))
+    assert [t.get_text() for t in labels][:2] == ["…denseblock0.denselayer0/relu0:0",
+                                                  f"…denseblock0.denselayer{step}/relu{step % 2}:0"]
+    assert min(t.get_fontsize() for t in labels) >= 6
+    ticks = set(ax.get_xticks()) | set(ax.get_xticks(minor=True))
+    assert ticks == set(range(151))
+    from PIL import Image
+
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.size[0] <= 2400  # 20 inches at 120 dpi
+
+
+def test_one_batch_has_no_std_column(tiny, tmp_path, capsys):
+    for batches, spread in (("1", False), ("2", True)):
+        out = tmp_path / f"b{batches}.json"
+        code, printed, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--batches",
+                                  batches, "--out", str(out))
+        assert code == 0, err
+        table_head = next(line for line in printed.splitlines() if "layer" in line)
+        assert ("std" in table_head.split()) == spread
+        csv_head = out.with_suffix(".csv").read_text().splitlines()[0].split(",")
+        assert ("std" in csv_head) == spread
+        saved = results.load(out)  # the JSON keeps std, loadable as before
+        assert all("std" in layer for layer in saved["layers"])
+
+
 def test_models_and_datasets_listings(capsys):
     assert cli.main(["models"]) == 0
     assert "resnet18" in capsys.readouterr().out.split()
