@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import datetime
 import errno
 import functools
@@ -351,47 +352,79 @@ def _group_progress(groups: list, enabled: bool, label: str) -> Any:
                 file=sys.stderr, disable=not enabled)
 
 
+class _StageClock:
+    """Seconds spent in each stage of one batch (``affjax.results.STAGES``).
+
+    ``with clock("forward"): ...`` adds the block's wall time to that stage. A stage ends
+    when its results are on the host (the forward pass is waited for, scores are copied to
+    NumPy), so asynchronous work is counted where it runs.
+    """
+
+    def __init__(self) -> None:
+        from affjax.results import STAGES
+
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Any:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
 def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str, metrics: bool,
-                     progress: bool, label: str,
-                     forward_chunk: int = DEFAULT_FORWARD_CHUNK) -> list[dict]:
-    """Scores (and metrics) of every activation call on one batch, one dict per layer."""
+                     progress: bool, label: str, forward_chunk: int = DEFAULT_FORWARD_CHUNK,
+                     clock: _StageClock | None = None) -> list[dict]:
+    """Scores (and metrics) of every activation call on one batch, one dict per layer.
+
+    ``clock`` receives the time of the forward pass, the scoring and the metrics.
+    """
     import numpy as np
 
     from affjax.metrics import layer_metrics
     from affjax.signature import score_layers
 
+    clock = clock or _StageClock()
     try:
         capture = _jitted_capture(model, metrics)
     except TypeError:  # an unhashable module: compile without the cache
         capture = _jitted_capture.__wrapped__(model, metrics)
     # The forward passes finish before scoring starts: the scoring's LAPACK calls must not run
     # beside another XLA:CPU executable (OpenBLAS has deadlocked under concurrent use here).
-    layers, sparsities = _chunked_capture(capture, variables, images, forward_chunk)
+    with clock("forward"):
+        layers, sparsities = _chunked_capture(capture, variables, images, forward_chunk)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):
         groups[(layer.x.shape, str(layer.x.dtype), str(layer.y.dtype))].append(i)
     scores = np.zeros(len(layers))
-    for idx in _group_progress(list(groups.values()), progress, label):
-        out = score_layers([layers[i] for i in idx], covariance=covariance)
-        scores[idx] = np.asarray(out, np.float64)
+    with clock("score"):
+        for idx in _group_progress(list(groups.values()), progress, label):
+            out = score_layers([layers[i] for i in idx], covariance=covariance)
+            scores[idx] = np.asarray(out, np.float64)
     rows = []
-    for i, layer in enumerate(layers):
-        row = {"name": layer.name, "kind": layer.kind, "dim": int(layer.x.shape[1]),
-               "score": float(scores[i])}
-        if metrics:
-            full = (sparsities[i, 0], sparsities[i, 1])
-            row["metrics"] = layer_metrics(layer.x, layer.y, full_sparsity=full)
-        rows.append(row)
+    with clock("metrics"):
+        for i, layer in enumerate(layers):
+            row = {"name": layer.name, "kind": layer.kind, "dim": int(layer.x.shape[1]),
+                   "score": float(scores[i])}
+            if metrics:
+                full = (sparsities[i, 0], sparsities[i, 1])
+                row["metrics"] = layer_metrics(layer.x, layer.y, full_sparsity=full)
+            rows.append(row)
     return rows
 
 
-def _merge_batch(result: dict, index: int, rows: list[dict], seconds: float) -> None:
+def _merge_batch(result: dict, index: int, rows: list[dict], seconds: float,
+                 stages: dict[str, float | None] | None = None) -> None:
     """Add one batch's per-layer values to the results object and refresh the summaries.
 
     Per-batch lists stay in batch order (``batch_indices`` ascending), so a run extended
-    to more batches equals one that selected them from the start.
+    to more batches equals one that selected them from the start. ``seconds`` is the
+    batch's compute time (forward, scoring, metrics), ``stages`` its time per stage.
     """
     from affjax.metrics import METRIC_NAMES
+    from affjax.results import STAGES
     from affjax.results import summarise
 
     if not result["layers"]:
@@ -410,7 +443,12 @@ def _merge_batch(result: dict, index: int, rows: list[dict], seconds: float) -> 
                 metrics[m]["values"].insert(at, row["metrics"][m])
                 metrics[m]["mean"], metrics[m]["std"] = summarise(metrics[m]["values"])
     timing = result["timing"]
-    timing.setdefault("batch_seconds", [0.0] * len(result["batch_indices"]))  # hand-made
+    before = len(result["batch_indices"])
+    timing.setdefault("batch_seconds", [0.0] * before)  # hand-made
+    # Batches computed without a breakdown (older files) have null stages.
+    breakdown = timing.setdefault("stages", {})
+    for stage in STAGES:
+        breakdown.setdefault(stage, [None] * before).insert(at, (stages or {}).get(stage))
     result["batch_indices"].insert(at, index)
     timing["batch_seconds"].insert(at, seconds)
     timing["seconds"] = float(sum(timing["batch_seconds"]))
@@ -453,9 +491,11 @@ def _table(result: dict) -> str:
     return text
 
 
-def _finish(result: dict, json_path: Path, *, saved: bool = True) -> None:
-    """Draw the PNG and print the table. ``saved=False``: the files are as they were (the PNG
-    is drawn only if it is missing)."""
+def _finish(result: dict, json_path: Path, *, saved: bool = True,
+            new: list[int] | None = None) -> None:
+    """Draw the PNG, print the table and where the time went. ``saved=False``: the files
+    are as they were (the PNG is drawn only if it is missing). ``new``: the batches this
+    run computed."""
     from affjax.plot import plot_signature
 
     files = [json_path, json_path.with_suffix(".csv")]
@@ -470,7 +510,46 @@ def _finish(result: dict, json_path: Path, *, saved: bool = True) -> None:
     compute = "" if seconds is None else f", {seconds:.1f} s of compute"
     print(f"\n{len(result['layers'])} activation calls, {len(result['batch_indices'])} batch(es) "
           f"of {result['batch_size']}{compute}")
+    breakdown = _time_table(result, new or [])
+    if breakdown:
+        print("\n" + breakdown)
     print(f"{'wrote' if saved else 'results in'} {', '.join(str(p) for p in files)}")
+
+
+def _time_table(result: dict, new: list[int]) -> str:
+    """Seconds per batch and stage: this run's first batch (which compiles) and the mean of
+    its others; for a run that computed nothing, the mean over the file's batches."""
+    import numpy as np
+
+    from affjax.results import STAGES
+
+    stages = result["timing"].get("stages")
+    if not stages or not all(s in stages for s in STAGES):
+        return ""
+    position = {b: i for i, b in enumerate(result["batch_indices"])}
+
+    def column(batches: list[int]) -> list[float] | None:
+        rows = [[stages[s][position[b]] for s in STAGES] for b in batches]
+        rows = [r for r in rows if None not in r]
+        return list(np.mean(rows, axis=0)) if rows else None
+
+    if new:
+        columns = [(f"batch {new[0]}", column(new[:1]))]
+        if len(new) > 1:
+            columns.append((f"mean of {len(new) - 1} more", column(new[1:])))
+        title = "time per batch (s): this run's first batch includes compiling"
+    else:
+        columns = [(f"mean of {len(position)}", column(list(position)))]
+        title = "time per batch (s), as saved"
+    columns = [(name, values) for name, values in columns if values is not None]
+    if not columns:
+        return ""
+    width = max(len(name) for name, _ in columns) + 2
+    lines = [title, f"{'stage':<10}" + "".join(f"{name:>{width}}" for name, _ in columns)]
+    for i, stage in enumerate(STAGES):
+        lines.append(f"{stage:<10}" + "".join(f"{v[i]:>{width}.3f}" for _, v in columns))
+    lines.append(f"{'total':<10}" + "".join(f"{sum(v):>{width}.3f}" for _, v in columns))
+    return "\n".join(lines)
 
 
 def _new_result(args: argparse.Namespace, num_examples: int | None) -> dict:
@@ -620,26 +699,47 @@ def _signature(args: argparse.Namespace) -> int:
             print(f"resuming {json_path}: {saved} batch(es) already done", file=sys.stderr)
     done = list(result["batch_indices"])
     bar = _batch_progress(None if todo is None else len(todo), len(done), args.progress)
-    new = 0
+    new: list[int] = []
+    write_pending = False  # the last batch's write time is not on disk yet
     try:
-        for index, images in dataset.batches(args.batch_size, args.selection, skip=done):
+        stream = dataset.batches(args.batch_size, args.selection, skip=done, prepare=False)
+        while True:
+            clock = _StageClock()
+            with clock("load"):
+                item = next(stream, None)
+            if item is None:
+                break
             # Checked before the next batch, so a run whose last batch was the last to do
             # finishes (complete, plotted) instead of asking to be resumed.
-            if args.stop_after is not None and new >= args.stop_after:
+            if args.stop_after is not None and len(new) >= args.stop_after:
                 raise _StopRequested
-            start = time.perf_counter()
+            index, raw = item
+            with clock("transform"):
+                images = dataset.prepare(raw)
             rows = _batch_signature(model, variables, images, covariance=args.covariance,
                                     metrics=args.metrics, progress=args.progress,
-                                    label=f"batch {index}", forward_chunk=args.forward_chunk)
-            _merge_batch(result, index, rows, time.perf_counter() - start)
-            _save(result, json_path)
-            saved = len(result["batch_indices"])
+                                    label=f"batch {index}", forward_chunk=args.forward_chunk,
+                                    clock=clock)
+            compute = sum(clock.seconds[k] for k in ("forward", "score", "metrics"))
+            stages = {**clock.seconds, "write": None}  # measured by the save below
+            _merge_batch(result, index, rows, compute, stages)
+            with clock("write"):
+                _save(result, json_path)
+            # On disk with the next save (the next batch's, or the run's last).
+            result["timing"]["stages"]["write"][result["batch_indices"].index(index)] = (
+                clock.seconds["write"])
+            saved, write_pending = len(result["batch_indices"]), True
+            new.append(index)
             bar.update(1)
-            new += 1
-    except (KeyboardInterrupt, _StopRequested) as e:
+    except _StopRequested:
         bar.close()
-        why = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped (--stop-after)"
-        print(f"\n{why}: {_saved_message(saved, json_path)}", file=sys.stderr)
+        if write_pending:
+            _save(result, json_path)
+        print(f"\nstopped (--stop-after): {_saved_message(saved, json_path)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted: {_saved_message(saved, json_path)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
         # Ctrl-C inside the scipy assignment's host callback reaches us as JAX's error
@@ -652,7 +752,7 @@ def _signature(args: argparse.Namespace) -> int:
     bar.close()
     result["complete"] = True
     _save(result, json_path)
-    _finish(result, json_path)
+    _finish(result, json_path, new=new)
     return 0
 
 

@@ -13,7 +13,9 @@ A results file is one JSON object (``FORMAT`` = ``"affjax-signature/1"``)::
                    "python": ..., "tensorflow_datasets": ...},
       "device": "cpu",
       "timing": {"started": ISO-8601, "updated": ISO-8601, "seconds": total compute,
-                 "batch_seconds": [...]},
+                 "batch_seconds": [...],         # compute: forward + score + metrics
+                 "stages": {"load": [...], "transform": [...], "forward": [...],
+                            "score": [...], "metrics": [...], "write": [...]}},
       "layers": [
         {"name": "layer1/0/relu:0", "kind": "relu", "dim": 64,
          "score": mean over batches, "std": std over batches (population, ddof 0),
@@ -22,6 +24,13 @@ A results file is one JSON object (``FORMAT`` = ``"affjax-signature/1"``)::
         }, ...
       ]
     }
+
+``timing`` is optional in every part: ``batch_seconds`` and ``stages`` hold one entry per
+batch, in the order of ``batch_indices``. ``stages`` (``STAGES``, seconds) is the time per
+batch of reading the images, the evaluation transform, the forward pass with the capture,
+the scoring, the companion metrics and saving the results files; an entry is ``null`` where
+it was not measured (batches from before this field existed; the ``write`` of a run's last
+batch when the run was interrupted before saving again).
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ RUN_KEYS: tuple[str, ...] = ("model", "weights", "dataset", "split", "batch_size
 REQUIRED_KEYS: tuple[str, ...] = ("format", *RUN_KEYS, "batch_indices", "complete", "versions",
                                   "timing", "layers")
 LAYER_KEYS: tuple[str, ...] = ("name", "kind", "dim", "score", "std", "scores")
+# Stages of one batch in timing.stages, in the order they run.
+STAGES: tuple[str, ...] = ("load", "transform", "forward", "score", "metrics", "write")
 
 
 class ResultsError(ValueError):
@@ -166,6 +177,13 @@ def validate(result: Any, *, source: str = "results") -> dict:
                 _is_number(t) for t in seconds):
             raise ResultsError(f"{source}: 'timing'.'batch_seconds' must hold one number per "
                                "batch")
+    if "stages" in timing:  # optional (files written before it existed)
+        stages = timing["stages"]
+        if not isinstance(stages, Mapping) or not all(
+                isinstance(v, list) and len(v) == len(indices)
+                and all(t is None or _is_number(t) for t in v) for v in stages.values()):
+            raise ResultsError(f"{source}: 'timing'.'stages' must map each stage to one number "
+                               "(or null) per batch")
     layers = result["layers"]
     if not isinstance(layers, list):
         raise ResultsError(f"{source}: 'layers' must be a list")

@@ -545,6 +545,65 @@ def test_bad_options_fail_before_anything_is_written(tiny, tmp_path, capsys):
     assert "not a results file" in msg and "--overwrite" in msg
 
 
+def test_each_stage_of_a_batch_is_timed_and_saved(tiny, tmp_path, capsys, monkeypatch):
+    import importlib
+    import time
+
+    signature_module = importlib.import_module("affjax.signature")  # affjax.signature: the function
+
+    def slowed(fn, seconds):
+        def slow(*a, **k):
+            time.sleep(seconds)
+            return fn(*a, **k)
+        return slow
+
+    # A known delay in each stage must show up in that stage.
+    delays = {"load": 0.25, "transform": 0.15, "forward": 0.2, "score": 0.1, "metrics": 0.3,
+              "write": 0.2}
+    monkeypatch.setattr(data.RandomImages, "_examples",
+                        slowed(data.RandomImages._examples, delays["load"]))
+    zoo = types.SimpleNamespace(**{**vars(TINY_ZOO), "eval_transform": lambda name: slowed(
+        TRANSFORM, delays["transform"])})
+    monkeypatch.setattr(cli, "_model_api", lambda: zoo)
+    monkeypatch.setattr(cli, "_chunked_capture", slowed(cli._chunked_capture, delays["forward"]))
+    monkeypatch.setattr(signature_module, "score_layers",
+                        slowed(signature_module.score_layers, delays["score"]))  # 1 group
+    monkeypatch.setattr(metrics, "layer_metrics",
+                        slowed(metrics.layer_metrics, delays["metrics"] / 3))  # 3 layers
+    monkeypatch.setattr(results, "atomic_write_text",
+                        slowed(results.atomic_write_text, delays["write"] / 2))  # JSON and CSV
+    out = tmp_path / "r.json"
+    code, printed, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--batches", "2",
+                              "--metrics", "--out", str(out))
+    assert code == 0, err
+    timing = json.loads(out.read_text())["timing"]
+    assert list(timing["stages"]) == list(results.STAGES)
+    for stage, delay in delays.items():
+        assert all(t >= delay for t in timing["stages"][stage]), (stage, timing["stages"])
+    compute = [sum(timing["stages"][s][b] for s in ("forward", "score", "metrics"))
+               for b in range(2)]
+    assert timing["batch_seconds"] == pytest.approx(compute, rel=1e-12)
+    assert "this run's first batch includes compiling" in printed
+    table = printed.split("time per batch")[1].splitlines()
+    assert [line.split()[0] for line in table[2:9]] == [*results.STAGES, "total"]
+    # A run stopped on purpose saves the last batch's write time too; an older file
+    # without a breakdown still loads, and its batches get null stages when resumed.
+    stopped = tmp_path / "s.json"
+    args = ["--model", "tiny", "--batch-size", "8", "--batches", "2", "--out", str(stopped)]
+    assert _run(capsys, *args, "--stop-after", "1")[0] == 130
+    saved = json.loads(stopped.read_text())
+    assert saved["timing"]["stages"]["write"][0] >= delays["write"]
+    del saved["timing"]["stages"]
+    stopped.write_text(json.dumps(saved))
+    results.load(stopped)
+    assert _run(capsys, *args)[0] == 0
+    stages = json.loads(stopped.read_text())["timing"]["stages"]
+    assert stages["load"][0] is None and stages["load"][1] >= delays["load"]
+    saved["timing"]["stages"] = {"load": ["fast"]}
+    with pytest.raises(results.ResultsError, match="'stages' must map each stage"):
+        results.validate(saved)
+
+
 def test_files_are_created_with_the_umask_mode(tiny, tmp_path, capsys):
     old = os.umask(0o027)
     try:
