@@ -686,6 +686,9 @@ def _signature(args: argparse.Namespace) -> int:
         _finish(result, json_path, saved=False)
         return 0
     model, variables = _load_model(api, args.model, args.weights, args.seed)
+    # Finished here, so that the first batch's stages do not include the rest of it (JAX
+    # dispatches asynchronously).
+    _block(variables)
     if result is None:
         result = _new_result(args, dataset.num_examples())  # saved with its first batch
         saved = 0
@@ -754,6 +757,12 @@ def _signature(args: argparse.Namespace) -> int:
     _save(result, json_path)
     _finish(result, json_path, new=new)
     return 0
+
+
+def _block(tree: Any) -> None:
+    import jax
+
+    jax.block_until_ready(tree)
 
 
 def _saved_message(saved: int, json_path: Path) -> str:
