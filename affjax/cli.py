@@ -5,14 +5,20 @@ saved after every batch and resumable), ``plot``, ``compare``, ``models``, ``dat
 ``reproduce`` (the paper's published small experiments). Run ``affjax COMMAND --help``.
 
 Errors caused by the input (unknown names, missing files, datasets not prepared, batch sizes,
-unwritable folders, results of another run) are one paragraph on stderr and exit status 2;
-an interruption (Ctrl-C) exits with 130 after saying how to resume.
+unwritable folders, results of another run) and a missing optional dependency (named with the
+extra that installs it) are one paragraph on stderr and exit status 2; an interruption
+(Ctrl-C) exits with 130 after saying how to resume. The signature itself needs only the core
+dependencies: without tqdm a line per batch replaces the progress bars, and without
+matplotlib ``signature`` and ``compare`` skip their figures with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import contextlib
 import datetime
+import errno
 import functools
 import math
 import os
@@ -48,6 +54,83 @@ class _StopRequested(Exception):
 
 def _fail(message: str) -> CliError:
     return CliError(message)
+
+
+# Optional dependencies: top-level module -> (pip package, affjax extra, what needs it).
+OPTIONAL_MODULES: dict[str, tuple[str, str, str]] = {
+    "torch": ("torch", "torch", "reading a torch weights file (.pth and the like; a "
+              ".safetensors file needs no torch)"),
+    "tensorflow_datasets": ("tensorflow-datasets", "data", "TFDS datasets"),
+    "tensorflow": ("tensorflow", "data", "TFDS datasets"),
+    "PIL": ("pillow", "data", "reading image files"),
+    "matplotlib": ("matplotlib", "cli", "drawing figures"),
+    "tqdm": ("tqdm", "cli", "progress bars"),
+}
+
+
+def _missing_optional(error: BaseException) -> ImportError | None:
+    """The failed import of an optional module (see ``OPTIONAL_MODULES``) behind ``error``.
+
+    Follows the chain of causes and contexts, so an ImportError re-raised with another
+    message (``raise ImportError(...) from None`` keeps the original as its context) is
+    traced to the module too. ``None`` when no optional module is involved.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ImportError) and e.name and e.name.split(".")[0] in OPTIONAL_MODULES:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _missing_message(error: ImportError) -> str:
+    package, extra, purpose = OPTIONAL_MODULES[str(error.name).split(".")[0]]
+    return (f"{purpose} needs the optional package {package}, which cannot be imported here "
+            f"({' '.join(str(error).split())}). Install it with: pip install 'affjax[{extra}]'.")
+
+
+def _optional_figure(draw: Any, what: str) -> bool:
+    """Call ``draw()``; without matplotlib print a note on stderr instead. Whether it drew."""
+    try:
+        draw()
+    except ImportError as e:
+        missing = _missing_optional(e)
+        if missing is None or not str(missing.name).startswith("matplotlib"):
+            raise
+        print(f"note: no {what}: drawing it needs matplotlib, which is not installed (pip "
+              "install 'affjax[cli]').", file=sys.stderr)
+        return False
+    return True
+
+
+class _LineProgress:
+    """Progress without tqdm: one line on stderr per finished batch."""
+
+    def __init__(self, total: int | None, initial: int, disable: bool):
+        self.total, self.n, self.disable = total, initial, disable
+        self.start = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if not self.disable:
+            of = "" if self.total is None else f"/{self.total}"
+            print(f"batches: {self.n}{of} done, {time.perf_counter() - self.start:.1f} s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _batch_progress(total: int | None, initial: int, enabled: bool) -> Any:
+    """The outer progress bar: tqdm's, or a line per batch where tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _LineProgress(total, initial, disable=not enabled)
+    return tqdm(total=total, initial=initial, desc="batches", unit="batch", file=sys.stderr,
+                disable=not enabled)
 
 
 def _model_api() -> Any:
@@ -139,12 +222,27 @@ def _results_path(out: str, model: str, dataset: str) -> Path:
     return Path(out) / f"{stem}.json"
 
 
-def _check_writable(folder: Path) -> None:
+def _check_writable(folder: Path, *, create: bool = False) -> None:
+    """Stop unless files can be written in ``folder``, or in it once created.
+
+    A missing folder is only made with ``create``: ``signature`` makes it when it saves its
+    first batch, so a run that fails before then leaves nothing behind.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".affjax-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            existing = folder
+        if existing == folder:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".affjax-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        else:  # the folders to make must be creatable here
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".affjax-probe-"))
     except OSError as e:
         raise _fail(f"output folder {folder} is not writable ({e.strerror or e}): choose "
                     "another with --out.") from None
@@ -244,46 +342,89 @@ def _chunked_capture(capture: Any, variables: Any, images: Any, chunk: int) -> t
     return layers, sparsities
 
 
+def _group_progress(groups: list, enabled: bool, label: str) -> Any:
+    """The inner progress bar over layer groups (tqdm's; none where tqdm is not installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return groups
+    return tqdm(groups, desc=f"{label}: layer groups", unit="group", leave=False,
+                file=sys.stderr, disable=not enabled)
+
+
+class _StageClock:
+    """Seconds spent in each stage of one batch (``affjax.results.STAGES``).
+
+    ``with clock("forward"): ...`` adds the block's wall time to that stage. A stage ends
+    when its results are on the host (the forward pass is waited for, scores are copied to
+    NumPy), so asynchronous work is counted where it runs.
+    """
+
+    def __init__(self) -> None:
+        from affjax.results import STAGES
+
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Any:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
 def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str, metrics: bool,
-                     progress: bool, label: str,
-                     forward_chunk: int = DEFAULT_FORWARD_CHUNK) -> list[dict]:
-    """Scores (and metrics) of every activation call on one batch, one dict per layer."""
+                     progress: bool, label: str, forward_chunk: int = DEFAULT_FORWARD_CHUNK,
+                     clock: _StageClock | None = None) -> list[dict]:
+    """Scores (and metrics) of every activation call on one batch, one dict per layer.
+
+    ``clock`` receives the time of the forward pass, the scoring and the metrics.
+    """
     import numpy as np
-    from tqdm import tqdm
 
     from affjax.metrics import layer_metrics
     from affjax.signature import score_layers
 
+    clock = clock or _StageClock()
     try:
         capture = _jitted_capture(model, metrics)
     except TypeError:  # an unhashable module: compile without the cache
         capture = _jitted_capture.__wrapped__(model, metrics)
     # The forward passes finish before scoring starts: the scoring's LAPACK calls must not run
     # beside another XLA:CPU executable (OpenBLAS has deadlocked under concurrent use here).
-    layers, sparsities = _chunked_capture(capture, variables, images, forward_chunk)
+    with clock("forward"):
+        layers, sparsities = _chunked_capture(capture, variables, images, forward_chunk)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, layer in enumerate(layers):
         groups[(layer.x.shape, str(layer.x.dtype), str(layer.y.dtype))].append(i)
     scores = np.zeros(len(layers))
-    bar = tqdm(groups.values(), desc=f"{label}: layer groups", unit="group", leave=False,
-               file=sys.stderr, disable=not progress)
-    for idx in bar:
-        out = score_layers([layers[i] for i in idx], covariance=covariance)
-        scores[idx] = np.asarray(out, np.float64)
+    with clock("score"):
+        for idx in _group_progress(list(groups.values()), progress, label):
+            out = score_layers([layers[i] for i in idx], covariance=covariance)
+            scores[idx] = np.asarray(out, np.float64)
     rows = []
-    for i, layer in enumerate(layers):
-        row = {"name": layer.name, "kind": layer.kind, "dim": int(layer.x.shape[1]),
-               "score": float(scores[i])}
-        if metrics:
-            full = (sparsities[i, 0], sparsities[i, 1])
-            row["metrics"] = layer_metrics(layer.x, layer.y, full_sparsity=full)
-        rows.append(row)
+    with clock("metrics"):
+        for i, layer in enumerate(layers):
+            row = {"name": layer.name, "kind": layer.kind, "dim": int(layer.x.shape[1]),
+                   "score": float(scores[i])}
+            if metrics:
+                full = (sparsities[i, 0], sparsities[i, 1])
+                row["metrics"] = layer_metrics(layer.x, layer.y, full_sparsity=full)
+            rows.append(row)
     return rows
 
 
-def _merge_batch(result: dict, index: int, rows: list[dict], seconds: float) -> None:
-    """Append one batch's per-layer values to the results object and refresh the summaries."""
+def _merge_batch(result: dict, index: int, rows: list[dict], seconds: float,
+                 stages: dict[str, float | None] | None = None) -> None:
+    """Add one batch's per-layer values to the results object and refresh the summaries.
+
+    Per-batch lists stay in batch order (``batch_indices`` ascending), so a run extended
+    to more batches equals one that selected them from the start. ``seconds`` is the
+    batch's compute time (forward, scoring, metrics), ``stages`` its time per stage.
+    """
     from affjax.metrics import METRIC_NAMES
+    from affjax.results import STAGES
     from affjax.results import summarise
 
     if not result["layers"]:
@@ -292,18 +433,24 @@ def _merge_batch(result: dict, index: int, rows: list[dict], seconds: float) -> 
     names = [layer["name"] for layer in result["layers"]]
     if names != [r["name"] for r in rows]:
         raise RuntimeError(f"batch {index} gives different activation calls than the saved ones")
+    at = bisect.bisect(result["batch_indices"], index)
     for layer, row in zip(result["layers"], rows, strict=True):
-        layer["scores"].append(row["score"])
+        layer["scores"].insert(at, row["score"])
         layer["score"], layer["std"] = summarise(layer["scores"])
         if "metrics" in row:
             metrics = layer.setdefault("metrics", {m: {"values": []} for m in METRIC_NAMES})
             for m in METRIC_NAMES:
-                metrics[m]["values"].append(row["metrics"][m])
+                metrics[m]["values"].insert(at, row["metrics"][m])
                 metrics[m]["mean"], metrics[m]["std"] = summarise(metrics[m]["values"])
-    result["batch_indices"].append(index)
     timing = result["timing"]
-    timing.setdefault("batch_seconds", [0.0] * (len(result["batch_indices"]) - 1))  # hand-made
-    timing["batch_seconds"].append(seconds)
+    before = len(result["batch_indices"])
+    timing.setdefault("batch_seconds", [0.0] * before)  # hand-made
+    # Batches computed without a breakdown (older files) have null stages.
+    breakdown = timing.setdefault("stages", {})
+    for stage in STAGES:
+        breakdown.setdefault(stage, [None] * before).insert(at, (stages or {}).get(stage))
+    result["batch_indices"].insert(at, index)
+    timing["batch_seconds"].insert(at, seconds)
     timing["seconds"] = float(sum(timing["batch_seconds"]))
     timing["updated"] = _now()
 
@@ -312,6 +459,7 @@ def _save(result: dict, json_path: Path) -> None:
     from affjax import results
 
     try:
+        json_path.parent.mkdir(parents=True, exist_ok=True)  # first save: the folder is new
         results.atomic_write_text(json_path, results.to_json(result))
         results.atomic_write_text(json_path.with_suffix(".csv"), results.to_csv(result))
     except OSError as e:  # the atomic write leaves the file as it was before this write
@@ -325,10 +473,11 @@ def _table(result: dict) -> str:
     from affjax.signature import Signature
 
     layers = result["layers"]
+    spread = len(result["batch_indices"]) > 1  # no std column for one batch
     sig = Signature(names=[la["name"] for la in layers], kinds=[la["kind"] for la in layers],
                     scores=np.array([la["score"] for la in layers]),
                     dims=[la["dim"] for la in layers],
-                    std=np.array([la["std"] for la in layers]))
+                    std=np.array([la["std"] for la in layers]) if spread else None)
     text = str(sig)
     if layers and "metrics" in layers[0]:
         from affjax.metrics import METRIC_NAMES
@@ -342,17 +491,65 @@ def _table(result: dict) -> str:
     return text
 
 
-def _finish(result: dict, json_path: Path) -> None:
+def _finish(result: dict, json_path: Path, *, saved: bool = True,
+            new: list[int] | None = None) -> None:
+    """Draw the PNG, print the table and where the time went. ``saved=False``: the files
+    are as they were (the PNG is drawn only if it is missing). ``new``: the batches this
+    run computed."""
     from affjax.plot import plot_signature
 
+    files = [json_path, json_path.with_suffix(".csv")]
     png = json_path.with_suffix(".png")
-    plot_signature(result, png)
+    if saved or not png.exists():
+        if _optional_figure(lambda: plot_signature(result, png), f"plot {png.name}"):
+            files.append(png)
+    else:
+        files.append(png)
     print(_table(result))
     seconds = result["timing"].get("seconds")  # hand-made files may leave it out
     compute = "" if seconds is None else f", {seconds:.1f} s of compute"
     print(f"\n{len(result['layers'])} activation calls, {len(result['batch_indices'])} batch(es) "
           f"of {result['batch_size']}{compute}")
-    print(f"wrote {json_path}, {json_path.with_suffix('.csv')}, {png}")
+    breakdown = _time_table(result, new or [])
+    if breakdown:
+        print("\n" + breakdown)
+    print(f"{'wrote' if saved else 'results in'} {', '.join(str(p) for p in files)}")
+
+
+def _time_table(result: dict, new: list[int]) -> str:
+    """Seconds per batch and stage: this run's first batch (which compiles) and the mean of
+    its others; for a run that computed nothing, the mean over the file's batches."""
+    import numpy as np
+
+    from affjax.results import STAGES
+
+    stages = result["timing"].get("stages")
+    if not stages or not all(s in stages for s in STAGES):
+        return ""
+    position = {b: i for i, b in enumerate(result["batch_indices"])}
+
+    def column(batches: list[int]) -> list[float] | None:
+        rows = [[stages[s][position[b]] for s in STAGES] for b in batches]
+        rows = [r for r in rows if None not in r]
+        return list(np.mean(rows, axis=0)) if rows else None
+
+    if new:
+        columns = [(f"batch {new[0]}", column(new[:1]))]
+        if len(new) > 1:
+            columns.append((f"mean of {len(new) - 1} more", column(new[1:])))
+        title = "time per batch (s): this run's first batch includes compiling"
+    else:
+        columns = [(f"mean of {len(position)}", column(list(position)))]
+        title = "time per batch (s), as saved"
+    columns = [(name, values) for name, values in columns if values is not None]
+    if not columns:
+        return ""
+    width = max(len(name) for name, _ in columns) + 2
+    lines = [title, f"{'stage':<10}" + "".join(f"{name:>{width}}" for name, _ in columns)]
+    for i, stage in enumerate(STAGES):
+        lines.append(f"{stage:<10}" + "".join(f"{v[i]:>{width}.3f}" for _, v in columns))
+    lines.append(f"{'total':<10}" + "".join(f"{sum(v):>{width}.3f}" for _, v in columns))
+    return "\n".join(lines)
 
 
 def _new_result(args: argparse.Namespace, num_examples: int | None) -> dict:
@@ -368,7 +565,17 @@ def _new_result(args: argparse.Namespace, num_examples: int | None) -> dict:
             "layers": []}
 
 
+# Options a results file is tied to; --batches may grow to include more batches.
+_FIXED_KEYS = ("model", "weights", "dataset", "split", "batch_size", "covariance", "metrics",
+               "seed")
+
+
 def _resume(json_path: Path, args: argparse.Namespace) -> dict | None:
+    """The saved results of this run, or ``None`` for a new run.
+
+    A saved file continues when its run options equal this run's and ``--batches`` selects
+    every batch it holds (the same selection, or a larger one: the new batches are added).
+    """
     from affjax import results
 
     if args.overwrite or not json_path.exists():
@@ -379,14 +586,27 @@ def _resume(json_path: Path, args: argparse.Namespace) -> dict | None:
         saved = results.load(json_path)
     except results.ResultsError as e:
         raise _fail(f"{e}. Choose another --out, or pass --overwrite to replace it.") from None
-    wanted = {k: getattr(args, k) for k in results.RUN_KEYS}
-    diff = [f"{k} {saved.get(k)!r} (this run: {wanted[k]!r})" for k in results.RUN_KEYS
-            if saved.get(k) != wanted[k]]
+    diff = [f"{k} {saved.get(k)!r} (this run: {getattr(args, k)!r})" for k in _FIXED_KEYS
+            if saved.get(k) != getattr(args, k)]
     if diff:
         raise _fail(f"results file {json_path} belongs to another run: it has "
                     f"{'; '.join(diff)}. Resume with the same options, choose another --out, or "
                     "pass --overwrite to start again.")
+    sel = args.selection
+    outside = [i for i in saved["batch_indices"]
+               if i < sel.start or (sel.stop is not None and i >= sel.stop)]
+    if outside:
+        raise _fail(f"results file {json_path} holds batch(es) {_listing(outside)}, which "
+                    f"--batches {args.batches} does not select (it was run with --batches "
+                    f"{saved['batches']}). Resume with a selection that includes them (its "
+                    "new batches are added), choose another --out, or pass --overwrite to "
+                    "start again.")
     return saved
+
+
+def _listing(indices: list[int], most: int = 8) -> str:
+    shown = ", ".join(str(i) for i in indices[:most])
+    return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")
 
 
 def _normalise_args(args: argparse.Namespace) -> None:
@@ -426,8 +646,6 @@ def _normalise_args(args: argparse.Namespace) -> None:
 
 
 def _signature(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from affjax import data
 
     _normalise_args(args)
@@ -437,63 +655,94 @@ def _signature(args: argparse.Namespace) -> int:
     _check_writable(json_path.parent)
     result = _resume(json_path, args)
     transform = api.eval_transform(args.model)
-    complete = result is not None and result["complete"]
+    # A finished file asked for its own batches is shown, even without its data.
+    finished = (result is not None and result["complete"]
+                and result["batches"] == args.batches)
     try:
         dataset = data.load_dataset(args.dataset, transform, split=args.split,
                                     data_dir=args.data_dir, download=args.download,
                                     manual_dir=args.manual_dir, seed=args.seed)
     except data.DataError as e:
-        if not complete:
+        if not finished:
             raise
         # A finished result is shown without its data (moved, or not prepared here).
         print(f"note: cannot check that {args.dataset} is unchanged ({e})", file=sys.stderr)
         dataset = None
-    # A finished file too: with examples added, "complete" would leave new batches out.
-    if (result is not None and dataset is not None
-            and result.get("num_examples") != dataset.num_examples()):
-        raise _fail(f"results file {json_path} was computed on {result.get('num_examples')} "
-                    f"examples of {args.dataset}, which now has {dataset.num_examples()}: "
-                    "its batches would not be the same images. Choose another --out, or "
-                    "pass --overwrite to start again.")
-    if complete:
+    todo = None
+    if dataset is not None:
+        # A finished file too: with examples added, "complete" would leave new batches out.
+        if result is not None and result.get("num_examples") != dataset.num_examples():
+            raise _fail(f"results file {json_path} was computed on "
+                        f"{result.get('num_examples')} examples of {args.dataset}, which now "
+                        f"has {dataset.num_examples()}: its batches would not be the same "
+                        "images. Choose another --out, or pass --overwrite to start again.")
+        dataset.check_selection(args.batch_size, args.selection)  # before any file is written
+        todo = args.selection.indices(dataset.num_batches(args.batch_size))
+        finished = finished or (result is not None and result["complete"] and todo is not None
+                                and set(todo) <= set(result["batch_indices"]))
+    if finished:
         print(f"{json_path} is complete ({len(result['batch_indices'])} batches); nothing to "
               "compute (pass --overwrite to recompute).", file=sys.stderr)
-        _save(result, json_path)
-        _finish(result, json_path)
+        _finish(result, json_path, saved=False)
         return 0
     model, variables = _load_model(api, args.model, args.weights, args.seed)
-    dataset.check_selection(args.batch_size, args.selection)  # before any file is written
+    # Finished here, so that the first batch's stages do not include the rest of it (JAX
+    # dispatches asynchronously).
+    _block(variables)
     if result is None:
-        result = _new_result(args, dataset.num_examples())
-        _save(result, json_path)
+        result = _new_result(args, dataset.num_examples())  # saved with its first batch
+        saved = 0
     else:
-        if result["batch_indices"]:
-            print(f"resuming {json_path}: {len(result['batch_indices'])} batch(es) already done",
-                  file=sys.stderr)
+        saved = len(result["batch_indices"])
+        if result["batches"] != args.batches:
+            print(f"extending {json_path} from --batches {result['batches']} to "
+                  f"{args.batches}: {saved} batch(es) already done", file=sys.stderr)
+            result["batches"], result["complete"] = args.batches, False
+        elif saved:
+            print(f"resuming {json_path}: {saved} batch(es) already done", file=sys.stderr)
     done = list(result["batch_indices"])
-    todo = args.selection.indices(dataset.num_batches(args.batch_size))
-    bar = tqdm(total=None if todo is None else len(todo), initial=len(done), desc="batches",
-               unit="batch", file=sys.stderr, disable=not args.progress)
-    new = 0
+    bar = _batch_progress(None if todo is None else len(todo), len(done), args.progress)
+    new: list[int] = []
+    write_pending = False  # the last batch's write time is not on disk yet
     try:
-        for index, images in dataset.batches(args.batch_size, args.selection, skip=done):
+        stream = dataset.batches(args.batch_size, args.selection, skip=done, prepare=False)
+        while True:
+            clock = _StageClock()
+            with clock("load"):
+                item = next(stream, None)
+            if item is None:
+                break
             # Checked before the next batch, so a run whose last batch was the last to do
             # finishes (complete, plotted) instead of asking to be resumed.
-            if args.stop_after is not None and new >= args.stop_after:
+            if args.stop_after is not None and len(new) >= args.stop_after:
                 raise _StopRequested
-            start = time.perf_counter()
+            index, raw = item
+            with clock("transform"):
+                images = dataset.prepare(raw)
             rows = _batch_signature(model, variables, images, covariance=args.covariance,
                                     metrics=args.metrics, progress=args.progress,
-                                    label=f"batch {index}", forward_chunk=args.forward_chunk)
-            _merge_batch(result, index, rows, time.perf_counter() - start)
-            _save(result, json_path)
+                                    label=f"batch {index}", forward_chunk=args.forward_chunk,
+                                    clock=clock)
+            compute = sum(clock.seconds[k] for k in ("forward", "score", "metrics"))
+            stages = {**clock.seconds, "write": None}  # measured by the save below
+            _merge_batch(result, index, rows, compute, stages)
+            with clock("write"):
+                _save(result, json_path)
+            # On disk with the next save (the next batch's, or the run's last).
+            result["timing"]["stages"]["write"][result["batch_indices"].index(index)] = (
+                clock.seconds["write"])
+            saved, write_pending = len(result["batch_indices"]), True
+            new.append(index)
             bar.update(1)
-            new += 1
-    except (KeyboardInterrupt, _StopRequested) as e:
+    except _StopRequested:
         bar.close()
-        why = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped (--stop-after)"
-        print(f"\n{why}: {len(result['batch_indices'])} batch(es) saved in {json_path}; run the "
-              "same command again to resume.", file=sys.stderr)
+        if write_pending:
+            _save(result, json_path)
+        print(f"\nstopped (--stop-after): {_saved_message(saved, json_path)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted: {_saved_message(saved, json_path)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
         # Ctrl-C inside the scipy assignment's host callback reaches us as JAX's error
@@ -501,14 +750,25 @@ def _signature(args: argparse.Namespace) -> int:
         if not _interrupted_in_callback(e):
             raise
         bar.close()
-        print(f"\ninterrupted: {len(result['batch_indices'])} batch(es) saved in {json_path}; "
-              "run the same command again to resume.", file=sys.stderr)
+        print(f"\ninterrupted: {_saved_message(saved, json_path)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.close()
     result["complete"] = True
     _save(result, json_path)
-    _finish(result, json_path)
+    _finish(result, json_path, new=new)
     return 0
+
+
+def _block(tree: Any) -> None:
+    import jax
+
+    jax.block_until_ready(tree)
+
+
+def _saved_message(saved: int, json_path: Path) -> str:
+    if not saved:
+        return "no batch had finished, so nothing was written; run the same command to start again."
+    return (f"{saved} batch(es) saved in {json_path}; run the same command again to resume.")
 
 
 # --------------------------------------------------------------------------- plot, compare
@@ -523,7 +783,7 @@ def _plot(args: argparse.Namespace) -> int:
         raise _fail(f"{args.result} holds no batch yet: nothing to plot.")
     default = Path(args.result).with_suffix(".png")
     out = _figure_path(args.out, default.name) if args.out else default
-    _check_writable(out.parent)
+    _check_writable(out.parent, create=True)
     plot_signature(result, out)
     print(f"wrote {out}")
     return 0
@@ -567,7 +827,7 @@ def _compare(args: argparse.Namespace) -> int:
     except ValueError as e:  # AccuracyError included
         raise _fail(str(e)) from None
     folder = Path(args.out)
-    _check_writable(folder)
+    _check_writable(folder, create=True)
     width = max(len(label) for label in labels)
     print(f"{'model':<{width}}  {'layers':>6}  " + "  ".join(f"{s:>13}"
                                                            for s in compare.STATISTICS))
@@ -576,23 +836,46 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"{label:<{width}}  {len(r['layers']) - len(out['dropped'].get(label, ())):>6}  "
               + "  ".join(f"{st[s]:>13.4f}" for s in compare.STATISTICS))
     print("\nDTW distances")
-    print(" " * width + "  " + "  ".join(f"{i:>8}" for i in range(len(labels))))
+    columns = [max(8, len(label)) for label in labels]
+    print(" " * width + "  " + "  ".join(f"{label:>{w}}"
+                                         for label, w in zip(labels, columns, strict=True)))
     for i, label in enumerate(labels):
-        print(f"{label:<{width}}  " + "  ".join(f"{v:>8.3f}" for v in out["dtw"][i]))
+        print(f"{label:<{width}}  " + "  ".join(
+            f"{v:>{w}.3f}" for v, w in zip(out["dtw"][i], columns, strict=True)))
     if out["correlations"] is not None:
-        print(f"\ncorrelation with accuracy ({len(labels)} models)")
-        print(f"{'statistic':<14} {'pearson':>8} {'p':>8} {'spearman':>9} {'p':>8}")
-        for s, c in out["correlations"].items():
-            print(f"{s:<14} {c['pearson']:>8.3f} {c['pearson_p']:>8.3f} {c['spearman']:>9.3f} "
-                  f"{c['spearman_p']:>8.3f}")
+        _print_correlations(out["correlations"], len(labels))
     for label, names in out["dropped"].items():
         print(f"\n{label}: left out {len(names)} layers with a NaN score: {', '.join(names)}")
     png = folder / "compare_dendrogram.png"
-    out["linkage"] = plot_dendrogram(labels, out["dtw"], png, method=args.linkage).tolist()
+    link = compare.linkage(out["dtw"], method=args.linkage)
+    drawn = _optional_figure(
+        lambda: plot_dendrogram(labels, out["dtw"], png, method=args.linkage), png.name)
+    out["linkage"] = link.tolist()
     out["files"] = [str(p) for p in args.results]
     results.atomic_write_text(folder / "compare.json", json.dumps(out, indent=1) + "\n")
-    print(f"\nwrote {folder / 'compare.json'}, {png}")
+    print(f"\nwrote {folder / 'compare.json'}" + (f", {png}" if drawn else ""))
     return 0
+
+
+def _print_correlations(correlations: dict, n: int) -> None:
+    from affjax import compare
+
+    exact = all(c["p_method"] == "exact" for c in correlations.values())
+    how = (f"exact permutation p-values over all {n}! = {math.factorial(n)} pairings" if exact
+           else "large-sample p-values of scipy.stats.pearsonr and spearmanr")
+    print(f"\ncorrelation with accuracy ({n} models; {how})")
+    print(f"{'statistic':<14} {'pearson':>8} {'p':>8} {'spearman':>9} {'p':>8}")
+    for s, c in correlations.items():
+        print(f"{s:<14} {c['pearson']:>8.3f} {_p_text(c['pearson_p']):>8} "
+              f"{c['spearman']:>9.3f} {_p_text(c['spearman_p']):>8}")
+    smallest = compare.smallest_p_value(n)
+    if exact and smallest > 0.05:
+        print(f"warning: with {n} models the smallest possible p-value is {smallest:.3f}: no "
+              "correlation can be significant at the 0.05 level.", file=sys.stderr)
+
+
+def _p_text(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"  # NaN compares False: "nan"
 
 
 # --------------------------------------------------------------------------- parser, main
@@ -712,6 +995,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CliError, DataError, ResultsError, AccuracyError) as e:
         _report(args.command, str(e))
+        return EXIT_USAGE
+    except ImportError as e:
+        missing = _missing_optional(e)
+        if missing is None:
+            raise
+        _report(args.command, _missing_message(missing))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -229,22 +229,38 @@ class Dataset:
         return (f"batch size {batch_size} is larger than {where}, which has {n} examples: "
                 f"choose --batch-size {n} or less.")
 
-    def batch(self, index: int, batch_size: int) -> np.ndarray | None:
-        """Batch ``index`` (from 0), preprocessed; ``None`` past the last full batch."""
+    def raw_batch(self, index: int, batch_size: int) -> list[np.ndarray] | None:
+        """The images of batch ``index`` as read, before :meth:`prepare`; ``None`` past the
+        last full batch."""
         raw = self._examples(index * batch_size, batch_size)
         if len(raw) < batch_size:
             if index == 0:
                 raise DataError(self._too_small(batch_size, len(raw)))
             return None
+        return raw
+
+    def prepare(self, raw: Sequence[np.ndarray]) -> np.ndarray:
+        """Images as read (a :meth:`raw_batch`) through the transform: ``(N, H, W, 3)`` float32.
+
+        Grayscale images are repeated to 3 channels, alpha is dropped, uint8 images are
+        resized by Pillow when the transform is the zoo's (see the module docstring).
+        """
         return _apply(self.transform, raw)
+
+    def batch(self, index: int, batch_size: int) -> np.ndarray | None:
+        """Batch ``index`` (from 0), preprocessed; ``None`` past the last full batch."""
+        raw = self.raw_batch(index, batch_size)
+        return None if raw is None else self.prepare(raw)
 
     def batches(
         self, batch_size: int, selection: BatchSelection = BatchSelection(), *,
-        skip: Sequence[int] = (),
-    ) -> Iterator[tuple[int, np.ndarray]]:
+        skip: Sequence[int] = (), prepare: bool = True,
+    ) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, images)`` for the selected batches, skipping the indices in ``skip``.
 
-        ``images`` is ``(batch_size, H, W, 3)`` float32.
+        ``images`` is ``(batch_size, H, W, 3)`` float32; with ``prepare=False`` it is the
+        list of images as read, for the caller to pass to :meth:`prepare` (to time reading
+        and preprocessing apart, say).
         """
         self.check_selection(batch_size, selection)
         done = set(skip)
@@ -254,7 +270,9 @@ class Dataset:
             if available is not None and index >= available:
                 return
             if index not in done:
-                images = self.batch(index, batch_size)
+                images = self.raw_batch(index, batch_size)
+                if images is not None and prepare:
+                    images = self.prepare(images)
                 if images is None:
                     if selection.stop is not None or index == selection.start:
                         raise DataError(self._past_end(selection, batch_size, index))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,23 +37,37 @@ def figure_formats() -> list[str]:
         plt.close(fig)
 
 
+def _short(name: str, most: int = 32) -> str:
+    """``name`` in at most ``most`` characters: leading path parts give way first (the end of
+    a layer name, block and call, tells layers apart)."""
+    if len(name) <= most:
+        return name
+    parts = re.split(r"(?<=[./])", name)  # "features.7.0/block" -> "features.", "7.", ...
+    while parts and len("".join(parts)) > most - 1:
+        parts.pop(0)
+    return "…" + ("".join(parts) or name[len(name) - (most - 1):])
+
+
 def plot_signature(result: Mapping[str, Any], path: str | os.PathLike, *,
                    title: str | None = None) -> None:
     """Draw a signature: score per layer in forward order, coloured by activation kind.
 
     Args:
       result: a results dictionary as written by ``affjax signature`` (its ``"layers"``
-        list with ``name``, ``kind``, ``score``, ``std``), see ``docs/cli.md``.
+        list with ``name``, ``kind``, ``score``, ``std``, ``scores``), see ``docs/cli.md``.
       path: the PNG file to write.
       title: default ``"<model> on <dataset>"`` with the batch count.
 
-    The line is the mean over batches, the band mean ± std (absent for one batch).
+    The line is the mean over batches, the band mean ± std (drawn from two batches on). The
+    x axis names the layers: every one up to what the width holds at a readable size (about
+    60), else every k-th, with a tick mark for each layer; names longer than 32 characters
+    lose their leading parts.
 
     Example:
       >>> import tempfile
       >>> from pathlib import Path
       >>> result = {"model": "mlp", "dataset": "random", "batch_size": 32, "layers": [
-      ...     {"name": f"relu:{i}", "kind": "relu", "score": s, "std": 0.01, "scores": [s]}
+      ...     {"name": f"relu:{i}", "kind": "relu", "score": s, "std": 0.0, "scores": [s]}
       ...     for i, s in enumerate([0.9, 0.8, 0.85])]}
       >>> path = Path(tempfile.mkdtemp()) / "signature.png"
       >>> plot_signature(result, path)
@@ -60,31 +76,53 @@ def plot_signature(result: Mapping[str, Any], path: str | os.PathLike, *,
     """
     plt = _pyplot()
     layers = result["layers"]
+    n = len(layers)
     scores = np.array([layer["score"] for layer in layers], float)
-    std = np.array([layer.get("std") or 0.0 for layer in layers], float)
+    batches = len(layers[0].get("scores", [])) if layers else 0
+    band = batches > 1
+    std = np.array([layer.get("std") or 0.0 for layer in layers], float) if band else 0.0
     kinds = [layer["kind"] for layer in layers]
-    idx = np.arange(len(layers))
-    fig, ax = plt.subplots(figsize=(max(6.0, min(20.0, 0.12 * len(layers) + 4)), 3.6))
+    idx = np.arange(n)
+    # Names on the x axis: one label per `pitch` points of axis width at most.
+    width = max(6.0, min(20.0, 0.12 * n + 4))
+    fontsize = 7.0 if n <= 60 else 6.0
+    pitch = 1.7 * fontsize
+    step = max(1, math.ceil(n * pitch / ((width - 1.2) * 72)))
+    ticks = idx[::step]
+    labels = [_short(str(layers[i]["name"])) for i in ticks]
+    longest = max((len(label) for label in labels), default=0)
+    fig, ax = plt.subplots(figsize=(width, 3.2 + 0.5 * fontsize * longest / 72))
     ax.plot(idx, scores, color="0.55", lw=1, zorder=1)
-    ax.fill_between(idx, scores - std, scores + std, color="0.8", alpha=0.6, lw=0, zorder=0,
-                    label="mean ± std")
+    if band:
+        ax.fill_between(idx, scores - std, scores + std, color="0.8", alpha=0.6, lw=0,
+                        zorder=0, label=f"mean ± std over {batches} batches")
     cmap = plt.get_cmap("tab10")
     for c, kind in enumerate(dict.fromkeys(kinds)):
         sel = np.array([k == kind for k in kinds])
-        ax.scatter(idx[sel], scores[sel], s=18, color=cmap(c % 10), label=kind, zorder=2)
-    batches = len(layers[0].get("scores", [])) if layers else 0
+        ax.scatter(idx[sel], scores[sel], s=18 if n <= 60 else 8, color=cmap(c % 10),
+                   label=kind, zorder=2)
     weights = Path(str(result.get("weights", "?"))).name
     dataset = Path(str(result.get("dataset", "?"))).name
     ax.set_title(title or f"{result.get('model', '?')} ({weights} weights) on {dataset}, "
                  f"{batches} batch{'es' if batches != 1 else ''} of {result.get('batch_size')}")
-    ax.set_xlabel("activation call (forward order)")
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(labels, rotation=90, fontsize=fontsize)
+    if step > 1:
+        ax.set_xticks(idx, minor=True)
+    ax.set_xlim(-0.5, max(n - 0.5, 0.5))
+    ax.set_xlabel("activation call (forward order)"
+                  + (f", every {step}{_ordinal(step)} named" if step > 1 else ""))
     ax.set_ylabel("affinity score")
-    ax.set_ylim(min(0.0, float(np.min(scores - std))) if len(scores) else 0.0, 1.02)
+    ax.set_ylim(min(0.0, float(np.min(scores - std))) if n else 0.0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left", ncol=min(4, len(set(kinds)) + 1))
+    ax.legend(fontsize=8, loc="lower left", ncol=min(4, len(set(kinds)) + int(band)))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _ordinal(k: int) -> str:
+    return "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
 
 
 def plot_dendrogram(labels: Sequence[str], distances: np.ndarray, path: str | os.PathLike, *,
@@ -112,11 +150,11 @@ def plot_dendrogram(labels: Sequence[str], distances: np.ndarray, path: str | os
       True
     """
     from scipy.cluster.hierarchy import dendrogram
-    from scipy.cluster.hierarchy import linkage
-    from scipy.spatial.distance import squareform
+
+    from affjax.compare import linkage
 
     plt = _pyplot()
-    link = linkage(squareform(np.asarray(distances, float), checks=False), method=method)
+    link = linkage(distances, method)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * len(labels) + 3), 4))
     dendrogram(link, labels=list(labels), ax=ax, leaf_rotation=60)
     ax.set_title(title)

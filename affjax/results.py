@@ -13,7 +13,9 @@ A results file is one JSON object (``FORMAT`` = ``"affjax-signature/1"``)::
                    "python": ..., "tensorflow_datasets": ...},
       "device": "cpu",
       "timing": {"started": ISO-8601, "updated": ISO-8601, "seconds": total compute,
-                 "batch_seconds": [...]},
+                 "batch_seconds": [...],         # compute: forward + score + metrics
+                 "stages": {"load": [...], "transform": [...], "forward": [...],
+                            "score": [...], "metrics": [...], "write": [...]}},
       "layers": [
         {"name": "layer1/0/relu:0", "kind": "relu", "dim": 64,
          "score": mean over batches, "std": std over batches (population, ddof 0),
@@ -22,6 +24,13 @@ A results file is one JSON object (``FORMAT`` = ``"affjax-signature/1"``)::
         }, ...
       ]
     }
+
+``timing`` is optional in every part: ``batch_seconds`` and ``stages`` hold one entry per
+batch, in the order of ``batch_indices``. ``stages`` (``STAGES``, seconds) is the time per
+batch of reading the images, the evaluation transform, the forward pass with the capture,
+the scoring, the companion metrics and saving the results files; an entry is ``null`` where
+it was not measured (batches from before this field existed; the ``write`` of a run's last
+batch when the run was interrupted before saving again).
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ import csv
 import io
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +53,8 @@ RUN_KEYS: tuple[str, ...] = ("model", "weights", "dataset", "split", "batch_size
 REQUIRED_KEYS: tuple[str, ...] = ("format", *RUN_KEYS, "batch_indices", "complete", "versions",
                                   "timing", "layers")
 LAYER_KEYS: tuple[str, ...] = ("name", "kind", "dim", "score", "std", "scores")
+# Stages of one batch in timing.stages, in the order they run.
+STAGES: tuple[str, ...] = ("load", "transform", "forward", "score", "metrics", "write")
 
 
 class ResultsError(ValueError):
@@ -56,7 +68,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     r"""Write ``text`` to ``path`` so that readers see the old file or the new one, never half.
 
     The text goes to a temporary file in the same folder (same file system), is flushed to
-    disk, then renamed over ``path`` with ``os.replace`` (atomic on POSIX and Windows).
+    disk, then renamed over ``path`` with ``os.replace`` (atomic on POSIX and Windows). A new
+    file gets the mode of any file the process creates (``0o666`` less the umask, as
+    ``open`` gives); a file that exists keeps its mode.
 
     Args:
       path: the file to write; its folder must exist.
@@ -70,11 +84,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
       ('{}\n', ['out.json'])
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        keep_mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        keep_mode = None
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # os.open applies the umask to 0o666, like open(); tempfile.mkstemp would give 0o600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
+            if keep_mode is not None:
+                os.chmod(tmp, keep_mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -155,6 +177,13 @@ def validate(result: Any, *, source: str = "results") -> dict:
                 _is_number(t) for t in seconds):
             raise ResultsError(f"{source}: 'timing'.'batch_seconds' must hold one number per "
                                "batch")
+    if "stages" in timing:  # optional (files written before it existed)
+        stages = timing["stages"]
+        if not isinstance(stages, Mapping) or not all(
+                isinstance(v, list) and len(v) == len(indices)
+                and all(t is None or _is_number(t) for t in v) for v in stages.values()):
+            raise ResultsError(f"{source}: 'timing'.'stages' must map each stage to one number "
+                               "(or null) per batch")
     layers = result["layers"]
     if not isinstance(layers, list):
         raise ResultsError(f"{source}: 'layers' must be a list")
@@ -280,7 +309,8 @@ def to_csv(result: Mapping[str, Any]) -> str:
 
     Returns:
       CSV text with a header row; floats are written with ``repr`` (no rounding),
-      per-batch columns are named ``batch_<index>``.
+      per-batch columns are named ``batch_<index>``. With one batch there is no ``std``
+      column (a spread over one batch is not a measurement; the JSON keeps its 0).
 
     Example:
       >>> result = {"format": FORMAT, **dict.fromkeys(RUN_KEYS), "batch_indices": [0, 1],
@@ -290,15 +320,24 @@ def to_csv(result: Mapping[str, Any]) -> str:
       >>> print(to_csv(result), end="")
       index,name,kind,dim,score,std,batch_0,batch_1
       0,relu:0,relu,4,0.9,0.01,0.89,0.91
+      >>> one = {**result, "batch_indices": [0], "layers": [
+      ...     {"name": "relu:0", "kind": "relu", "dim": 4, "score": 0.9, "std": 0.0,
+      ...      "scores": [0.9]}]}
+      >>> print(to_csv(one), end="")
+      index,name,kind,dim,score,batch_0
+      0,relu:0,relu,4,0.9,0.9
     """
     layers = result["layers"]
     metric_names = list(layers[0].get("metrics", {})) if layers else []
     batch_cols = [f"batch_{b}" for b in result["batch_indices"]]
+    spread = len(batch_cols) > 1
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["index", "name", "kind", "dim", "score", "std", *metric_names, *batch_cols])
+    w.writerow(["index", "name", "kind", "dim", "score", *(["std"] if spread else []),
+                *metric_names, *batch_cols])
     for i, layer in enumerate(layers):
         means = [repr(layer["metrics"][m]["mean"]) for m in metric_names]
         w.writerow([i, layer["name"], layer["kind"], layer["dim"], repr(layer["score"]),
-                    repr(layer["std"]), *means, *(repr(s) for s in layer["scores"])])
+                    *([repr(layer["std"])] if spread else []), *means,
+                    *(repr(s) for s in layer["scores"])])
     return buf.getvalue()

@@ -219,7 +219,7 @@ def test_ctrl_c_inside_the_assignment_callback_is_an_interruption(tiny, tmp_path
     monkeypatch.setattr(cli, "_batch_signature", interrupted)
     code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--out",
                         str(tmp_path / "o"))
-    assert code == 130 and "run the same command again to resume" in err
+    assert code == 130 and "nothing was written" in err
 
     def broken(*a, **k):
         raise ValueError("something else")
@@ -293,14 +293,22 @@ def test_plot_and_compare(tiny, tmp_path, capsys):
     assert cli.main(["plot", paths[0], "--out", str(tmp_path / "figs") + "/"]) == 0
     assert (tmp_path / "figs" / "r1.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "figs.png").exists()
-    acc = tmp_path / "acc.json"
-    acc.write_text(json.dumps({"r1": 60.0, "r2": 70.0, "r3": 65.0}))
+    acc = tmp_path / "acc.csv"
+    acc.write_text("r1,60.0\nr2,70.0\nr3,65.0\n")  # no header: the first row is a model
     capsys.readouterr()
     assert cli.main(["compare", *paths, "--accuracy", str(acc), "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "DTW distances" in out and "correlation with accuracy" in out
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    dtw_head = lines[lines.index("DTW distances") + 1]
+    assert dtw_head.split() == ["r1", "r2", "r3"]  # the matrix's columns are named
+    assert [line.split()[0] for line in lines[lines.index("DTW distances") + 2:][:3]] == [
+        "r1", "r2", "r3"]
+    assert "exact permutation p-values over all 3! = 6 pairings" in out
+    assert "smallest possible p-value is 0.333" in " ".join(err.split())
     cmp_ = json.loads((tmp_path / "compare.json").read_text())
     assert cmp_["labels"] == ["r1", "r2", "r3"]  # model names repeat: the file stems are used
+    assert cmp_["correlations"]["mean"]["p_method"] == "exact"
+    assert cmp_["correlations"]["mean"]["spearman_p"] >= 1 / 3 - 1e-12
     sigs = [[la["score"] for la in json.loads(open(p).read())["layers"]] for p in paths]
     np.testing.assert_allclose(cmp_["dtw"], metrics.dtw_matrix(sigs), atol=1e-12)
     assert cmp_["statistics"]["r2"]["max"] == pytest.approx(max(sigs[1]))
@@ -326,6 +334,81 @@ def test_plot_and_compare(tiny, tmp_path, capsys):
                                atol=1e-12)
     assert cli.main(["compare", paths[0], paths[0], "--out", str(tmp_path)]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def _drawn_figures(monkeypatch):
+    """The figures ``affjax.plot`` saves, kept for inspection."""
+    import matplotlib.figure
+
+    saved = []
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        saved.append(fig)
+        return real(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return saved
+
+
+def _result_of(names, batches):
+    rng = np.random.default_rng(0)
+    layers = []
+    for name in names:
+        scores = rng.uniform(0.6, 1.0, batches).tolist()
+        layers.append({"name": name, "kind": "relu", "dim": 4, "score": float(np.mean(scores)),
+                       "std": float(np.std(scores)), "scores": scores})
+    return {"model": "m", "weights": "random", "dataset": "random", "batch_size": 8,
+            "layers": layers}
+
+
+def test_the_signature_plot_names_its_layers(tmp_path, monkeypatch):
+    from affjax.plot import plot_signature
+
+    figures = _drawn_figures(monkeypatch)
+    names17 = ["relu:0"] + [f"layer{a}.{b}/relu:{c}" for a in range(1, 5) for b in (0, 1)
+                            for c in (0, 1)]
+    plot_signature(_result_of(names17, 1), tmp_path / "a.png")
+    ax = figures[-1].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names17  # every layer, by name
+    assert len(ax.collections) == 1  # one batch: the points (one kind), no std band
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["relu"]
+    plot_signature(_result_of(names17, 3), tmp_path / "b.png")
+    ax = figures[-1].axes[0]
+    assert len(ax.collections) == 2  # the band and the points
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "mean ± std over 3 batches", "relu"]
+    # 151 layers: every layer has a tick, every 2nd a readable name; long names keep their end.
+    names151 = [f"features.denseblock{i // 40}.denselayer{i % 40}/relu{i % 2}:0"
+                for i in range(151)]
+    plot_signature(_result_of(names151, 2), tmp_path / "c.png")
+    ax = figures[-1].axes[0]
+    labels = ax.get_xticklabels()
+    step = round(ax.get_xticks()[1] - ax.get_xticks()[0])
+    assert 2 <= step <= 3 and len(labels) == len(range(0, 151, step))
+    assert [t.get_text() for t in labels][:2] == ["…denseblock0.denselayer0/relu0:0",
+                                                  f"…denseblock0.denselayer{step}/relu{step % 2}:0"]
+    assert min(t.get_fontsize() for t in labels) >= 6
+    ticks = set(ax.get_xticks()) | set(ax.get_xticks(minor=True))
+    assert ticks == set(range(151))
+    from PIL import Image
+
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.size[0] <= 2400  # 20 inches at 120 dpi
+
+
+def test_one_batch_has_no_std_column(tiny, tmp_path, capsys):
+    for batches, spread in (("1", False), ("2", True)):
+        out = tmp_path / f"b{batches}.json"
+        code, printed, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--batches",
+                                  batches, "--out", str(out))
+        assert code == 0, err
+        table_head = next(line for line in printed.splitlines() if "layer" in line)
+        assert ("std" in table_head.split()) == spread
+        csv_head = out.with_suffix(".csv").read_text().splitlines()[0].split(",")
+        assert ("std" in csv_head) == spread
+        saved = results.load(out)  # the JSON keeps std, loadable as before
+        assert all("std" in layer for layer in saved["layers"])
 
 
 def test_models_and_datasets_listings(capsys):
@@ -450,7 +533,7 @@ def test_bad_options_fail_before_anything_is_written(tiny, tmp_path, capsys):
         msg = _error(capsys, *(["--model", "tiny"] if "--model" not in args else []),
                      "--batch-size", "8", *args, "--out", str(out))
         assert message in msg
-    assert not out.exists() or not any(out.iterdir())  # no stub blocks the corrected command
+    assert not out.exists()  # no folder, no stub to block the corrected command
     folder = tmp_path / "dir.json"
     folder.mkdir()
     code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(folder))
@@ -460,6 +543,139 @@ def test_bad_options_fail_before_anything_is_written(tiny, tmp_path, capsys):
     msg = _error(capsys, "--model", "tiny", "--batch-size", "8",
                  "--out", str(tmp_path / "bin.json"))
     assert "not a results file" in msg and "--overwrite" in msg
+
+
+def test_each_stage_of_a_batch_is_timed_and_saved(tiny, tmp_path, capsys, monkeypatch):
+    import importlib
+    import time
+
+    signature_module = importlib.import_module("affjax.signature")  # affjax.signature: the function
+
+    def slowed(fn, seconds):
+        def slow(*a, **k):
+            time.sleep(seconds)
+            return fn(*a, **k)
+        return slow
+
+    # A known delay in each stage must show up in that stage.
+    delays = {"load": 0.25, "transform": 0.15, "forward": 0.2, "score": 0.1, "metrics": 0.3,
+              "write": 0.2}
+    monkeypatch.setattr(data.RandomImages, "_examples",
+                        slowed(data.RandomImages._examples, delays["load"]))
+    zoo = types.SimpleNamespace(**{**vars(TINY_ZOO), "eval_transform": lambda name: slowed(
+        TRANSFORM, delays["transform"])})
+    monkeypatch.setattr(cli, "_model_api", lambda: zoo)
+    monkeypatch.setattr(cli, "_chunked_capture", slowed(cli._chunked_capture, delays["forward"]))
+    monkeypatch.setattr(signature_module, "score_layers",
+                        slowed(signature_module.score_layers, delays["score"]))  # 1 group
+    monkeypatch.setattr(metrics, "layer_metrics",
+                        slowed(metrics.layer_metrics, delays["metrics"] / 3))  # 3 layers
+    monkeypatch.setattr(results, "atomic_write_text",
+                        slowed(results.atomic_write_text, delays["write"] / 2))  # JSON and CSV
+    out = tmp_path / "r.json"
+    code, printed, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--batches", "2",
+                              "--metrics", "--out", str(out))
+    assert code == 0, err
+    timing = json.loads(out.read_text())["timing"]
+    assert list(timing["stages"]) == list(results.STAGES)
+    for stage, delay in delays.items():
+        assert all(t >= delay for t in timing["stages"][stage]), (stage, timing["stages"])
+    compute = [sum(timing["stages"][s][b] for s in ("forward", "score", "metrics"))
+               for b in range(2)]
+    assert timing["batch_seconds"] == pytest.approx(compute, rel=1e-12)
+    assert "this run's first batch includes compiling" in printed
+    table = printed.split("time per batch")[1].splitlines()
+    assert [line.split()[0] for line in table[2:9]] == [*results.STAGES, "total"]
+    # A run stopped on purpose saves the last batch's write time too; an older file
+    # without a breakdown still loads, and its batches get null stages when resumed.
+    stopped = tmp_path / "s.json"
+    args = ["--model", "tiny", "--batch-size", "8", "--batches", "2", "--out", str(stopped)]
+    assert _run(capsys, *args, "--stop-after", "1")[0] == 130
+    saved = json.loads(stopped.read_text())
+    assert saved["timing"]["stages"]["write"][0] >= delays["write"]
+    del saved["timing"]["stages"]
+    stopped.write_text(json.dumps(saved))
+    results.load(stopped)
+    assert _run(capsys, *args)[0] == 0
+    stages = json.loads(stopped.read_text())["timing"]["stages"]
+    assert stages["load"][0] is None and stages["load"][1] >= delays["load"]
+    saved["timing"]["stages"] = {"load": ["fast"]}
+    with pytest.raises(results.ResultsError, match="'stages' must map each stage"):
+        results.validate(saved)
+
+
+def test_files_are_created_with_the_umask_mode(tiny, tmp_path, capsys):
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "r.json"
+        assert _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(out))[0] == 0
+        for suffix in (".json", ".csv", ".png"):  # the JSON and CSV were 0o600
+            assert oct(out.with_suffix(suffix).stat().st_mode & 0o777) == "0o640", suffix
+        # A file that exists keeps its mode when rewritten.
+        os.chmod(out, 0o664)
+        results.atomic_write_text(out, "{}")
+        assert oct(out.stat().st_mode & 0o777) == "0o664"
+    finally:
+        os.umask(old)
+
+
+def test_a_run_failing_before_its_first_batch_leaves_nothing(tiny, tmp_path, capsys,
+                                                            monkeypatch):
+    out = tmp_path / "new" / "deeper"
+
+    def broken(*a, **k):
+        raise RuntimeError("the forward pass failed")
+
+    monkeypatch.setattr(cli, "_batch_signature", broken)
+    with pytest.raises(RuntimeError, match="forward pass failed"):
+        _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(out))
+    assert not (tmp_path / "new").exists()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_batch_signature", interrupted)
+    code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(out))
+    assert code == 130 and "nothing was written" in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_finished_run_adds_new_batches_and_leaves_its_files_alone(tiny, tmp_path, capsys,
+                                                                     monkeypatch):
+    args = ["--model", "tiny", "--batch-size", "8", "--metrics"]
+    out = tmp_path / "r.json"
+    assert _run(capsys, *args, "--batches", "1", "--out", str(out))[0] == 0
+    real, calls = cli._batch_signature, []
+
+    def counted(*a, **k):
+        calls.append(k["label"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli, "_batch_signature", counted)
+    code, _, err = _run(capsys, *args, "--batches", "3", "--out", str(out))
+    assert code == 0 and "extending" in err, err
+    assert calls == ["batch 1", "batch 2"]  # batch 0 is not recomputed
+    assert _run(capsys, *args, "--batches", "3", "--out", str(tmp_path / "fresh.json"))[0] == 0
+    grown, fresh = (json.loads(p.read_text()) for p in (out, tmp_path / "fresh.json"))
+    assert grown["batches"] == "3" and grown["complete"]
+    for key in ("timing", "versions"):
+        grown.pop(key), fresh.pop(key)
+    assert grown == fresh  # bit for bit, as if --batches 3 had been asked from the start
+    # Nothing new to do: no file is rewritten (nor recomputed).
+    files = [out.with_suffix(s) for s in (".json", ".csv", ".png")]
+    for f in files:
+        os.utime(f, ns=(10**9, 10**9))
+    calls.clear()
+    code, printed, err = _run(capsys, *args, "--batches", "3", "--out", str(out))
+    assert code == 0 and "is complete" in err and "results in" in printed
+    assert calls == [] and [f.stat().st_mtime_ns for f in files] == [10**9] * 3
+    # A selection leaving saved batches out is refused, as are other options.
+    msg = _error(capsys, *args, "--batches", "@3", "--out", str(out))
+    assert "holds batch(es) 0, 1, 2, which --batches @3 does not select" in msg
+    msg = _error(capsys, *args, "--batches", "4", "--covariance", "ledoit_wolf",
+                 "--out", str(out))
+    assert "belongs to another run" in msg and "covariance 'empirical'" in msg
+    assert calls == []
 
 
 def test_a_finished_file_without_timing_is_reported(tiny, tmp_path, capsys):
@@ -585,3 +801,126 @@ def test_results_file_of_a_tfds_config_keeps_the_dataset_name(tmp_path):
     (tmp_path / "imgs").mkdir()
     assert cli._results_path(str(tmp_path), "resnet18", str(tmp_path / "imgs")) == (
         tmp_path / "resnet18_imgs.json")
+
+
+# ---------------------------------------------------------------- optional dependencies
+
+
+def _unimportable(monkeypatch, *names):
+    """Make the packages ``names`` (and their submodules) unimportable in this process."""
+    for name in names:
+        for module in [m for m in sys.modules if m.split(".")[0] == name]:
+            monkeypatch.setitem(sys.modules, module, None)
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def _missing_error(capsys, argv, extra):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "\n\n" not in err.strip()
+    msg = " ".join(err.split())
+    assert f"pip install 'affjax[{extra}]'" in msg
+    return msg
+
+
+def test_a_torch_weights_file_without_torch_names_the_extra(tmp_path, capsys, monkeypatch):
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"not read: torch is missing")
+    _unimportable(monkeypatch, "torch")
+    msg = _missing_error(capsys, ["signature", "--no-progress", "--weights", str(weights),
+                                  "--out", str(tmp_path / "o")], "torch")
+    assert "needs the optional package torch" in msg and ".safetensors" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_datasets_without_tensorflow_datasets_name_the_extra(tiny, tmp_path, capsys,
+                                                             monkeypatch):
+    _unimportable(monkeypatch, "tensorflow_datasets")
+    assert cli.main(["datasets"]) == 0  # the named list needs no TFDS
+    capsys.readouterr()
+    msg = _missing_error(capsys, ["datasets", "--all"], "data")
+    assert "needs the optional package tensorflow-datasets" in msg
+    msg = _missing_error(capsys, ["signature", "--no-progress", "--model", "tiny", "--dataset",
+                                  "cifar10", "--out", str(tmp_path)], "data")
+    assert "'cifar10' needs tensorflow-datasets" in msg
+
+
+def test_an_image_folder_without_pillow_names_the_extra(tiny, tmp_path, capsys, monkeypatch):
+    _image_folder(tmp_path / "imgs", 2)
+    _unimportable(monkeypatch, "PIL")
+    msg = _missing_error(capsys, ["signature", "--no-progress", "--model", "tiny", "--dataset",
+                                  str(tmp_path / "imgs"), "--batch-size", "4", "--out",
+                                  str(tmp_path / "o")], "data")
+    assert "reading image files needs the optional package pillow" in msg
+
+
+def test_signature_and_compare_run_without_the_cli_extra(tiny, tmp_path, capsys, monkeypatch):
+    _unimportable(monkeypatch, "tqdm", "matplotlib")
+    paths = []
+    for model in ("tiny", "tiny3", "tiny"):
+        paths.append(tmp_path / f"{model}{len(paths)}.json")
+        code = cli.main(["signature", "--model", model, "--batch-size", "8", "--batches", "2",
+                         "--seed", str(len(paths)), "--out", str(paths[-1])])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert "batches: 1/2 done" in err and "batches: 2/2 done" in err  # lines, not a bar
+        assert "no plot" in err and "pip install 'affjax[cli]'" in err
+        assert paths[-1].is_file() and paths[-1].with_suffix(".csv").is_file()
+        assert not paths[-1].with_suffix(".png").exists()
+        assert f"wrote {paths[-1]}, {paths[-1].with_suffix('.csv')}\n" in out
+    assert cli.main(["compare", *map(str, paths), "--out", str(tmp_path / "c")]) == 0
+    out, err = capsys.readouterr()
+    assert "no compare_dendrogram.png" in err and "pip install 'affjax[cli]'" in err
+    saved = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert np.asarray(saved["linkage"]).shape == (2, 4)  # the clustering needs no figure
+    assert not (tmp_path / "c" / "compare_dendrogram.png").exists()
+    # `plot` exists to draw: without matplotlib it is a message.
+    msg = _missing_error(capsys, ["plot", str(paths[0])], "cli")
+    assert "drawing figures needs the optional package matplotlib" in msg
+
+
+_BLOCKER = """
+import importlib.abc, sys
+BLOCKED = {"torch", "torchvision", "tensorflow", "tensorflow_datasets", "PIL", "matplotlib",
+           "tqdm"}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Blocker())
+for name in list(sys.modules):
+    if name.split(".")[0] in BLOCKED:
+        del sys.modules[name]
+import types
+import flax.linen as nn, jax, jax.numpy as jnp
+import affjax
+from affjax import cli, models
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(affjax.Activation(nn.relu)(nn.Conv(4, (3, 3))(x)).mean((1, 2)))
+def create(name, *, seed=0, num_classes=1000):
+    module = Tiny()
+    return module, module.init(jax.random.key(seed), jnp.zeros((1, 12, 12, 3)))
+cli._model_api = lambda: types.SimpleNamespace(
+    list_models=lambda: ["tiny"], create=create,
+    eval_transform=lambda name: models.EvalTransform(resize_size=16, crop_size=12))
+cli.run()
+"""
+
+
+def test_the_command_needs_no_optional_package(tmp_path):
+    # A fresh process in which none of the extras' packages can be imported, as after
+    # `pip install affjax`: the main job runs, the figure is skipped with a note.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "blocked.py"
+    script.write_text(_BLOCKER)
+    env = dict(os.environ, PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, str(script), "signature", "--model", "tiny",
+                           "--batch-size", "4", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "batches: 1/1 done" in proc.stderr and "no plot" in proc.stderr
+    assert (tmp_path / "o" / "tiny_random.json").is_file()
+    assert "Activation_0:0" in proc.stdout  # the table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -165,6 +166,90 @@ def test_summary_statistics_and_correlations():
         np.corrcoef(ranks(means), ranks(accs))[0, 1], abs=1e-12)
     with pytest.raises(compare.AccuracyError, match="no accuracy for"):
         compare.correlations(stats, {"m0": 1.0})
+
+
+def _brute_force_p(x, y):
+    """Two-sided permutation p-value of Pearson's r over every pairing, straight from the
+    definition (scipy.stats.permutation_test's: twice the smaller tail)."""
+    perms = np.array(list(itertools.permutations(range(len(y)))))
+    r = np.corrcoef(x, y)[0, 1]
+    ys = y[perms] - y.mean()
+    null = ys @ (x - x.mean()) / (np.linalg.norm(x - x.mean()) * np.linalg.norm(y - y.mean()))
+    low, high = np.mean(null <= r + 1e-9), np.mean(null >= r - 1e-9)
+    return r, min(1.0, 2 * min(low, high))
+
+
+def test_exact_p_values_match_scipy_and_the_definition():
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+
+    def spearman(a, b, axis=-1):
+        return stats.pearsonr(stats.rankdata(a, axis=-1), stats.rankdata(b, axis=-1),
+                              axis=-1).statistic
+
+    def pearson(a, b, axis=-1):
+        return stats.pearsonr(a, b, axis=-1).statistic
+
+    for n in (3, 4, 5):  # SciPy's enumeration takes seconds from n = 6
+        x = rng.normal(size=n)
+        for y in (x + rng.normal(size=n), np.round(rng.normal(size=n))):  # ties in the 2nd
+            for method, statistic in (("pearson", pearson), ("spearman", spearman)):
+                want = stats.permutation_test((x, y), statistic, vectorized=True,
+                                              permutation_type="pairings", n_resamples=np.inf)
+                r, p = compare.exact_correlation_test(x, y, method=method)
+                assert r == pytest.approx(want.statistic, abs=1e-12)
+                assert p == pytest.approx(want.pvalue, abs=1e-12), (n, method)
+    # Above 8 pairs the enumeration is split into heads and tails of 8! orderings.
+    for n in (7, 9):
+        x, y = rng.normal(size=n), rng.normal(size=n)
+        y[:3] += 2 * x[:3]
+        r, p = _brute_force_p(x, y)
+        assert compare.exact_correlation_test(x, y, method="pearson") == pytest.approx(
+            (r, p), abs=1e-12)
+        rx, ry = stats.rankdata(x), stats.rankdata(y)
+        assert compare.exact_correlation_test(x, y) == pytest.approx(
+            _brute_force_p(rx, ry), abs=1e-12)
+
+
+def test_correlations_of_three_models_are_not_significant():
+    # Three models in reverse order of accuracy: Spearman -1, and 1 of the 6 pairings is as
+    # extreme on each side: p = 1/3 (SciPy's large-sample p was 0.000).
+    stats = {k: compare.summary_statistics(v) for k, v in
+             {"a": [0.9, 0.9], "b": [0.8, 0.7], "c": [0.5, 0.6]}.items()}
+    out = compare.correlations(stats, {"a": 60.0, "b": 70.0, "c": 75.0})
+    assert out["mean"]["spearman"] == -1.0
+    assert out["mean"]["spearman_p"] == pytest.approx(1 / 3, abs=1e-15)
+    assert out["mean"]["pearson_p"] == pytest.approx(1 / 3, abs=1e-15)
+    assert {c["p_method"] for c in out.values()} == {"exact"}
+    # Above EXACT_P_MAX_MODELS, SciPy's large-sample p-values.
+    rng = np.random.default_rng(5)
+    n = compare.EXACT_P_MAX_MODELS + 2
+    stats = {f"m{i}": compare.summary_statistics(rng.uniform(0.5, 1, 6)) for i in range(n)}
+    acc = {k: 60 + 20 * s["mean"] + rng.normal() for k, s in stats.items()}
+    out = compare.correlations(stats, acc)
+    from scipy.stats import spearmanr
+
+    means = [s["mean"] for s in stats.values()]
+    assert out["mean"]["spearman_p"] == spearmanr(means, list(acc.values())).pvalue
+    assert out["mean"]["p_method"] == "asymptotic"
+
+
+def test_read_accuracy_keeps_every_row_or_says_why_not(tmp_path):
+    headerless = tmp_path / "plain.csv"
+    headerless.write_text("resnet18,69.76\nvgg11,69.02\nalexnet,56.52\n")  # first row was lost
+    assert compare.read_accuracy(headerless) == {"resnet18": 69.76, "vgg11": 69.02,
+                                                 "alexnet": 56.52}
+    (tmp_path / "h.csv").write_text("name,top1\n\nresnet18,69.76\n\nvgg11,69.02\n")
+    assert compare.read_accuracy(tmp_path / "h.csv") == {"resnet18": 69.76, "vgg11": 69.02}
+    for name, text, message in (
+            ("twice.csv", "model,acc\nvgg11,69.0\nresnet18,69.8\nvgg11,70.1\n",
+             "'vgg11' is listed twice \\(again on line 4\\)"),
+            ("twice.json", '{"vgg11": 69.0, "vgg11": 70.1}', "'vgg11' is listed twice"),
+            ("unnamed.csv", "resnet18,69.76\n,70.1\n", "line 2 .* has no model name")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(compare.AccuracyError, match=rf"{name}: .*{message}"):
+            compare.read_accuracy(tmp_path / name)
 
 
 def test_read_accuracy_json_and_csv(tmp_path):
