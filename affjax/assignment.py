@@ -121,6 +121,8 @@ class _Auction(NamedTuple):
     prices: jax.Array  # (n,) price of each column
     row_to_col: jax.Array  # (n,) int32, -1 for a free row
     col_to_row: jax.Array  # (n,) int32, -1 for a free column
+    slack: jax.Array  # (n,) each row's slack at the end of the last phase
+    tol: jax.Array  # the gap allowed for the current matching
     eps: jax.Array
     rounds: jax.Array
     done: jax.Array
@@ -210,10 +212,10 @@ def _bid(c: jax.Array, state: _Auction, block: int) -> _Auction:
     )
 
 
-def _release(state: _Auction, slack: jax.Array) -> _Auction:
+def _release(state: _Auction) -> _Auction:
     """Frees the rows whose slack exceeds the phase's ``eps`` (and their columns)."""
-    n = slack.shape[0]
-    keep = (state.row_to_col >= 0) & (slack <= state.eps)
+    n = state.slack.shape[0]
+    keep = (state.row_to_col >= 0) & (state.slack <= state.eps)
     row_to_col = jnp.where(keep, state.row_to_col, -1)
     col_to_row = jnp.full((n,), -1, jnp.int32).at[jnp.where(keep, row_to_col, n)].set(
         jnp.arange(n, dtype=jnp.int32), mode="drop"
@@ -244,42 +246,38 @@ def _auction(
     # Gaps below the rounding of the slacks cannot be resolved: part of the tolerance.
     floor = 4.0 * jnp.finfo(c.dtype).eps * (jnp.max(jnp.abs(c)) + jnp.max(jnp.abs(prices)))
 
-    def tolerance(row_to_col):
-        matched = jnp.sum(c[rows, jnp.maximum(row_to_col, 0)])
-        return jnp.maximum(rtol * jnp.abs(matched), n * floor)
+    def measured(state: _Auction) -> _Auction:
+        """The state with the slacks and the tolerance of its (complete) matching."""
+        matched = jnp.sum(c[rows, state.row_to_col])
+        return state._replace(slack=_slacks(c, state.prices, state.row_to_col),
+                              tol=jnp.maximum(rtol * jnp.abs(matched), n * floor))
 
     identity = rows.astype(jnp.int32)
-    slack = _slacks(c, prices, identity)
-    certified = jnp.sum(slack) <= tolerance(identity)
-    state = _Auction(
-        prices=prices,
-        row_to_col=identity,
-        col_to_row=identity,
-        eps=jnp.maximum(jnp.max(slack) / scale_factor, floor).astype(c.dtype),
-        rounds=jnp.array(0, jnp.int32),
-        done=certified,
-    )
+    zero = jnp.zeros((), c.dtype)
+    state = measured(_Auction(prices, identity, identity, jnp.zeros_like(prices), zero, zero,
+                              jnp.array(0, jnp.int32), jnp.array(False)))
+    certified = jnp.sum(state.slack) <= state.tol
+    state = state._replace(
+        eps=jnp.maximum(jnp.max(state.slack) / scale_factor, floor), done=certified)
 
     def phase(state: _Auction) -> _Auction:
-        state = _release(state, _slacks(c, state.prices, state.row_to_col))
         state = jax.lax.while_loop(
             lambda s: jnp.any(s.row_to_col < 0) & (s.rounds < max_rounds),
             lambda s: _bid(c, s, block),
-            state,
+            _release(state),
         )
         capped = jnp.any(state.row_to_col < 0)
-        tol = tolerance(state.row_to_col)
-        eps_min = jnp.maximum(tol / n, floor)
-        gap = jnp.sum(_slacks(c, state.prices, state.row_to_col))
+        state = measured(state._replace(row_to_col=_complete(state.row_to_col,
+                                                             state.col_to_row)))
+        eps_min = jnp.maximum(state.tol / n, floor)
         # A phase at eps_min ends with every row within eps_min of its best column, so
         # its gap is at most n * eps_min <= tol (up to rounding): the last phase.
-        last = (gap <= tol) | (state.eps <= eps_min) | capped
+        last = (jnp.sum(state.slack) <= state.tol) | (state.eps <= eps_min) | capped
         return state._replace(eps=jnp.maximum(state.eps / scale_factor, eps_min), done=last)
 
     state = jax.lax.while_loop(lambda s: ~s.done, phase, state)
-    permutation = _complete(state.row_to_col, state.col_to_row)
-    gap = jnp.sum(_slacks(c, state.prices, permutation))
-    return permutation, gap, gap <= tolerance(permutation), state.rounds, certified
+    gap = jnp.sum(state.slack)
+    return state.row_to_col, gap, gap <= state.tol, state.rounds, certified
 
 
 def _auction_one(

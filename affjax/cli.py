@@ -28,7 +28,6 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ DEMO_BATCH_SIZE = 128  # `affjax signature` with no arguments: fast, no download
 # at 224 x 224 take about 18 GB in one pass. Exact, since the zoo's inference is per sample.
 DEFAULT_FORWARD_CHUNK = 256
 DEFAULT_OUT = "affjax-results"
+_DEFAULT_CACHE = "~/.cache/affjax/jax"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -342,16 +342,6 @@ def _chunked_capture(capture: Any, variables: Any, images: Any, chunk: int) -> t
     return layers, sparsities
 
 
-def _group_progress(groups: list, enabled: bool, label: str) -> Any:
-    """The inner progress bar over layer groups (tqdm's; none where tqdm is not installed)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return groups
-    return tqdm(groups, desc=f"{label}: layer groups", unit="group", leave=False,
-                file=sys.stderr, disable=not enabled)
-
-
 class _StageClock:
     """Seconds spent in each stage of one batch (``affjax.results.STAGES``).
 
@@ -375,11 +365,12 @@ class _StageClock:
 
 
 def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str, metrics: bool,
-                     progress: bool, label: str, forward_chunk: int = DEFAULT_FORWARD_CHUNK,
+                     forward_chunk: int = DEFAULT_FORWARD_CHUNK, solver: str = "auto",
                      clock: _StageClock | None = None) -> list[dict]:
     """Scores (and metrics) of every activation call on one batch, one dict per layer.
 
-    ``clock`` receives the time of the forward pass, the scoring and the metrics.
+    ``clock`` receives the time of the forward pass, the scoring and the metrics. Every
+    layer is scored by one ``score_layers`` call: its assignments are one batched call.
     """
     import numpy as np
 
@@ -395,14 +386,9 @@ def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str
     # beside another XLA:CPU executable (OpenBLAS has deadlocked under concurrent use here).
     with clock("forward"):
         layers, sparsities = _chunked_capture(capture, variables, images, forward_chunk)
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, layer in enumerate(layers):
-        groups[(layer.x.shape, str(layer.x.dtype), str(layer.y.dtype))].append(i)
-    scores = np.zeros(len(layers))
     with clock("score"):
-        for idx in _group_progress(list(groups.values()), progress, label):
-            out = score_layers([layers[i] for i in idx], covariance=covariance)
-            scores[idx] = np.asarray(out, np.float64)
+        scores = np.asarray(score_layers(layers, covariance=covariance, solver=solver),
+                            np.float64)
     rows = []
     with clock("metrics"):
         for i, layer in enumerate(layers):
@@ -645,10 +631,35 @@ def _normalise_args(args: argparse.Namespace) -> None:
         raise _fail(f"--forward-chunk must be at least 1, got {args.forward_chunk}.")
 
 
+def _compilation_cache(setting: str | None) -> None:
+    """Turns on JAX's persistent compilation cache (``off`` leaves it off).
+
+    The first run of a model compiles its forward pass and scorers (most of a short run's
+    time, and tens of seconds on a GPU); later runs load them from this folder.
+    """
+    import jax
+
+    setting = setting or os.environ.get("AFFJAX_COMPILATION_CACHE") or _DEFAULT_CACHE
+    if setting == "off":
+        return
+    folder = Path(os.path.expandvars(setting)).expanduser()
+    if setting == _DEFAULT_CACHE and os.environ.get("XDG_CACHE_HOME"):
+        folder = Path(os.environ["XDG_CACHE_HOME"]) / "affjax" / "jax"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"note: no compilation cache ({folder}: {e.strerror}); every run compiles anew",
+              file=sys.stderr)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def _signature(args: argparse.Namespace) -> int:
     from affjax import data
 
     _normalise_args(args)
+    _compilation_cache(args.compilation_cache)
     api = _model_api()
     _check_model(api, args.model)
     json_path = _results_path(args.out, args.model, args.dataset)
@@ -720,9 +731,8 @@ def _signature(args: argparse.Namespace) -> int:
             with clock("transform"):
                 images = dataset.prepare(raw)
             rows = _batch_signature(model, variables, images, covariance=args.covariance,
-                                    metrics=args.metrics, progress=args.progress,
-                                    label=f"batch {index}", forward_chunk=args.forward_chunk,
-                                    clock=clock)
+                                    metrics=args.metrics, forward_chunk=args.forward_chunk,
+                                    solver=args.solver, clock=clock)
             compute = sum(clock.seconds[k] for k in ("forward", "score", "metrics"))
             stages = {**clock.seconds, "write": None}  # measured by the save below
             _merge_batch(result, index, rows, compute, stages)
@@ -908,6 +918,12 @@ def _parser() -> argparse.ArgumentParser:
     sig.add_argument("--batches", default="1", help="'all', K (the first K batches, default "
                      "1), '@I' (only batch I, from 0) or 'I:J'")
     sig.add_argument("--covariance", default="empirical", choices=["empirical", "ledoit_wolf"])
+    sig.add_argument("--solver", default="auto", choices=["auto", "auction", "scipy", "hungarian"],
+                     help="exact assignment solver of the W2 (default auto: the certified "
+                          "on-device auction); every choice gives the same scores")
+    sig.add_argument("--compilation-cache", metavar="DIR|off",
+                     help="JAX's persistent compilation cache, so a second run starts "
+                          f"compiled (default $AFFJAX_COMPILATION_CACHE or {_DEFAULT_CACHE})")
     sig.add_argument("--metrics", action="store_true",
                      help="also compute CKA, sparsity, entropy, difference norm and R^2")
     sig.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}) "

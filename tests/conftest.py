@@ -5,6 +5,9 @@ import os
 # POT would import TensorFlow and torch as backends (15 s here); tests use its NumPy backend.
 os.environ.setdefault("POT_BACKEND_DISABLE_TENSORFLOW", "1")
 os.environ.setdefault("POT_BACKEND_DISABLE_PYTORCH", "1")
+# The affjax command would turn on JAX's persistent compilation cache in the tests' process
+# (and in ~/.cache): off, except where a test asks for it (tests/test_cli.py).
+os.environ["AFFJAX_COMPILATION_CACHE"] = "off"
 
 # The TFDS tests (TensorFlow) and the torchvision parity tests share this process, and
 # importing TensorFlow before torchvision crashes the process (segfault in triton's import,

@@ -924,3 +924,31 @@ def test_the_command_needs_no_optional_package(tmp_path):
     assert "batches: 1/1 done" in proc.stderr and "no plot" in proc.stderr
     assert (tmp_path / "o" / "tiny_random.json").is_file()
     assert "Activation_0:0" in proc.stdout  # the table
+
+
+def test_compilation_cache_is_written_and_reused(tmp_path):
+    # The command turns on JAX's persistent compilation cache: the first run fills the
+    # folder, a second run (another process) finds every executable there and adds none.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "tiny.py"
+    script.write_text("import types" + _BLOCKER.split("import types", 1)[1])  # no blocking
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=root)
+    env.pop("AFFJAX_COMPILATION_CACHE")
+    listings = []
+    for run in range(2):
+        proc = subprocess.run([sys.executable, str(script), "signature", "--model", "tiny",
+                               "--batch-size", "4", "--out", str(tmp_path / f"o{run}"),
+                               "--compilation-cache", str(cache), "--no-progress"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        listings.append(sorted(p.name for p in cache.iterdir()))
+    assert listings[0], "the first run cached nothing"
+    assert listings[1] == listings[0]
+    off = subprocess.run([sys.executable, str(script), "signature", "--model", "tiny",
+                          "--batch-size", "4", "--out", str(tmp_path / "o2"),
+                          "--compilation-cache", "off", "--no-progress"],
+                         capture_output=True, text=True, env=dict(env, HOME=str(tmp_path)),
+                         timeout=300)
+    assert off.returncode == 0, off.stderr
+    assert not (tmp_path / ".cache" / "affjax").exists()
