@@ -8,7 +8,7 @@ Errors caused by the input (unknown names, missing files, datasets not prepared,
 unwritable folders, results of another run) and a missing optional dependency (named with the
 extra that installs it) are one paragraph on stderr and exit status 2; an interruption
 (Ctrl-C) exits with 130 after saying how to resume. The signature itself needs only the core
-dependencies: without tqdm a line per batch replaces the progress bars, and without
+dependencies: without tqdm a line per batch replaces the progress bar, and without
 matplotlib ``signature`` and ``compare`` skip their figures with a note.
 """
 
@@ -28,7 +28,6 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -342,16 +341,6 @@ def _chunked_capture(capture: Any, variables: Any, images: Any, chunk: int) -> t
     return layers, sparsities
 
 
-def _group_progress(groups: list, enabled: bool, label: str) -> Any:
-    """The inner progress bar over layer groups (tqdm's; none where tqdm is not installed)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return groups
-    return tqdm(groups, desc=f"{label}: layer groups", unit="group", leave=False,
-                file=sys.stderr, disable=not enabled)
-
-
 class _StageClock:
     """Seconds spent in each stage of one batch (``affjax.results.STAGES``).
 
@@ -375,11 +364,12 @@ class _StageClock:
 
 
 def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str, metrics: bool,
-                     progress: bool, label: str, forward_chunk: int = DEFAULT_FORWARD_CHUNK,
+                     forward_chunk: int = DEFAULT_FORWARD_CHUNK,
                      clock: _StageClock | None = None) -> list[dict]:
     """Scores (and metrics) of every activation call on one batch, one dict per layer.
 
-    ``clock`` receives the time of the forward pass, the scoring and the metrics.
+    The layers are scored by one ``score_layers`` call, as ``affjax.signature`` scores
+    them. ``clock`` receives the time of the forward pass, the scoring and the metrics.
     """
     import numpy as np
 
@@ -395,14 +385,8 @@ def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str
     # beside another XLA:CPU executable (OpenBLAS has deadlocked under concurrent use here).
     with clock("forward"):
         layers, sparsities = _chunked_capture(capture, variables, images, forward_chunk)
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, layer in enumerate(layers):
-        groups[(layer.x.shape, str(layer.x.dtype), str(layer.y.dtype))].append(i)
-    scores = np.zeros(len(layers))
     with clock("score"):
-        for idx in _group_progress(list(groups.values()), progress, label):
-            out = score_layers([layers[i] for i in idx], covariance=covariance)
-            scores[idx] = np.asarray(out, np.float64)
+        scores = np.asarray(score_layers(layers, covariance=covariance), np.float64)
     rows = []
     with clock("metrics"):
         for i, layer in enumerate(layers):
@@ -720,8 +704,7 @@ def _signature(args: argparse.Namespace) -> int:
             with clock("transform"):
                 images = dataset.prepare(raw)
             rows = _batch_signature(model, variables, images, covariance=args.covariance,
-                                    metrics=args.metrics, progress=args.progress,
-                                    label=f"batch {index}", forward_chunk=args.forward_chunk,
+                                    metrics=args.metrics, forward_chunk=args.forward_chunk,
                                     clock=clock)
             compute = sum(clock.seconds[k] for k in ("forward", "score", "metrics"))
             stages = {**clock.seconds, "write": None}  # measured by the save below
