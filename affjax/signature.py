@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from affjax import _compat
 from affjax import capture as _capture
 from affjax import score as _score
 
@@ -155,6 +156,7 @@ def _capture_layers(model, variables, x, *, tokens, functions, return_output, on
     if is_nnx and variables is not None:
         raise TypeError("an nnx.Module carries its own state: pass variables=None")
     if is_nnx:
+        _compat.require_nnx_capture()
         # A copy: its fresh capture ids make nnx.jit/nnx.remat inside the model trace
         # again here, so that their calls are recorded (see capture.fresh_capture_ids).
         # A signature leaves the user's model as it was (BatchNorm statistics and RNG
@@ -444,7 +446,7 @@ def _shard_layers(fn: Any, mesh: Any) -> Any:
     nothing to protect, and it rejects the solvers' loops (constant initial carries).
     """
     spec = PartitionSpec(tuple(mesh.axis_names))
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
+    return _compat.shard_map(fn, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
 
 
 @functools.cache
