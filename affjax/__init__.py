@@ -4,6 +4,8 @@ Implements Bouniot et al., "From Alexnet to Transformers: Measuring the
 Non-linearity of Deep Neural Networks with Affine Optimal Transport", CVPR 2025.
 """
 
+from importlib import metadata as _metadata
+
 from affjax import regularizers  # a module: affjax.regularizers.target_penalty(...)
 from affjax.assignment import AssignmentResult
 from affjax.assignment import linear_assignment
@@ -36,7 +38,10 @@ from affjax.transport import optimal_permutation
 from affjax.transport import sinkhorn_w2_squared
 from affjax.transport import w2_squared
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("affjax")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Activation",

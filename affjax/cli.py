@@ -892,8 +892,11 @@ def _p_text(p: float) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import affjax
+
     parser = argparse.ArgumentParser(
         prog="affjax", description="Affinity scores and non-linearity signatures in JAX.")
+    parser.add_argument("--version", action="version", version=f"affjax {affjax.__version__}")
     sub = parser.add_subparsers(dest="command")
 
     sig = sub.add_parser(

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from affjax import _compat
 from affjax import score as _score
 from affjax import transport
 from affjax.assignment import linear_assignment
@@ -186,14 +187,14 @@ def stacked_scores(
 # --- placement ----------------------------------------------------------------------
 
 
-def _shard_layers(fn: Callable, mesh: Any) -> Callable:
-    """``fn`` of stacked arrays with the layer axis split over every axis of ``mesh``.
+def _shard_layers(fn: Callable, mesh: Any, arity: int) -> Callable:
+    """``fn`` of ``arity`` stacked arrays with the layer axis split over ``mesh``'s axes.
 
     Each device handles its own layers: no collective, so the varying-value check has
     nothing to protect, and it rejects the solvers' loops (constant initial carries).
     """
     spec = PartitionSpec(tuple(mesh.axis_names))
-    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    return _compat.shard_map(fn, mesh=mesh, in_specs=(spec,) * arity, out_specs=spec)
 
 
 @functools.cache
@@ -236,10 +237,11 @@ def _placed(stage: str, options: tuple, placement: Any) -> Callable:
     else:
         (solver,) = options
         fn = functools.partial(_solve, solver=solver)
+    arity = 1 if stage == "assign" else 2
     if not isinstance(placement, tuple):
-        return _shard_layers(fn, placement)
+        return _shard_layers(fn, placement, arity)
     if len(placement) > 1:
-        fn = _shard_layers(fn, layer_mesh(placement))
+        fn = _shard_layers(fn, layer_mesh(placement), arity)
     return jax.jit(fn)
 
 

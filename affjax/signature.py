@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from affjax import _compat
 from affjax import capture as _capture
 from affjax import layer_scoring as _layer_scoring
 from affjax import score as _score
@@ -153,6 +154,7 @@ def _capture_layers(model, variables, x, *, tokens, functions, return_output, on
     if is_nnx and variables is not None:
         raise TypeError("an nnx.Module carries its own state: pass variables=None")
     if is_nnx:
+        _compat.require_nnx_capture()
         # A copy: its fresh capture ids make nnx.jit/nnx.remat inside the model trace
         # again here, so that their calls are recorded (see capture.fresh_capture_ids).
         # A signature leaves the user's model as it was (BatchNorm statistics and RNG
