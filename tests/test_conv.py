@@ -200,3 +200,16 @@ def test_models_agree_with_xla_convolutions(name, monkeypatch):
     xla = jax.jit(lambda v, x: model.apply(v, x))(variables, x)  # traced anew: reads the variable
     scale = float(jnp.max(jnp.abs(xla)))
     np.testing.assert_allclose(np.asarray(auto), np.asarray(xla), rtol=0, atol=1e-4 * scale)
+
+
+def test_every_family_builds_its_convolutions_with_layers_conv():
+    """The per-shape choice lives in ``layers.Conv``: no family may bypass it with nn.Conv."""
+    import pathlib
+    import re
+
+    folder = pathlib.Path(layers.__file__).parent
+    offenders = [f"{path.name}:{i}" for path in sorted(folder.glob("*.py"))
+                 if path.name != "layers.py"
+                 for i, line in enumerate(path.read_text().splitlines(), 1)
+                 if re.search(r"\bnn\.Conv(Transpose|Local)?\(|lax\.conv_general_dilated", line)]
+    assert not offenders, offenders

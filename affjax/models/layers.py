@@ -186,6 +186,14 @@ class Conv(nn.Module):
     ``bias`` ``(features,)``, created in that order), so weights and random initialisations
     are those of ``nn.Conv``; the difference is the formulation, chosen per shape on CPU
     (:func:`conv_formulation`). Leading batch dimensions beyond one are flattened.
+
+    Example:
+      >>> c = Conv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=2)
+      >>> v = c.init(jax.random.key(0), jnp.ones((1, 2, 2, 4)))
+      >>> jax.tree.map(jnp.shape, v)["params"]
+      {'bias': (8,), 'kernel': (3, 3, 2, 8)}
+      >>> c.apply(v, jnp.ones((5, 2, 2, 4))).shape
+      (5, 2, 2, 8)
     """
 
     features: int
