@@ -10,7 +10,10 @@ thread pools fight over the cores):
   ``torch.no_grad()``, one warm call, then timed calls.
 
 Same batch, float32, random N(0, 1) images (NHWC for JAX, NCHW for torch). The table gives
-the median of the timed calls (ms per batch), the ratio jax / torch, and JAX's compile time.
+the median of the timed calls (ms per batch), the ratio jax / torch, JAX's compile time, the
+1-minute load average, and ``bg cores``: the CPU other processes used while the cell ran (its
+largest value over the cell's processes; timings are noisy where it is not near 0). Before
+each process the script waits (``--wait-idle``) for the machine to go quiet.
 With ``--xla-baseline`` a third process times the JAX model with every convolution left to
 XLA (``AFFJAX_CONV=xla``: the zoo before the per-shape formulations of
 ``affjax.models.layers.conv2d``). AlexNet needs inputs of at least 63 px (its cells at 32 px
@@ -89,7 +92,43 @@ def worker_torch(name: str, size: int, batch: int, repeats: int, budget: float) 
                 version=f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes have used (``/proc/stat``; None where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def wait_for_idle(max_wait: float, threshold: float = 0.3) -> float | None:
+    """Wait up to ``max_wait`` s until other processes use under ``threshold`` cores.
+
+    Returns the cores they used in the last 1 s sample (None without ``/proc/stat``).
+    """
+    stop = time.perf_counter() + max_wait
+    while True:
+        b0, t0 = _busy_seconds(), time.perf_counter()
+        time.sleep(1.0)
+        b1, t1 = _busy_seconds(), time.perf_counter()
+        if b0 is None or b1 is None:
+            return None
+        other = (b1 - b0) / (t1 - t0)
+        if other < threshold or t1 >= stop:
+            return other
+
+
 def run_worker(side: str, name: str, size: int, a: argparse.Namespace) -> dict:
+    """One side of one cell in a fresh process; ``bg`` is the cores other processes used."""
+    if a.wait_idle > 0:
+        wait_for_idle(a.wait_idle)
     env = dict(os.environ)
     if side == "xla":
         env["AFFJAX_CONV"] = "xla"
@@ -97,14 +136,18 @@ def run_worker(side: str, name: str, size: int, a: argparse.Namespace) -> dict:
            else "jax", "--models", name, "--sizes", str(size), "--batch", str(a.batch),
            "--repeats", str(a.repeats), "--budget", str(a.budget)]
     load = os.getloadavg()[0]
+    b0, c0, t0 = _busy_seconds(), _children_cpu(), time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
     except subprocess.TimeoutExpired:
-        return dict(error=f"timeout {a.timeout}s", load=load)
+        return dict(error=f"timeout {a.timeout}s", load=load, bg=None)
+    b1, c1, t1 = _busy_seconds(), _children_cpu(), time.perf_counter()
+    bg = None if b0 is None or b1 is None else max((b1 - b0) - (c1 - c0), 0.0) / (t1 - t0)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
-            return dict(json.loads(line[7:]), load=max(load, os.getloadavg()[0]))
-    return dict(error=(p.stderr.strip().splitlines() or ["no output"])[-1][:200], load=load)
+            return dict(json.loads(line[7:]), load=max(load, os.getloadavg()[0]), bg=bg)
+    return dict(error=(p.stderr.strip().splitlines() or ["no output"])[-1][:200], load=load,
+                bg=bg)
 
 
 def _ms(med: dict, side: str) -> str:
@@ -137,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
     p.add_argument("--xla-baseline", action="store_true",
                    help="also time the JAX model with XLA's convolution everywhere")
+    p.add_argument("--wait-idle", type=float, default=60.0,
+                   help="before each process wait up to this many seconds for other processes "
+                        "to use under 0.3 cores (0: do not wait)")
     p.add_argument("--json", help="write every cell's raw numbers here")
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -152,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} cores, Python {platform.python_version()}, batch {a.batch}, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     head = (f"| {'model':<18} | {'px':>3} | {'jax ms':>8} | {'torch ms':>8} | {'jax/torch':>9} | "
-            f"{'compile s':>9} |" + (f" {'xla-conv ms':>11} | {'xla/torch':>9} |"
-                                     if a.xla_baseline else "") + f" {'load':>4} |")
+            f"{'compile s':>9} |")
+    if a.xla_baseline:
+        head += f" {'xla-conv ms':>11} | {'xla/torch':>9} |"
+    head += f" {'load':>4} | {'bg cores':>8} |"
     print(head)
-    print("|" + "|".join("-" * (len(c)) if i else "-" * len(c)
-                         for i, c in enumerate(head.split("|")[1:-1])) + "|", flush=True)
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|", flush=True)
     rows, versions = [], set()
     for name in a.models:
         for size in a.sizes:
@@ -173,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{_ratio(med, 'jax')} | {'-' if comp is None else f'{comp:.1f}':>9} |")
             if a.xla_baseline:
                 line += f" {_ms(med, 'xla'):>11} | {_ratio(med, 'xla')} |"
-            line += f" {max(r['load'] for r in cell.values()):4.1f} |"
+            bgs = [r["bg"] for r in cell.values() if r.get("bg") is not None]
+            line += (f" {max(r['load'] for r in cell.values()):4.1f} |"
+                     f" {f'{max(bgs):.2f}' if bgs else '-':>8} |")
             print(line, flush=True)
             for side, r in cell.items():
                 if "error" in r:

@@ -213,3 +213,18 @@ def test_every_family_builds_its_convolutions_with_layers_conv():
                  for i, line in enumerate(path.read_text().splitlines(), 1)
                  if re.search(r"\bnn\.Conv(Transpose|Local)?\(|lax\.conv_general_dilated", line)]
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16])
+def test_the_fusion_fence_is_the_identity(dtype):
+    info = jnp.finfo(dtype)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, float(info.max), float(info.tiny),
+               float(info.tiny) / 4, float(info.eps), 1 + float(info.eps), -3.5]
+    x = jnp.concatenate([jnp.asarray(special, dtype),
+                         jax.random.normal(jax.random.key(0), (1000,), dtype) * 1e3])
+    y = jax.jit(layers._unfused)(x)
+    assert y.dtype == x.dtype
+    bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize]
+    np.testing.assert_array_equal(np.asarray(y).view(bits), np.asarray(x).view(bits))
+    ints = jnp.arange(5)
+    assert layers._unfused(ints) is ints

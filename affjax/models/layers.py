@@ -101,6 +101,26 @@ _IM2COL_MAX_OUTPUT = 9
 _TAPS_MAX_GROUP_WIDTH = 8
 
 
+def _unfused(x: jax.Array) -> jax.Array:
+    """``x`` unchanged, through an op XLA:CPU does not fuse across (jaxlib 0.10.2).
+
+    ``reduce_precision`` to the dtype's own exponent and mantissa widths is the identity
+    (NaN, infinities and subnormals included), and keeps producers and consumers out of the
+    fused loop of the ``taps`` formulation.
+    """
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    info = jnp.finfo(x.dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def _pad(x: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    if padding == ((0, 0), (0, 0)):
+        return x
+    return jax.lax.pad(x, jnp.zeros((), x.dtype),
+                       ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+
+
 def _taps(x: jax.Array, kh: int, kw: int, strides: tuple[int, int],
           padding: tuple[tuple[int, int], tuple[int, int]],
           dilation: tuple[int, int]) -> list[jax.Array]:
@@ -108,9 +128,7 @@ def _taps(x: jax.Array, kh: int, kw: int, strides: tuple[int, int],
     n, h, w, c = x.shape
     ho = _conv_out_size(h, padding[0], kh, strides[0], dilation[0])
     wo = _conv_out_size(w, padding[1], kw, strides[1], dilation[1])
-    if padding != ((0, 0), (0, 0)):
-        zero = jnp.zeros((), x.dtype)
-        x = jax.lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    x = _pad(x, padding)
     sh, sw = strides
     return [jax.lax.slice(x, (0, i * dilation[0], j * dilation[1], 0),
                           (n, i * dilation[0] + (ho - 1) * sh + 1,
@@ -157,25 +175,30 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: int | Sequence[int] = 1,
         return jax.lax.conv_general_dilated(
             x, kernel, strides, pads, rhs_dilation=dilation,
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
-    taps = _taps(x, kh, kw, strides, pads, dilation)
-    n, ho, wo, _ = taps[0].shape
+    n, h, w, _ = x.shape
+    ho = _conv_out_size(h, pads[0], kh, strides[0], dilation[0])
+    wo = _conv_out_size(w, pads[1], kw, strides[1], dilation[1])
     if formulation == "im2col":
         if groups != 1:
             raise ValueError("conv2d: the im2col formulation needs groups == 1")
+        taps = _taps(x, kh, kw, strides, pads, dilation)
         cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
         y = jnp.dot(cols.reshape(n * ho * wo, kh * kw * c), kernel.reshape(kh * kw * c, features))
         return y.reshape(n, ho, wo, features)
     if formulation == "taps":
         # y[..., g, :] += x_tap[..., g, c] * kernel[tap, c, g, :] for every tap and every
-        # input channel c of a group: broadcast multiply-adds, one fused loop.
-        w = kernel.reshape(kh * kw, cg, groups, features // groups)
+        # input channel c of a group: broadcast multiply-adds, one fused loop. Its input and
+        # output are fenced (_unfused), or XLA fuses the BatchNorm/ReLU before it into every
+        # term, or the reduction after it around the sum, and the loop runs 5-10x slower.
+        wk = kernel.reshape(kh * kw, cg, groups, features // groups)
+        xp = _unfused(_pad(x, pads))
         y = None
-        for t, tap in enumerate(taps):
+        for t, tap in enumerate(_taps(xp, kh, kw, strides, ((0, 0), (0, 0)), dilation)):
             tap = tap.reshape(n, ho, wo, groups, cg)
             for ci in range(cg):
-                term = tap[..., ci:ci + 1] * w[t, ci]
+                term = tap[..., ci:ci + 1] * wk[t, ci]
                 y = term if y is None else y + term
-        return y.reshape(n, ho, wo, features)
+        return _unfused(y.reshape(n, ho, wo, features))
     raise ValueError(f"conv2d: unknown formulation {formulation!r}; one of {CONV_FORMULATIONS}")
 
 
