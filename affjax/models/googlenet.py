@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from affjax.capture import Activation
+from affjax.models.layers import conv
 from affjax.models.layers import dense
 from affjax.models.registry import ModelSpec
 from affjax.models.registry import register
@@ -72,12 +73,8 @@ class BasicConv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kh, kw = ((self.kernel_size, self.kernel_size) if isinstance(self.kernel_size, int)
-                  else self.kernel_size)
-        ph, pw = (self.padding, self.padding) if isinstance(self.padding, int) else self.padding
-        x = nn.Conv(self.features, (kh, kw), strides=(self.stride, self.stride),
-                    padding=((ph, ph), (pw, pw)), use_bias=False, kernel_init=self.kernel_init,
-                    name="conv")(x)
+        x = conv(self.features, self.kernel_size, stride=self.stride, padding=self.padding,
+                 bias=False, kernel_init=self.kernel_init, name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3,
                          name="bn")(x)
         return Activation(self.activation, name="relu")(x)

@@ -7,7 +7,9 @@ padding, adaptive pooling (no Flax equivalent). These helpers fix those once.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -23,24 +25,255 @@ kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "norma
 torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int | np.integer):
+        return (int(v), int(v))
+    a, b = v
+    return (int(a), int(b))
+
+
+def _conv_out_size(size: int, pad: tuple[int, int], k: int, stride: int, dilation: int) -> int:
+    return (size + pad[0] + pad[1] - dilation * (k - 1) - 1) // stride + 1
+
+
+CONV_FORMULATIONS = ("xla", "im2col", "taps")
+
+
+def conv_formulation(x_shape: Sequence[int], kernel_shape: Sequence[int], *,
+                     strides: tuple[int, int] = (1, 1),
+                     padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
+                     dilation: tuple[int, int] = (1, 1), groups: int = 1,
+                     backend: str | None = None) -> str:
+    """The formulation :func:`conv2d` uses for these static shapes on ``backend``.
+
+    ``backend`` defaults to ``jax.default_backend()`` at trace time. Off the CPU backend
+    (GPU, TPU) always ``"xla"``: ``lax.conv_general_dilated``. On CPU, XLA's convolution is
+    slow on small maps (a 3x3 convolution on 2x2 maps runs at about 2 GFLOP/s), for 1x1
+    kernels, and for depthwise and narrow grouped convolutions; there (crossovers measured
+    with ``benchmarks/bench_conv.py``, numbers in ``docs/models.md``):
+
+    * ``"im2col"`` (``groups == 1``): the ``kh * kw`` shifted, strided slices of the padded
+      input, concatenated, times the kernel as one matrix product. Used for every 1x1
+      convolution without padding (a plain matrix product) and for larger kernels whose
+      output has at most 9 pixels (3x3).
+    * ``"taps"`` (``groups > 1``): one broadcast multiply-add per kernel tap and input channel
+      of a group. Used when a group has at most 8 input channels (depthwise convolutions
+      have 1).
+    * ``"xla"`` otherwise.
+
+    The environment variable ``AFFJAX_CONV`` (``auto``, ``xla``, ``im2col`` or ``taps``), read
+    at trace time on every backend, forces a formulation where it applies (``im2col`` needs
+    ``groups == 1``, ``taps`` is only used for ``groups > 1``; other shapes get ``xla``).
+    A function already traced keeps the formulations it was traced with.
+
+    Example:
+      >>> conv_formulation((64, 2, 2, 512), (3, 3, 512, 512), padding=((1, 1), (1, 1)),
+      ...                  backend="cpu")
+      'im2col'
+      >>> conv_formulation((64, 2, 2, 512), (3, 3, 512, 512), padding=((1, 1), (1, 1)),
+      ...                  backend="gpu")
+      'xla'
+    """
+    _, h, w, _ = x_shape
+    kh, kw, cg, _ = kernel_shape
+    padding = tuple(tuple(int(v) for v in p) for p in padding)
+    forced = os.environ.get("AFFJAX_CONV", "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in CONV_FORMULATIONS:
+            raise ValueError(f"AFFJAX_CONV must be one of auto, {', '.join(CONV_FORMULATIONS)}; "
+                             f"got {forced!r}")
+        if forced == "im2col" and groups != 1 or forced == "taps" and groups == 1:
+            return "xla"
+        return forced
+    if (backend or jax.default_backend()) != "cpu":
+        return "xla"
+    ho = _conv_out_size(h, padding[0], kh, strides[0], dilation[0])
+    wo = _conv_out_size(w, padding[1], kw, strides[1], dilation[1])
+    if groups == 1:
+        if kh == kw == 1 and padding == ((0, 0), (0, 0)):
+            return "im2col"
+        return "im2col" if ho * wo <= _IM2COL_MAX_OUTPUT else "xla"
+    return "taps" if cg <= _TAPS_MAX_GROUP_WIDTH else "xla"
+
+
+# Crossovers measured on a 2-core Xeon (AVX-512), jaxlib 0.10.2; see docs/models.md.
+_IM2COL_MAX_OUTPUT = 9
+_TAPS_MAX_GROUP_WIDTH = 8
+
+
+def _unfused(x: jax.Array) -> jax.Array:
+    """``x`` unchanged, through an op XLA:CPU does not fuse across (jaxlib 0.10.2).
+
+    ``reduce_precision`` to the dtype's own exponent and mantissa widths is the identity
+    (NaN, infinities and subnormals included), and keeps producers and consumers out of the
+    fused loop of the ``taps`` formulation.
+    """
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    info = jnp.finfo(x.dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def _pad(x: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    if padding == ((0, 0), (0, 0)):
+        return x
+    return jax.lax.pad(x, jnp.zeros((), x.dtype),
+                       ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+
+
+def _taps(x: jax.Array, kh: int, kw: int, strides: tuple[int, int],
+          padding: tuple[tuple[int, int], tuple[int, int]],
+          dilation: tuple[int, int]) -> list[jax.Array]:
+    """The ``kh * kw`` shifted, strided views of ``x`` (NHWC), row-major over the kernel."""
+    n, h, w, c = x.shape
+    ho = _conv_out_size(h, padding[0], kh, strides[0], dilation[0])
+    wo = _conv_out_size(w, padding[1], kw, strides[1], dilation[1])
+    x = _pad(x, padding)
+    sh, sw = strides
+    return [jax.lax.slice(x, (0, i * dilation[0], j * dilation[1], 0),
+                          (n, i * dilation[0] + (ho - 1) * sh + 1,
+                           j * dilation[1] + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, strides: int | Sequence[int] = 1,
+           padding: int | Sequence[int] | Sequence[Sequence[int]] = 0,
+           dilation: int | Sequence[int] = 1, groups: int = 1,
+           formulation: str | None = None) -> jax.Array:
+    """``torch.nn.functional.conv2d`` on NHWC input with an HWIO kernel, no bias.
+
+    ``padding`` is zero padding: an int, ``(ph, pw)`` (symmetric) or ``((top, bottom),
+    (left, right))``. ``kernel`` has shape ``(kh, kw, in_channels / groups, out_channels)``.
+    The formulation (see :func:`conv_formulation`) is chosen from the static shapes at trace
+    time unless given; all give the same numbers within rounding.
+
+    Example:
+      >>> x = jnp.arange(2 * 3 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 3, 4) / 10
+      >>> k = jnp.ones((3, 3, 4, 5), jnp.float32) / 36
+      >>> a = conv2d(x, k, padding=1, formulation="xla")
+      >>> b = conv2d(x, k, padding=1, formulation="im2col")
+      >>> a.shape, bool(jnp.allclose(a, b, atol=1e-6))
+      ((2, 3, 3, 5), True)
+    """
+    strides, dilation = _pair(strides), _pair(dilation)
+    if isinstance(padding, int | np.integer):
+        pads = ((int(padding),) * 2,) * 2
+    else:
+        pads = tuple(_pair(p) for p in padding)
+        if len(pads) != 2:
+            raise ValueError(f"conv2d: padding must be an int, (ph, pw) or ((t, b), (l, r)); "
+                             f"got {padding}")
+    kh, kw, cg, features = kernel.shape
+    c = x.shape[-1]
+    if x.ndim != 4 or kernel.ndim != 4 or c != cg * groups or features % groups:
+        raise ValueError(f"conv2d: input {x.shape} (NHWC), kernel {kernel.shape} (HWIO) and "
+                         f"groups={groups} do not fit")
+    if formulation is None:
+        formulation = conv_formulation(x.shape, kernel.shape, strides=strides, padding=pads,
+                                       dilation=dilation, groups=groups)
+    if formulation == "xla":
+        return jax.lax.conv_general_dilated(
+            x, kernel, strides, pads, rhs_dilation=dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    n, h, w, _ = x.shape
+    ho = _conv_out_size(h, pads[0], kh, strides[0], dilation[0])
+    wo = _conv_out_size(w, pads[1], kw, strides[1], dilation[1])
+    if formulation == "im2col":
+        if groups != 1:
+            raise ValueError("conv2d: the im2col formulation needs groups == 1")
+        taps = _taps(x, kh, kw, strides, pads, dilation)
+        cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+        y = jnp.dot(cols.reshape(n * ho * wo, kh * kw * c), kernel.reshape(kh * kw * c, features))
+        return y.reshape(n, ho, wo, features)
+    if formulation == "taps":
+        # y[..., g, :] += x_tap[..., g, c] * kernel[tap, c, g, :] for every tap and every
+        # input channel c of a group: broadcast multiply-adds, one fused loop. Its input and
+        # output are fenced (_unfused), or XLA fuses the BatchNorm/ReLU before it into every
+        # term, or the reduction after it around the sum, and the loop runs 5-10x slower.
+        wk = kernel.reshape(kh * kw, cg, groups, features // groups)
+        xp = _unfused(_pad(x, pads))
+        y = None
+        for t, tap in enumerate(_taps(xp, kh, kw, strides, ((0, 0), (0, 0)), dilation)):
+            tap = tap.reshape(n, ho, wo, groups, cg)
+            for ci in range(cg):
+                term = tap[..., ci:ci + 1] * wk[t, ci]
+                y = term if y is None else y + term
+        return _unfused(y.reshape(n, ho, wo, features))
+    raise ValueError(f"conv2d: unknown formulation {formulation!r}; one of {CONV_FORMULATIONS}")
+
+
+class Conv(nn.Module):
+    """``torch.nn.Conv2d`` on NHWC input: :func:`conv2d` plus a bias.
+
+    Parameters as ``flax.linen.Conv``'s (``kernel`` ``(kh, kw, in / groups, features)``,
+    ``bias`` ``(features,)``, created in that order), so weights and random initialisations
+    are those of ``nn.Conv``; the difference is the formulation, chosen per shape on CPU
+    (:func:`conv_formulation`). Leading batch dimensions beyond one are flattened.
+
+    Example:
+      >>> c = Conv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=2)
+      >>> v = c.init(jax.random.key(0), jnp.ones((1, 2, 2, 4)))
+      >>> jax.tree.map(jnp.shape, v)["params"]
+      {'bias': (8,), 'kernel': (3, 3, 2, 8)}
+      >>> c.apply(v, jnp.ones((5, 2, 2, 4))).shape
+      (5, 2, 2, 8)
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    kernel_dilation: tuple[int, int] = (1, 1)
+    feature_group_count: int = 1
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = torch_default_kernel
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        groups = self.feature_group_count
+        if x.ndim < 4:
+            raise ValueError(f"Conv {self.name}: input must be (..., H, W, C), got {x.shape}")
+        if x.shape[-1] % groups:
+            raise ValueError(f"Conv {self.name}: {x.shape[-1]} input channels do not split "
+                             f"into {groups} groups")
+        kernel = self.param("kernel", self.kernel_init,
+                            (*self.kernel_size, x.shape[-1] // groups, self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        dtype = jnp.result_type(x, kernel)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        lead = x.shape[:-3]
+        y = conv2d(x.reshape(-1, *x.shape[-3:]), kernel, strides=self.strides,
+                   padding=self.padding, dilation=self.kernel_dilation, groups=groups)
+        if bias is not None:
+            y = y + bias.astype(dtype)
+        return y.reshape(*lead, *y.shape[1:])
+
+
 def conv(
     features: int,
-    kernel_size: int,
+    kernel_size: int | tuple[int, int],
     *,
-    stride: int = 1,
-    padding: int = 0,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
     groups: int = 1,
     bias: bool = True,
     kernel_init: nn.initializers.Initializer = torch_default_kernel,
     name: str,
-) -> nn.Conv:
+) -> Conv:
     """``torch.nn.Conv2d(in, features, kernel_size, stride, padding, groups=groups, bias=bias)``.
 
-    Kernel layout HWIO, ``(k, k, in / groups, features)``; symmetric zero padding.
+    Kernel layout HWIO, ``(kh, kw, in / groups, features)``; symmetric zero padding. Every
+    convolution of the zoo is built here (a :class:`Conv`), so the per-shape choice of
+    formulation (:func:`conv_formulation`) is made in one place.
     """
-    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                   padding=((padding, padding), (padding, padding)), feature_group_count=groups,
-                   use_bias=bias, kernel_init=kernel_init, name=name)
+    ph, pw = _pair(padding)
+    return Conv(features, _pair(kernel_size), strides=_pair(stride),
+                padding=((ph, ph), (pw, pw)), feature_group_count=groups, use_bias=bias,
+                kernel_init=kernel_init, name=name)
 
 
 def dense(features: int, *, kernel_init: nn.initializers.Initializer = torch_default_kernel,

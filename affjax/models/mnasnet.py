@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from affjax.capture import Activation
+from affjax.models.layers import Conv
 from affjax.models.layers import conv
 from affjax.models.layers import dense
 from affjax.models.layers import kaiming_normal_fan_out
@@ -34,7 +35,7 @@ def _bn(train: bool, name: str) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=0.9997, epsilon=1e-5, name=name)
 
 
-def _conv(features: int, kernel: int, *, stride: int = 1, groups: int = 1, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, *, stride: int = 1, groups: int = 1, name: str) -> Conv:
     return conv(features, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False,
                 kernel_init=kaiming_normal_fan_out, name=name)
 
