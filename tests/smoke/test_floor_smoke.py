@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import flax.linen as nn
@@ -138,6 +139,15 @@ def test_nnx_signature_and_regularizer():
                                rtol=1e-5)
     penalty = regularizers.mean_nonlinearity(model, None, x, weight=1.0)
     np.testing.assert_allclose(penalty, np.mean(1.0 - sig.scores), rtol=1e-5)
+
+
+def test_nnx_on_a_flax_without_capture_names_the_release_needed(monkeypatch):
+    from affjax import _compat
+
+    monkeypatch.setattr(_compat, "nnx", types.SimpleNamespace())  # no nnx.capture
+    with pytest.raises(ImportError, match=r"need flax >= 0\.12\.6 \(nnx\.capture\).*"
+                                          r"pip install 'affjax\[nnx\]'"):
+        affjax.signature(NnxMLP(nnx.Rngs(0)), None, _x())
 
 
 def test_regularizer_step_with_optax():
