@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import flax.linen as nn
@@ -26,6 +27,7 @@ import pytest
 from flax import nnx
 
 import affjax
+from affjax import cli
 from affjax import models
 from affjax import regularizers
 
@@ -43,11 +45,12 @@ def _run_affjax(*args, cwd, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_version_is_the_distributions_and_the_commands(tmp_path):
+def test_version_is_the_distributions_and_the_commands(capsys):
     assert affjax.__version__ == importlib.metadata.version("affjax")
-    out = _run_affjax("--version", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == f"affjax {affjax.__version__}"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"affjax {affjax.__version__}\n"
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="affjax")
     assert script.value == "affjax.cli:run"
 
@@ -73,6 +76,9 @@ def test_score_under_jit_vmap_and_grad():
     x = _x()
     jitted = jax.jit(affjax.affinity_score)(x, jnp.tanh(x))
     np.testing.assert_allclose(jitted, affjax.affinity_score(x, jnp.tanh(x)), rtol=1e-5)
+    # Narrow layers compile too (the reason jax 0.6.0 is the floor: docs/compatibility.md).
+    narrow = jax.jit(affjax.affinity_score)(x[:, :3], jnp.tanh(x[:, :3]))
+    assert 0.5 < float(narrow) < 1.0
     xs = jnp.stack([x, 2.0 * x])
     batched = jax.vmap(affjax.affinity_score)(xs, jax.nn.gelu(xs))
     np.testing.assert_allclose(batched[0], affjax.affinity_score(x, jax.nn.gelu(x)), rtol=1e-5)
@@ -133,6 +139,15 @@ def test_nnx_signature_and_regularizer():
                                rtol=1e-5)
     penalty = regularizers.mean_nonlinearity(model, None, x, weight=1.0)
     np.testing.assert_allclose(penalty, np.mean(1.0 - sig.scores), rtol=1e-5)
+
+
+def test_nnx_on_a_flax_without_capture_names_the_release_needed(monkeypatch):
+    from affjax import _compat
+
+    monkeypatch.setattr(_compat, "nnx", types.SimpleNamespace())  # no nnx.capture
+    with pytest.raises(ImportError, match=r"need flax >= 0\.12\.6 \(nnx\.capture\).*"
+                                          r"pip install 'affjax\[nnx\]'"):
+        affjax.signature(NnxMLP(nnx.Rngs(0)), None, _x())
 
 
 def test_regularizer_step_with_optax():
