@@ -244,7 +244,8 @@ def _auction(
     rows = jnp.arange(n)
     prices, _ = _identity_potentials(c, potential_iterations)
     # Gaps below the rounding of the slacks cannot be resolved: part of the tolerance.
-    floor = 4.0 * jnp.finfo(c.dtype).eps * (jnp.max(jnp.abs(c)) + jnp.max(jnp.abs(prices)))
+    # (A Python float: a NumPy scalar would promote the prices to float64 under NumPy 1.)
+    floor = 4.0 * float(jnp.finfo(c.dtype).eps) * (jnp.max(jnp.abs(c)) + jnp.max(jnp.abs(prices)))
 
     def measured(state: _Auction) -> _Auction:
         """The state with the slacks and the tolerance of its (complete) matching."""

@@ -42,6 +42,7 @@ DEFAULT_OUT = "affjax-results"
 _DEFAULT_CACHE = "~/.cache/affjax/jax"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command cut off by `head`
 
 
 class CliError(Exception):
@@ -992,7 +993,14 @@ def run() -> None:
     still compiling or running on its threads, the teardown crashed (SIGSEGV) after the
     results had been saved and the message printed, instead of exiting with 130.
     """
-    code = main()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of stdout left (``affjax models | head``): the usual pipeline exit,
+        # with stdout pointed at /dev/null so that the interpreter's final flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
     if code == EXIT_INTERRUPTED:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -241,6 +241,23 @@ def test_the_command_exits_with_mains_status_and_skips_teardown_after_ctrl_c():
         assert ("teardown" in out.stdout) == (status != 130)
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    # `affjax models | head -1`: the pipe closes while the listing is still being written.
+    code = ("import sys, affjax.cli as c\n"
+            "def main():\n"
+            "    for i in range(100000):\n"
+            "        print('model', i)\n"
+            "    return 0\n"
+            "c.main = main; c.run()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "model 0\n"
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == cli.EXIT_BROKEN_PIPE == 141
+    assert err == ""  # no BrokenPipeError traceback, no "Exception ignored" on exit
+
+
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     results.atomic_write_text(path, "old")
