@@ -6,12 +6,17 @@ potentials, so that ``lower_bound <= optimum <= cost`` can be read off every res
 
 Solvers:
 
-``"auction"``   on device, jittable and vmappable, no host callback. Certifies a
-                candidate first, then repairs it by an epsilon-scaling auction (below).
-``"scipy"``     ``scipy.optimize.linear_sum_assignment`` on the host through
-                ``jax.pure_callback`` (exact; one round trip per call).
-``"hungarian"`` ``optax.assignment.hungarian_algorithm``, exact, on device.
-``"auto"``      ``"auction"``: see ``docs/assignment.md`` for the measurements behind it.
+``"auction"``           on device, jittable and vmappable, no host callback. Certifies
+                        a candidate first, then repairs it by an epsilon-scaling
+                        auction (below).
+``"identity_or_scipy"`` the same certificate of the identity on device (steps 1 and 2
+                        below); SciPy on the host for the matrices it does not certify.
+``"scipy"``             ``scipy.optimize.linear_sum_assignment`` on the host through
+                        ``jax.pure_callback`` (exact; one round trip per call).
+``"hungarian"``         ``optax.assignment.hungarian_algorithm``, exact, on device.
+``"auto"``              ``"auction"`` on an accelerator, ``"identity_or_scipy"`` on CPU,
+                        where the host is the device and SciPy beats the auction on the
+                        matrices the certificate leaves (``docs/assignment.md``).
 
 The auction solver. A matching ``s`` and prices ``p`` (one per column) give the dual
 bound ``LB(p) = sum_i min_j (C_ij + p_j) - sum_j p_j <= optimum``, and
@@ -37,6 +42,8 @@ non-negative slacks. The solver stops as soon as that gap is within the toleranc
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -46,7 +53,9 @@ from jax.typing import ArrayLike
 
 from affjax import _checks
 
-ASSIGNMENT_SOLVERS: tuple[str, ...] = ("auto", "auction", "scipy", "hungarian")
+ASSIGNMENT_SOLVERS: tuple[str, ...] = (
+    "auto", "auction", "identity_or_scipy", "scipy", "hungarian"
+)
 
 
 class AssignmentResult(NamedTuple):
@@ -62,8 +71,10 @@ class AssignmentResult(NamedTuple):
         construction). NaN when the cost matrix is not finite. Not differentiated.
       converged: bool, the gap ``cost - lower_bound`` is within the tolerance (always
         True for the exact solvers, False for a non-finite cost matrix).
-      rounds: int32, auction rounds run (0 when the candidate was certified).
-      certified_candidate: bool, the identity matching was certified without an auction.
+      rounds: int32, auction rounds run (0 when the candidate was certified, and for
+        the solvers without an auction).
+      certified_candidate: bool, the identity matching was certified on device, without
+        an auction or a SciPy call (always False for ``"scipy"`` and ``"hungarian"``).
     """
 
     permutation: jax.Array
@@ -101,17 +112,23 @@ def default_max_rounds(n: int) -> int:
 
 
 def resolve_assignment_solver(solver: str) -> str:
-    """The concrete solver ``solver`` names (``"auto"`` is ``"auction"``).
+    """The concrete solver ``solver`` names on the default backend.
+
+    ``"auto"`` is ``"identity_or_scipy"`` on CPU and ``"auction"`` elsewhere.
 
     Example:
-      >>> resolve_assignment_solver("auto")
-      'auction'
+      >>> import jax
+      >>> resolve_assignment_solver("auto") == (
+      ...     "identity_or_scipy" if jax.default_backend() == "cpu" else "auction")
+      True
     """
     if solver not in ASSIGNMENT_SOLVERS:
         raise ValueError(
             f"unknown assignment solver {solver!r}; expected one of {ASSIGNMENT_SOLVERS}"
         )
-    return "auction" if solver == "auto" else solver
+    if solver != "auto":
+        return solver
+    return "identity_or_scipy" if jax.default_backend() == "cpu" else "auction"
 
 
 # --- the auction ----------------------------------------------------------------------
@@ -281,6 +298,18 @@ def _auction(
     return state.row_to_col, gap, gap <= state.tol, state.rounds, certified
 
 
+def _row_minima_certify(c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(finite, easy)``: the matrix is finite; the identity is certified by one pass.
+
+    Every row's minimum on the diagonal makes the identity optimal (the row minima are
+    then a dual solution with zero gap). ``easy`` is also True for a non-finite matrix,
+    whose result is NaN whatever the matching.
+    """
+    row_min = jnp.min(c, axis=1)  # NaN propagates
+    finite = jnp.all(jnp.isfinite(row_min) & jnp.isfinite(jnp.max(c, axis=1)))
+    return finite, jnp.all(jnp.diagonal(c) <= row_min) | ~finite
+
+
 def _auction_one(
     cost: jax.Array, *, rtol: float, block: int, max_rounds: int, potential_iterations: int,
     scale_factor: float,
@@ -288,11 +317,7 @@ def _auction_one(
     n = cost.shape[0]
     identity = jnp.arange(n, dtype=jnp.int32)
     c = jax.lax.stop_gradient(cost)
-    row_min = jnp.min(c, axis=1)  # NaN propagates
-    finite = jnp.all(jnp.isfinite(row_min) & jnp.isfinite(jnp.max(c, axis=1)))
-    # Every row's minimum on the diagonal: the identity is optimal (row minima as the
-    # dual), with one pass over the matrix.
-    easy = jnp.all(jnp.diagonal(c) <= row_min) | ~finite
+    finite, easy = _row_minima_certify(c)
 
     def certified():
         return (identity, jnp.zeros((), c.dtype), jnp.array(True), jnp.array(0, jnp.int32),
@@ -314,6 +339,35 @@ def _auction_one(
         converged=converged & finite,
         rounds=rounds,
         certified_candidate=candidate & finite,
+    )
+
+
+def _identity_or_scipy_one(cost: jax.Array, *, potential_iterations: int) -> AssignmentResult:
+    """The identity where the row minima or the potentials certify it, else SciPy."""
+    n = cost.shape[0]
+    identity = jnp.arange(n, dtype=jnp.int32)
+    c = jax.lax.stop_gradient(cost)
+    finite, easy = _row_minima_certify(c)
+
+    def by_potentials():
+        # The potentials certify exactly when they reach their fixed point (module
+        # docstring); the SciPy call is then skipped.
+        _, fixed = _identity_potentials(c, potential_iterations)
+        return jax.lax.cond(fixed, lambda: identity, lambda: scipy_permutation(c)), fixed
+
+    if n == 1:
+        permutation, certified = identity, jnp.array(True)
+    else:
+        permutation, certified = jax.lax.cond(
+            easy, lambda: (identity, jnp.array(True)), by_potentials)
+    total = _matched_cost(cost, permutation)
+    return AssignmentResult(
+        permutation=permutation,
+        cost=total,
+        lower_bound=jnp.where(finite, jax.lax.stop_gradient(total), jnp.nan),
+        converged=finite,
+        rounds=jnp.array(0, jnp.int32),
+        certified_candidate=certified & finite,
     )
 
 
@@ -419,7 +473,8 @@ def linear_assignment(
     Args:
       cost: ``(n, n)`` or ``(B, n, n)`` real array (integers and half precision are
         solved in float: the default float and float32).
-      solver: ``"auto"``, ``"auction"``, ``"scipy"`` or ``"hungarian"`` (module docstring).
+      solver: ``"auto"``, ``"auction"``, ``"identity_or_scipy"``, ``"scipy"`` or
+        ``"hungarian"`` (module docstring).
       rtol: auction only: stop when ``cost - lower_bound <= rtol * |cost|`` (plus the
         rounding of the sums, about ``n * eps`` of the matrix's range). Default
         :func:`default_rtol`: 1e-9 in float64; 1e-6 in float32, where the bound is
@@ -429,8 +484,8 @@ def linear_assignment(
         gap and ``converged=False``; the score functions then give NaN.
       block_rows: auction only: most rows bidding in one round (default 64 on CPU, all
         free rows on an accelerator).
-      potential_iterations: auction only: cap on the relaxations that certify the
-        identity.
+      potential_iterations: ``"auction"`` and ``"identity_or_scipy"``: cap on the
+        relaxations that certify the identity.
       scale_factor: auction only: ``eps`` is divided by this after every phase.
 
     Returns:
@@ -467,18 +522,29 @@ def linear_assignment(
         flat = jax.lax.stop_gradient(cost).reshape((-1, n, n))
         perm = jax.vmap(hungarian_permutation)(flat).reshape(cost.shape[:-1])
         return _exact_result(cost, perm)
+    potential_iterations = _positive("potential_iterations", potential_iterations, int)
+    if solver == "identity_or_scipy":
+        return _solve(cost, _identity_or_scipy_one, potential_iterations=potential_iterations)
     rtol = default_rtol(cost.dtype) if rtol is None else _positive("rtol", rtol, float)
     max_rounds = (default_max_rounds(n) if max_rounds is None
                   else _positive("max_rounds", max_rounds, int))
     block = _default_block(n) if block_rows is None else _positive("block_rows", block_rows, int)
-    potential_iterations = _positive("potential_iterations", potential_iterations, int)
     scale_factor = _positive("scale_factor", scale_factor, float)
     if scale_factor <= 1:
         raise ValueError(f"scale_factor must be > 1, got {scale_factor!r}")
-    one = jax.tree_util.Partial(
-        _auction_one, rtol=rtol, block=min(block, n), max_rounds=max_rounds,
-        potential_iterations=potential_iterations, scale_factor=scale_factor,
-    )
+    return _solve(cost, _auction_one, rtol=rtol, block=min(block, n), max_rounds=max_rounds,
+                  potential_iterations=potential_iterations, scale_factor=scale_factor)
+
+
+@functools.partial(jax.jit, static_argnums=1, static_argnames=(
+    "rtol", "block", "max_rounds", "potential_iterations", "scale_factor"))
+def _solve(cost: jax.Array, one: Callable[..., AssignmentResult], **options) -> AssignmentResult:
+    """``one(matrix, **options)`` on a matrix or on each matrix of a batch, compiled once.
+
+    A loop on CPU: each matrix takes only its own branches and stops on its own (a
+    vmapped ``cond`` or ``while_loop`` runs every branch and waits for the slowest).
+    """
+    one = functools.partial(one, **options)
     if cost.ndim == 2:
         return one(cost)
     if jax.default_backend() == "cpu":

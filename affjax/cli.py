@@ -922,9 +922,11 @@ def _parser() -> argparse.ArgumentParser:
     sig.add_argument("--batches", default="1", help="'all', K (the first K batches, default "
                      "1), '@I' (only batch I, from 0) or 'I:J'")
     sig.add_argument("--covariance", default="empirical", choices=["empirical", "ledoit_wolf"])
-    sig.add_argument("--solver", default="auto", choices=["auto", "auction", "scipy", "hungarian"],
+    sig.add_argument("--solver", default="auto",
+                     choices=["auto", "auction", "identity_or_scipy", "scipy", "hungarian"],
                      help="exact assignment solver of the W2 (default auto: the certified "
-                          "on-device auction); every choice gives the same scores")
+                          "on-device auction on an accelerator, identity_or_scipy on CPU); "
+                          "every choice gives the same scores")
     sig.add_argument("--compilation-cache", metavar="DIR|off",
                      help="JAX's persistent compilation cache, so a second run starts "
                           f"compiled (default $AFFJAX_COMPILATION_CACHE or {_DEFAULT_CACHE})")

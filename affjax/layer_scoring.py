@@ -5,7 +5,9 @@ one compiled call (:func:`stack_fits`, which owns the Cholesky-or-QR choice of b
 scoring). Every layer's exact W2 is an ``(n, n)`` assignment and every stack of a
 signature has the same ``n``, so the cost matrices of all stacks go to ONE
 :func:`affjax.linear_assignment` call: with the ``"auction"`` solver, nothing leaves the
-device; with ``"scipy"``, one host round trip serves every layer.
+device; with ``"scipy"``, one host round trip serves every layer; with
+``"identity_or_scipy"`` (``"auto"`` on CPU), only the layers whose identity matching is
+not certified on device call SciPy.
 
 Where the layers of a stack run: a ``lax.map`` loop on CPU, a ``vmap`` elsewhere; see
 ``docs/signatures.md``, "Batched LAPACK on CPU", for why.
@@ -35,7 +37,7 @@ from affjax import score as _score
 from affjax import transport
 from affjax.assignment import linear_assignment
 
-ASSIGNMENT_SOLVERS: tuple[str, ...] = ("auction", "scipy", "hungarian")
+ASSIGNMENT_SOLVERS: tuple[str, ...] = ("auction", "identity_or_scipy", "scipy", "hungarian")
 
 
 class StackFit(NamedTuple):

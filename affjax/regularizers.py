@@ -32,14 +32,15 @@ returns) together with the scores from the same forward pass. Calling
 ``model.apply`` and :func:`target_penalty` separately runs the forward pass
 twice and, worse, backpropagates through it twice.
 
-Gradients: exact solvers (``"auction"``, the default, and ``"hungarian"`` on the
-device, ``"scipy"`` on the host through a callback, ``"sort"`` for 1-D layers) hold
+Gradients: exact solvers (``"auction"`` and ``"hungarian"`` on the device, ``"scipy"``
+on the host through a callback, ``"identity_or_scipy"`` between them, ``"sort"`` for
+1-D layers) hold
 the optimal matching fixed and differentiate the matched cost; this is the gradient
 of the exact score wherever the optimal matching is unique (almost everywhere).
 ``"sinkhorn"`` (OTT-JAX, on device, smooth) differentiates the entropic plan's
 cost by unrolling; it is biased low and costs more (``docs/regularizers.md``).
-With ``"auto"`` (the certified auction) the whole training step runs on the
-device, every layer's assignment in one batched call.
+With ``"auto"`` on an accelerator (the certified auction) the whole training step
+runs on the device, every layer's assignment in one batched call.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def output_and_scores(
       model: a ``flax.linen.Module``, or an ``nnx.Module`` with ``variables=None``.
       variables: linen variables (``{"params": ..., "batch_stats": ...}``).
       x: input batch, batch axis first, at least 2 samples.
-      solver: ``"auto"``, ``"auction"``, ``"scipy"``, ``"hungarian"``, ``"sinkhorn"`` (see
-        the module docstring).
+      solver: ``"auto"``, ``"auction"``, ``"identity_or_scipy"``, ``"scipy"``,
+        ``"hungarian"``, ``"sinkhorn"`` (see the module docstring).
       covariance, ridge, sinkhorn_epsilon: as in :func:`affjax.affinity_score`.
       include, exclude, kinds, exclude_kinds, tokens, functions: layer
         selection and capture options of :func:`affjax.signature_scores`.

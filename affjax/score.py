@@ -559,8 +559,8 @@ def affinity(
         units, or ``d >= n``): the derivative of its factor needs ``C_y^-1``.
         Use a positive ridge to train through the score.
       solver: the W2 solver, see :mod:`affjax.transport`: ``"auto"``,
-        ``"sort"``, ``"auction"`` (certified, on device), ``"scipy"``,
-        ``"hungarian"`` (exact) or ``"sinkhorn"`` (entropic, biased upward, so the
+        ``"sort"``, ``"auction"`` (certified, on device), ``"identity_or_scipy"``,
+        ``"scipy"``, ``"hungarian"`` (exact) or ``"sinkhorn"`` (entropic, biased upward, so the
         score is biased downward). The auction's score is NaN in the rare case
         that it reaches its round cap uncertified (``check=True`` raises).
       path: ``"dense"`` works with ``(d, d)`` matrices; ``"span"`` in the span

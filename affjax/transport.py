@@ -9,14 +9,17 @@
   ``"sort"``      d == 1 only: the sorted matching, on device.
   ``"auction"``   :func:`affjax.linear_assignment`'s certified on-device solver:
                   jittable, vmappable, no host callback.
+  ``"identity_or_scipy"`` the identity matching where the auction's certificate
+                  proves it optimal (on device), SciPy on the host otherwise.
   ``"scipy"``     ``scipy.optimize.linear_sum_assignment`` on the host, through
                   ``jax.pure_callback`` (one host round trip per call, batched
                   under ``vmap``).
   ``"hungarian"`` ``optax.assignment.hungarian_algorithm``, exact, on device.
   ``"sinkhorn"``  entropic OT (OTT-JAX), on device and smooth but biased
                   upward: it returns ``<P_eps, C>`` for the entropic plan.
-  ``"auto"``      ``"sort"`` when d == 1, else ``"auction"`` on every backend
-                  (``docs/assignment.md`` has the rule and the measurements).
+  ``"auto"``      ``"sort"`` when d == 1, else ``"auction"`` on an accelerator and
+                  ``"identity_or_scipy"`` on CPU (``docs/assignment.md`` has the rule
+                  and the measurements).
 
 Gradients: the exact solvers return a permutation that is held fixed, and the
 matched cost is differentiated (envelope theorem): the gradient exists almost
@@ -35,14 +38,19 @@ from jax.typing import ArrayLike
 from affjax import _checks
 from affjax.assignment import AssignmentResult
 from affjax.assignment import linear_assignment
+from affjax.assignment import resolve_assignment_solver
 from affjax.linalg import gram_cholesky
 from affjax.linalg import gram_inv_sqrt_and_trace_sqrt
 from affjax.linalg import psd_sqrt
 from affjax.linalg import qr_lower_factor
 
-SolverName = Literal["auto", "sort", "auction", "scipy", "hungarian", "sinkhorn"]
-SOLVERS: tuple[str, ...] = ("auto", "sort", "auction", "scipy", "hungarian", "sinkhorn")
-EXACT_SOLVERS: tuple[str, ...] = ("sort", "auction", "scipy", "hungarian")
+SolverName = Literal[
+    "auto", "sort", "auction", "identity_or_scipy", "scipy", "hungarian", "sinkhorn"
+]
+SOLVERS: tuple[str, ...] = (
+    "auto", "sort", "auction", "identity_or_scipy", "scipy", "hungarian", "sinkhorn"
+)
+EXACT_SOLVERS: tuple[str, ...] = ("sort", "auction", "identity_or_scipy", "scipy", "hungarian")
 
 
 # --- Gaussian (Bures) transport -------------------------------------------------
@@ -370,8 +378,10 @@ def squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
 def resolve_solver(solver: str, n: int, d: int) -> str:
     """The concrete solver that ``solver`` names for ``n`` points in ``d`` dims.
 
-    ``"auto"`` picks ``"sort"`` for 1-D points and the certified on-device
-    ``"auction"`` otherwise, on every backend (see ``docs/assignment.md``).
+    ``"auto"`` picks ``"sort"`` for 1-D points; otherwise the certified on-device
+    ``"auction"`` on an accelerator, and on CPU ``"identity_or_scipy"`` (the auction's
+    certificate, then SciPy for what it leaves: on CPU the host is the device, and
+    SciPy is faster than the auction there; ``docs/assignment.md``).
 
     Args:
       solver: one of ``SOLVERS``.
@@ -387,8 +397,8 @@ def resolve_solver(solver: str, n: int, d: int) -> str:
     Example:
       >>> resolve_solver("auto", 128, 1)
       'sort'
-      >>> resolve_solver("auto", 128, 8)
-      'auction'
+      >>> resolve_solver("auto", 128, 8) in ("identity_or_scipy", "auction")
+      True
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
@@ -398,7 +408,7 @@ def resolve_solver(solver: str, n: int, d: int) -> str:
         return solver
     if d == 1:
         return "sort"
-    return "auction"
+    return resolve_assignment_solver("auto")
 
 
 def _exact_pair(what: str, x: ArrayLike, y: ArrayLike) -> tuple[jax.Array, jax.Array]:
@@ -418,8 +428,9 @@ def optimal_assignment(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> A
 
     Args:
       x, y: ``(n, d)`` point clouds.
-      solver: ``"auto"``, ``"auction"``, ``"scipy"`` or ``"hungarian"`` (``"sort"``, d == 1:
-        the sorted matching, whose certificate is exact).
+      solver: ``"auto"``, ``"auction"``, ``"identity_or_scipy"``, ``"scipy"`` or
+        ``"hungarian"`` (``"sort"``, d == 1: the sorted matching, whose certificate is
+        exact).
 
     Returns:
       An :class:`affjax.AssignmentResult`: ``x[i]`` is matched to ``y[permutation[i]]``,
@@ -456,8 +467,8 @@ def optimal_permutation(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> 
 
     Args:
       x, y: ``(n, d)`` point clouds.
-      solver: ``"auto"``, ``"sort"`` (d == 1), ``"auction"``, ``"scipy"`` or
-        ``"hungarian"``.
+      solver: ``"auto"``, ``"sort"`` (d == 1), ``"auction"``, ``"identity_or_scipy"``,
+        ``"scipy"`` or ``"hungarian"``.
 
     Returns:
       ``perm``, int32 of shape ``(n,)``: ``x[i]`` is matched to ``y[perm[i]]``.
@@ -585,8 +596,8 @@ def exact_w2(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> jax.Array:
 
     Args:
       x, y: ``(n, d)`` point clouds, or ``(n,)``.
-      solver: an exact solver: ``"auto"``, ``"sort"``, ``"auction"``, ``"scipy"``,
-        ``"hungarian"``.
+      solver: an exact solver: ``"auto"``, ``"sort"``, ``"auction"``,
+        ``"identity_or_scipy"``, ``"scipy"``, ``"hungarian"``.
 
     Returns:
       ``W2`` (not squared), a scalar.

@@ -9,7 +9,9 @@ side by side by
 * ``pot``: POT's network simplex ``ot.emd2`` (uniform weights, the cost matrix);
 * ``hungarian``: ``affjax.linear_assignment(solver="hungarian")`` (optax, jitted);
 * ``auction``: ``affjax.linear_assignment(solver="auction")`` (jitted), in float64 and,
-  as a second set of columns, on the same matrix rounded to float32.
+  as a second set of columns, on the same matrix rounded to float32;
+* ``auto``: ``affjax.linear_assignment(solver="auto")`` (jitted, float64): on CPU the
+  identity's certificate on device, then SciPy for the matrices it leaves.
 
 Corpus:
 
@@ -70,7 +72,7 @@ ZOO_MODELS = ("resnet18", "resnet50", "vgg11", "vit_b_16")
 SYNTHETIC = ("rank4", "dead", "clustered", "duplicated", "outliers", "dead16")
 SOLVERS = ("scipy", "pot", "jax")
 SIGNATURE_MODELS = ("resnet18", "resnet50")
-SIGNATURE_SOLVERS = ("auction", "scipy", "hungarian")
+SIGNATURE_SOLVERS = ("auto", "auction", "scipy", "hungarian")
 
 SYNTHETIC_DOC = {
     "rank4": "x of rank 4 lifted to d, y = relu(x)",
@@ -483,7 +485,8 @@ def worker_jax(cfg: dict) -> None:
 
     for case in cfg["cases"]:
         c = _load_cost(cfg["corpus"], case["id"])
-        out: dict = {"id": case["id"], "auction": run("auction", c, jnp.float64)}
+        out: dict = {"id": case["id"], "auction": run("auction", c, jnp.float64),
+                     "auto": run("auto", c, jnp.float64)}
         if cfg["float32"]:
             out["auction32"] = run("auction", c, jnp.float32)
         n = case["n"]
@@ -659,7 +662,7 @@ def analyse(case: dict) -> list[str]:
     n = case["n"]
     rounding = 4 * n * np.finfo(np.float64).eps * case.get("max_abs_cost", 0.0)
     scale = abs(opt) if opt else 1.0
-    for key in ("auction", "auction32", "hungarian", "pot"):
+    for key in ("auction", "auto", "auction32", "hungarian", "pot"):
         r = case.get(key)
         if r is None or "cost" not in r or opt is None:
             continue
@@ -668,19 +671,21 @@ def analyse(case: dict) -> list[str]:
             # The solver's own certificate: its reported cost minus its bound.
             r["gap"] = (r["cost_reported"] - r["lower_bound"]) / scale
             r["lb_ok"] = bool(r["lower_bound"] <= opt + rounding)
-    a = case.get("auction")
-    if a is not None and "cost" in a:
+    for key in ("auction", "auto"):
+        a = case.get(key)
+        if a is None or "cost" not in a:
+            continue
         if opt is None:
-            problems.append(f"{case['id']}: no scipy optimum to check the auction against")
+            problems.append(f"{case['id']}: no scipy optimum to check {key} against")
         else:
             if a["cost"] - opt > 1e-9 * abs(opt) + rounding:
-                problems.append(f"{case['id']}: auction cost {a['cost']!r} exceeds scipy's "
+                problems.append(f"{case['id']}: {key} cost {a['cost']!r} exceeds scipy's "
                                 f"optimum {opt!r} by {a['rel_err']:.2e} relative (> 1e-9)")
             if not a["lb_ok"]:
-                problems.append(f"{case['id']}: lower_bound {a['lower_bound']!r} exceeds "
-                                f"scipy's optimum {opt!r}")
+                problems.append(f"{case['id']}: {key} lower_bound {a['lower_bound']!r} "
+                                f"exceeds scipy's optimum {opt!r}")
         if not a["valid_permutation"]:
-            problems.append(f"{case['id']}: auction returned no permutation")
+            problems.append(f"{case['id']}: {key} returned no permutation")
         if "scipy" in case:
             a["ratio"] = a["time"] / case["scipy"]["time"]
     h = case.get("hungarian")
@@ -692,7 +697,7 @@ def analyse(case: dict) -> list[str]:
 def case_rows(cases: list[dict], float32: bool) -> tuple[list[str], list[list[str]]]:
     header = ["case", "n", "d", "diag min", "scipy (s)", "POT emd2 (s)", "hungarian (s)",
               "auction (s)", "auction/scipy", "(cost-opt)/opt", "gap/opt", "LB<=opt",
-              "certified", "rounds"]
+              "certified", "rounds", "auto (s)", "auto/scipy"]
     if float32:
         header += ["f32 auction (s)", "f32 (cost-opt)/opt", "f32 gap/opt", "f32 rounds"]
     rows = []
@@ -706,6 +711,8 @@ def case_rows(cases: list[dict], float32: bool) -> tuple[list[str], list[list[st
                {True: "yes", False: "**NO**"}.get(a.get("lb_ok"), "-"),
                {True: "yes", False: "no"}.get(a.get("certified_candidate"), "-"),
                str(a.get("rounds", "-")) + ("" if a.get("converged", True) else " (capped)")]
+        auto = c.get("auto", {})
+        row += [_solver_cell(auto or None), f"{auto['ratio']:.2f}" if "ratio" in auto else "-"]
         if float32:
             b = c.get("auction32", {})
             row += [_solver_cell(b or None), fmt_e(b.get("rel_err")), fmt_e(b.get("gap")),
@@ -717,14 +724,16 @@ def case_rows(cases: list[dict], float32: bool) -> tuple[list[str], list[list[st
 
 def headlines(cases: list[dict]) -> list[str]:
     out = []
-    for group, what in (("zoo", "zoo matrices"), ("syn", "synthetic hard cases")):
-        for n in sorted({c["n"] for c in cases if c["group"] == group}):
-            ratios = [c["auction"]["ratio"] for c in cases
-                      if c["group"] == group and c["n"] == n and "ratio" in c.get("auction", {})]
-            if ratios:
-                g = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-                out.append(f"{what}, n={n}: auction/scipy time ratio: geometric mean {g:.2f}, "
-                           f"min {min(ratios):.2f}, max {max(ratios):.2f} ({len(ratios)} cases)")
+    for key in ("auction", "auto"):
+        for group, what in (("zoo", "zoo matrices"), ("syn", "synthetic hard cases")):
+            for n in sorted({c["n"] for c in cases if c["group"] == group}):
+                ratios = [c[key]["ratio"] for c in cases
+                          if c["group"] == group and c["n"] == n and "ratio" in c.get(key, {})]
+                if ratios:
+                    g = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+                    out.append(f"{what}, n={n}: {key}/scipy time ratio: geometric mean "
+                               f"{g:.2f}, min {min(ratios):.2f}, max {max(ratios):.2f} "
+                               f"({len(ratios)} cases)")
     return out
 
 

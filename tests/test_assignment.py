@@ -13,6 +13,8 @@ from affjax import assignment
 from affjax.transport import squared_distances
 
 SOLVERS = tuple(s for s in assignment.ASSIGNMENT_SOLVERS if s != "auto")
+# The solvers with the on-device certificate of the identity.
+CERTIFYING = ("auction", "identity_or_scipy")
 
 
 def _optimum(c: np.ndarray) -> float:
@@ -77,27 +79,63 @@ def test_score_cost_matrices_match_scipy(kind, x64):
     c = _score_costs(256, 16, 0, kind)
     dtype = np.float64 if x64 else np.float32
     c = c.astype(dtype)
-    r = affjax.linear_assignment(c)
-    _check_certified(c, r, assignment.default_rtol(dtype))
+    for solver in CERTIFYING:
+        r = affjax.linear_assignment(c, solver=solver)
+        _check_certified(c, r, assignment.default_rtol(dtype))
 
 
 def test_a_large_matrix_matches_scipy():
     rng = np.random.default_rng(7)
     c = rng.random((1024, 1024))
-    _check_certified(c, affjax.linear_assignment(c), 1e-9)
+    _check_certified(c, affjax.linear_assignment(c, solver="auction"), 1e-9)
 
 
-def test_identity_is_certified_without_an_auction():
+@pytest.mark.parametrize("solver", CERTIFYING)
+def test_identity_is_certified_without_an_auction(solver, monkeypatch):
     c = _score_costs(128, 8, 1, "tanh")
-    r = affjax.linear_assignment(c)
+    calls = []
+    host = assignment._scipy_host
+    monkeypatch.setattr(assignment, "_scipy_host", lambda c: calls.append(1) or host(c))
+    r = affjax.linear_assignment(c, solver=solver)
     assert bool(r.certified_candidate) and int(r.rounds) == 0
     assert np.asarray(r.permutation).tolist() == list(range(128))
     assert float(r.lower_bound) == float(r.cost)
-    # Off the identity: the same matrix with its columns shuffled needs the auction.
+    assert not calls
+    # Off the identity: the same matrix with its columns shuffled needs the auction, or
+    # SciPy (and SciPy only then).
     perm = np.random.default_rng(0).permutation(128)
-    r2 = affjax.linear_assignment(c[:, perm])
-    assert not bool(r2.certified_candidate) and int(r2.rounds) > 0
+    r2 = affjax.linear_assignment(c[:, perm], solver=solver)
+    assert not bool(r2.certified_candidate) and (int(r2.rounds) > 0) == (solver == "auction")
     np.testing.assert_array_equal(perm[np.asarray(r2.permutation)], np.arange(128))
+    assert len(calls) == (solver == "identity_or_scipy")
+
+
+def test_identity_or_scipy_calls_scipy_only_for_the_uncertified_matrices(monkeypatch):
+    c = _score_costs(64, 4, 2, "tanh")
+    rng = np.random.default_rng(1)
+    shuffled = c[:, rng.permutation(64)]
+    batch = np.stack([c, shuffled, c, shuffled[::-1]])
+    seen = []
+    host = assignment._scipy_host
+    monkeypatch.setattr(assignment, "_scipy_host",
+                        lambda m: seen.append(np.asarray(m).shape) or host(m))
+    r = affjax.linear_assignment(batch, solver="identity_or_scipy")
+    assert seen == [(64, 64), (64, 64)]
+    assert np.asarray(r.certified_candidate).tolist() == [True, False, True, False]
+    for k in range(4):
+        _check_certified(batch[k], jax.tree.map(lambda a, k=k: a[k], r), 1e-12)
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", "identity_or_scipy"),
+                                               ("gpu", "auction"), ("tpu", "auction")])
+def test_auto_is_the_certificate_and_scipy_on_cpu_and_the_auction_elsewhere(
+        monkeypatch, backend, expected):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert assignment.resolve_assignment_solver("auto") == expected
+    for n in (2, 64, 1024, 8192):
+        assert affjax.transport.resolve_solver("auto", n, 8) == expected
+        assert affjax.transport.resolve_solver("auto", n, 1) == "sort"
+    assert affjax.transport.resolve_solver("hungarian", 64, 8) == "hungarian"
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -108,15 +146,19 @@ def test_exact_solvers_agree_and_report_their_cost(solver):
     _check_certified(c, r, 1e-9)
     if solver != "auction":
         assert float(r.lower_bound) == float(r.cost)
+    assert bool(r.certified_candidate) == False  # noqa: E712  (no identity in a random matrix)
 
 
-def test_batch_jit_and_vmap_equal_one_at_a_time():
+@pytest.mark.parametrize("solver", CERTIFYING)
+def test_batch_jit_and_vmap_equal_one_at_a_time(solver):
     rng = np.random.default_rng(5)
     cs = rng.random((4, 30, 30))
-    one = [affjax.linear_assignment(c) for c in cs]
-    batched = affjax.linear_assignment(cs)
-    jitted = jax.jit(affjax.linear_assignment)(cs)
-    vmapped = jax.jit(jax.vmap(affjax.linear_assignment))(cs)
+    cs[1] += 10 * np.eye(30)[::-1]  # one matrix certified by its row minima
+    solve = jax.tree_util.Partial(affjax.linear_assignment, solver=solver)
+    one = [solve(c) for c in cs]
+    batched = solve(cs)
+    jitted = jax.jit(solve)(cs)
+    vmapped = jax.jit(jax.vmap(solve))(cs)
     for out in (batched, jitted, vmapped):
         assert out.permutation.shape == (4, 30)
         for k, r in enumerate(one):
@@ -124,10 +166,11 @@ def test_batch_jit_and_vmap_equal_one_at_a_time():
             _check_certified(cs[k], jax.tree.map(lambda a, k=k: a[k], out), 1e-9)
 
 
-def test_cost_gradient_is_the_matching():
+@pytest.mark.parametrize("solver", CERTIFYING)
+def test_cost_gradient_is_the_matching(solver):
     c = jnp.asarray(np.random.default_rng(2).random((6, 6)), jnp.float32)
-    r = affjax.linear_assignment(c)
-    g = jax.grad(lambda c: affjax.linear_assignment(c).cost)(c)
+    r = affjax.linear_assignment(c, solver=solver)
+    g = jax.grad(lambda c: affjax.linear_assignment(c, solver=solver).cost)(c)
     expected = np.zeros((6, 6), np.float32)
     expected[np.arange(6), np.asarray(r.permutation)] = 1.0
     np.testing.assert_array_equal(np.asarray(g), expected)
@@ -136,9 +179,9 @@ def test_cost_gradient_is_the_matching():
 @pytest.mark.parametrize("scale", [1e-300, 1e-30, 1.0, 1e30, 1e300])
 def test_tiny_and_huge_scales(scale):
     c = np.random.default_rng(4).random((50, 50)) * scale
-    r = affjax.linear_assignment(c)
+    r = affjax.linear_assignment(c, solver="auction")
     assert sorted(np.asarray(r.permutation).tolist()) == list(range(50))
-    base = affjax.linear_assignment(c / scale)
+    base = affjax.linear_assignment(c / scale, solver="auction")
     np.testing.assert_array_equal(np.asarray(r.permutation), np.asarray(base.permutation))
     assert bool(r.converged)
 
@@ -148,8 +191,8 @@ def test_tiny_and_huge_scales(scale):
     np.tile(np.arange(7.0), (7, 1)),  # constant columns: every matching costs the same
 ], ids=["zeros", "constant", "n1", "n2", "constant-columns"])
 def test_degenerate_matrices_terminate_certified(c):
-    r = affjax.linear_assignment(c)
-    _check_certified(c, r, 1e-9)
+    for solver in CERTIFYING:
+        _check_certified(c, affjax.linear_assignment(c, solver=solver), 1e-9)
 
 
 def test_duplicated_points_and_dead_layer_scores():
@@ -165,9 +208,11 @@ def test_duplicated_points_and_dead_layer_scores():
 def test_non_finite_costs(bad):
     c = np.random.default_rng(0).random((5, 5))
     c[2, 3] = bad
-    r = affjax.linear_assignment(c)
-    assert np.asarray(r.permutation).tolist() == list(range(5))
-    assert np.isnan(float(r.lower_bound)) and not bool(r.converged)
+    for solver in SOLVERS:
+        r = affjax.linear_assignment(c, solver=solver)
+        assert np.isnan(float(r.lower_bound)) and not bool(r.converged), solver
+        if solver in CERTIFYING:
+            assert np.asarray(r.permutation).tolist() == list(range(5))
     x = np.random.default_rng(1).normal(size=(16, 2))
     y = np.tanh(x)
     y[3, 1] = bad
@@ -179,7 +224,7 @@ def test_non_finite_costs(bad):
 def test_a_capped_run_reports_its_true_gap():
     c = np.random.default_rng(9).random((60, 60))
     opt = _optimum(c)
-    r = affjax.linear_assignment(c, max_rounds=2)
+    r = affjax.linear_assignment(c, solver="auction", max_rounds=2)
     perm = np.asarray(r.permutation)
     assert sorted(perm.tolist()) == list(range(60))
     assert not bool(r.converged)
@@ -214,9 +259,14 @@ def test_bad_input_is_named():
                           (dict(block_rows=0), "block_rows must be a whole number > 0"),
                           (dict(scale_factor=1.0), "scale_factor must be > 1")):
         with pytest.raises(ValueError, match=match):
-            affjax.linear_assignment(c, **kwargs)
+            affjax.linear_assignment(c, solver="auction", **kwargs)
     with pytest.raises(ValueError, match="rtol is an option of solver='auction', not 'scipy'"):
         affjax.linear_assignment(c, solver="scipy", rtol=1e-3)
+    with pytest.raises(ValueError, match="max_rounds is an option of solver='auction', not "
+                                         "'identity_or_scipy'"):
+        affjax.linear_assignment(c, solver="identity_or_scipy", max_rounds=10)
+    with pytest.raises(ValueError, match="potential_iterations must be a whole number > 0"):
+        affjax.linear_assignment(c, solver="identity_or_scipy", potential_iterations=0)
 
 
 def test_integer_and_half_costs_are_solved_in_float():
@@ -240,20 +290,33 @@ def test_no_host_callback_in_a_jitted_signature():
     x = jax.random.normal(jax.random.key(0), (64, 3))
     model = MLP()
     v = model.init(jax.random.key(1), x)
-    for solver, callbacks in (("auto", 0), ("auction", 0), ("scipy", 1)):
-        hlo = jax.jit(lambda v, x, s=solver: affjax.signature_scores(model, v, x, solver=s)
-                      ).lower(v, x).as_text()
-        assert hlo.count("callback") >= callbacks and (callbacks or "callback" not in hlo)
+    def lowered(fn, backend):
+        # What "auto" resolves to, and how batches run, follow the default backend: the
+        # program an accelerator would run is lowered here with the backend patched.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(jax, "default_backend", lambda: backend)
+            return jax.jit(fn).lower(v, x).as_text()
+
+    for solver, backend, callback in (("auto", "gpu", False), ("auto", "tpu", False),
+                                      ("auction", "cpu", False), ("auto", "cpu", True),
+                                      ("identity_or_scipy", "cpu", True),
+                                      ("scipy", "cpu", True)):
+        hlo = lowered(lambda v, x, s=solver: affjax.signature_scores(model, v, x, solver=s),
+                      backend)
+        assert ("callback" in hlo) == callback, (solver, backend)
     a = affjax.signature_scores(model, v, x, solver="auction")
-    b = affjax.signature_scores(model, v, x, solver="scipy")
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    for solver in ("scipy", "identity_or_scipy"):
+        b = affjax.signature_scores(model, v, x, solver=solver)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     # A training step with the regularizer: value and gradient, no callback either.
     from affjax import regularizers
 
-    step = jax.jit(jax.value_and_grad(
-        lambda v, x: regularizers.target_penalty(model, v, x, target=0.5, weight=1.0)))
-    assert "callback" not in step.lower(v, x).as_text()
-    loss, grads = step(v, x)
+    def step(v, x, solver="auto"):
+        return jax.value_and_grad(lambda v: regularizers.target_penalty(
+            model, v, x, target=0.5, weight=1.0, solver=solver))(v)
+
+    assert "callback" not in lowered(step, "gpu")
+    loss, grads = jax.jit(step, static_argnames="solver")(v, x, solver="auction")
     assert np.isfinite(float(loss))
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
 
@@ -265,7 +328,7 @@ def test_check_names_an_uncertified_auction(monkeypatch):
     fit = affjax.score.fit_map(jnp.asarray(x), jnp.asarray(y), covariance="empirical",
                                ridge=1e-6)
     cost = affjax.score.assignment_cost(fit.mapped, fit.target, fit.dead)
-    assert not bool(affjax.linear_assignment(cost).converged)  # the cap really bites
+    assert not bool(affjax.linear_assignment(cost, solver="auction").converged)  # capped
     assert np.isnan(float(affjax.affinity_score(x, y, solver="auction")))
     with pytest.raises(ValueError, match="'auction' assignment reached its round cap"):
         affjax.affinity_score(x, y, solver="auction", check=True)
