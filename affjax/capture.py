@@ -374,13 +374,20 @@ def fresh_capture_ids(model: nnx.Module) -> dict[int, str]:
 
 # The stamp of :func:`fresh_capture_ids`. It stays while captures succeed, so nnx.jit
 # helpers without activations compile once for all of them; a capture that fails renews
-# it (:func:`_renew_capture_stamp`): a trace it cached may hold calls that were reported
+# it (:func:`renew_capture_stamp`): a trace it cached may hold calls that were reported
 # as errors and would be silent when reused.
 _STAMP = [next(_NNX_IDS)]
 
 
-def _renew_capture_stamp() -> None:
-    """Start a new capture stamp (after a failed capture, see :func:`fresh_capture_ids`)."""
+def renew_capture_stamp() -> None:
+    """Start a new capture stamp (after a failed capture, see :func:`fresh_capture_ids`).
+
+    The modules that :func:`fresh_capture_ids` stamps from then on trace their ``nnx.jit``
+    helpers again, so that no trace cached by the failed capture is reused.
+
+    Example:
+      >>> renew_capture_stamp()   # after a capture of an nnx.Module raised
+    """
     _STAMP[0] = next(_NNX_IDS)
 
 

@@ -9,8 +9,8 @@ finite at repeated eigenvalues, where the derivative of ``eigh`` itself divides
 by zero. ``psd_sqrt`` and ``psd_inv_sqrt`` act on the last two axes and
 broadcast over leading ones.
 
-Every LAPACK call of the score goes through the private helpers below
-(``_eigh``, ``_svd``, ``_qr_r``, ...; the factors ``gram_cholesky`` and
+Every LAPACK call of the score goes through the helpers below
+(``_eigh``, ``thin_svd``, ``_qr_r``, ``qr_reduced``, ...; the factors ``gram_cholesky`` and
 ``qr_lower_factor`` use them), whose ``vmap`` is a loop on CPU: jaxlib 0.10's CPU
 kernels split a batch over XLA's thread pool and block a pool thread until the
 pieces finish, and two batched kernels running at once have deadlocked there
@@ -76,8 +76,15 @@ def _eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @_loop_on_cpu
-def _svd(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Thin ``jnp.linalg.svd``: ``u, s, vt``."""
+def thin_svd(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin ``jnp.linalg.svd`` (``full_matrices=False``): ``u, s, vt`` (a loop over a batch on CPU).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> u, s, vt = thin_svd(jnp.array([[3.0, 0.0], [0.0, 4.0], [0.0, 0.0]]))
+      >>> u.shape, vt.shape, [round(float(v), 4) for v in s]
+      ((3, 2), (2, 2), [4.0, 3.0])
+    """
     return jnp.linalg.svd(m, full_matrices=False)
 
 
@@ -343,7 +350,7 @@ def _gram_spectrum(f: jax.Array) -> tuple[jax.Array, jax.Array]:
         # Zero rows up to k (F^T F is unchanged) so that the SVD returns all k right
         # singular vectors: the JVP needs the null space's too.
         r = jnp.concatenate([f, jnp.zeros((*f.shape[:-2], k - m, k), f.dtype)], axis=-2)
-    _, s, vt = _svd(r)
+    _, s, vt = thin_svd(r)
     return s, jnp.swapaxes(vt, -1, -2)
 
 

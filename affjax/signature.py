@@ -144,7 +144,7 @@ def capture_layers(
         if isinstance(model, nnx.Module):
             # Traces cached by this capture may hold calls it reported; see
             # affjax.capture.fresh_capture_ids.
-            _capture._renew_capture_stamp()
+            _capture.renew_capture_stamp()
         raise
 
 
