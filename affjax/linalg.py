@@ -11,10 +11,8 @@ broadcast over leading ones.
 
 Every LAPACK call of the score goes through the helpers below
 (``_eigh``, ``thin_svd``, ``_qr_r``, ``qr_reduced``, ...; the factors ``gram_cholesky`` and
-``qr_lower_factor`` use them), whose ``vmap`` is a loop on CPU: jaxlib 0.10's CPU
-kernels split a batch over XLA's thread pool and block a pool thread until the
-pieces finish, and two batched kernels running at once have deadlocked there
-(``docs/numerics.md``, "vmap on CPU").
+``qr_lower_factor`` use them), whose ``vmap`` is a loop on CPU (``docs/signatures.md``,
+"Batched LAPACK on CPU").
 
 Reference: R. Bhatia, *Matrix Analysis*, Springer 1997, Thm. V.3.3
 (derivative of a spectral function).
@@ -224,7 +222,7 @@ def _inv_sqrt_divided_differences(s: jax.Array, keep: jax.Array) -> jax.Array:
     Kept pairs: the divided difference of ``l^-1/2``, ``-1 / (s_i s_j (s_i + s_j))`` (no
     gap division). A kept ``l_i`` against a dropped one (the pseudo-inverse's 0):
     ``(l_i^-1/2 - 0) / (l_i - 0) = 1 / s_i^3``, the range turning while the rank stays
-    (without it, ridge = 0 with a singular ``C_x`` gave gradients 15% off). Dropped pairs:
+    (the gradient at a singular ``C_x`` with ridge 0 needs it; docs/numerics.md). Dropped pairs:
     0; perturbations that raise the rank have no derivative (the pseudo-inverse jumps).
     ``s`` must be finite and nonzero where not kept (the callers' "safe" values).
     """
@@ -389,8 +387,8 @@ def gram_inv_sqrt(f: ArrayLike, *, rtol: float | None = None) -> jax.Array:
 
     Computed from the singular values ``s`` of ``F`` (``M`` has eigenvalues
     ``s^2``), so small eigenvalues of ``M`` keep about twice the relative
-    precision that ``eigh(M)`` gives them: in float32 this is the difference
-    between a 1e-2 and a 1e-4 error in the affinity score (docs/numerics.md).
+    precision that ``eigh(M)`` gives them (the score's float32 accuracy rests on
+    it; docs/numerics.md, "Algorithm").
 
     Args:
       f: ``(..., m, k)`` factor, any ``m``.
