@@ -180,13 +180,13 @@ def _identity_potentials(c: jax.Array, iterations: int) -> tuple[jax.Array, jax.
 def _bid_round(c: jax.Array, state: _Auction, block: int) -> _Auction:
     """One round: up to ``block`` free rows bid for their best column; highest bid wins."""
     n = c.shape[0]
-    # The first free rows (top_k compiles far faster than nonzero on XLA:CPU).
+    # The first free rows, by top_k: nonzero compiles slowly on XLA:CPU.
     key, rows = jax.lax.top_k(jnp.where(state.row_to_col < 0, -jnp.arange(n), -n), block)
     valid = key > -n
     rows = jnp.where(valid, rows, n)
     values = c[jnp.minimum(rows, n - 1)] + state.prices[None, :]
     columns = jnp.arange(n, dtype=jnp.int32)[None, :]
-    # Plain min reductions: XLA:CPU runs a variadic argmin several times slower.
+    # Plain min reductions: a variadic argmin is slow on XLA:CPU.
     best = jnp.min(values, axis=1)
     best_col = jnp.min(jnp.where(values == best[:, None], columns, n), axis=1)
     second = jnp.min(jnp.where(columns == best_col[:, None], jnp.inf, values), axis=1)

@@ -113,8 +113,8 @@ def reduce_activation(v: jax.Array, *, tokens: str = "mean_features", where: str
       (8, 16)
     """
     if jnp.issubdtype(v.dtype, jnp.floating):
-        # Half precision is averaged in float32, where the score computes it anyway: means
-        # rounded back to bfloat16's 8 bits moved scores by up to 0.08.
+        # Half precision is averaged in float32, where the score computes it anyway: the
+        # means keep float32 precision, not bfloat16's 8 bits (docs/numerics.md).
         v = _checks.linalg_dtype(v)
     if v.ndim == 2:
         return v
@@ -321,8 +321,8 @@ class NnxActivation(nnx.Module):
 def _in_raw_transform(module: nn.Module) -> bool:
     # Flax's lifted transforms (nn.jit, nn.remat, nn.scan) open a new scope inside the
     # transform, so a scope traced elsewhere means a raw jax.jit/lax.scan in the module,
-    # out of which a sown value cannot travel. (Flax records this state but, as of 0.12,
-    # does not check it.)
+    # out of which a sown value cannot travel. (Flax records this state but does not check
+    # it, so the capture does.)
     return flax_tracers.current_trace() != module.scope.trace_level
 
 
@@ -374,13 +374,20 @@ def fresh_capture_ids(model: nnx.Module) -> dict[int, str]:
 
 # The stamp of :func:`fresh_capture_ids`. It stays while captures succeed, so nnx.jit
 # helpers without activations compile once for all of them; a capture that fails renews
-# it (:func:`_renew_capture_stamp`): a trace it cached may hold calls that were reported
+# it (:func:`renew_capture_stamp`): a trace it cached may hold calls that were reported
 # as errors and would be silent when reused.
 _STAMP = [next(_NNX_IDS)]
 
 
-def _renew_capture_stamp() -> None:
-    """Start a new capture stamp (after a failed capture, see :func:`fresh_capture_ids`)."""
+def renew_capture_stamp() -> None:
+    """Start a new capture stamp (after a failed capture, see :func:`fresh_capture_ids`).
+
+    The modules that :func:`fresh_capture_ids` stamps from then on trace their ``nnx.jit``
+    helpers again, so that no trace cached by the failed capture is reused.
+
+    Example:
+      >>> renew_capture_stamp()   # after a capture of an nnx.Module raised
+    """
     _STAMP[0] = next(_NNX_IDS)
 
 

@@ -35,8 +35,9 @@ DEFAULT_MODEL = "resnet18"
 DEFAULT_DATASET = "random"
 DEFAULT_BATCH_SIZE = 2048  # as published
 DEMO_BATCH_SIZE = 128  # `affjax signature` with no arguments: fast, no download
-# Forward passes run over slices of this many images: activation maps of a 2048-image batch
-# at 224 x 224 take about 18 GB in one pass. Exact, since the zoo's inference is per sample.
+# Forward passes run over slices of this many images: the activation maps of a published
+# 2048-image batch at 224 x 224 do not fit in memory at once (docs/cli.md). Exact, since the
+# zoo's inference is per sample.
 DEFAULT_FORWARD_CHUNK = 256
 DEFAULT_OUT = "affjax-results"
 _DEFAULT_CACHE = "~/.cache/affjax/jax"
@@ -383,8 +384,8 @@ def _batch_signature(model: Any, variables: Any, images: Any, *, covariance: str
         capture = _jitted_capture(model, metrics)
     except TypeError:  # an unhashable module: compile without the cache
         capture = _jitted_capture.__wrapped__(model, metrics)
-    # The forward passes finish before scoring starts: the scoring's LAPACK calls must not run
-    # beside another XLA:CPU executable (OpenBLAS has deadlocked under concurrent use here).
+    # The forward passes finish before scoring starts: the scoring's LAPACK calls never run
+    # beside another XLA:CPU executable (docs/signatures.md, "Batched LAPACK on CPU").
     with clock("forward"):
         layers, sparsities = _chunked_capture(capture, variables, images, forward_chunk)
     with clock("score"):
@@ -636,7 +637,7 @@ def _compilation_cache(setting: str | None) -> None:
     """Turns on JAX's persistent compilation cache (``off`` leaves it off).
 
     The first run of a model compiles its forward pass and scorers (most of a short run's
-    time, and tens of seconds on a GPU); later runs load them from this folder.
+    time); later runs load them from this folder.
     """
     import jax
 
@@ -991,9 +992,9 @@ def _interrupted_in_callback(e: BaseException) -> bool:
 def run() -> None:
     """The ``affjax`` command: :func:`main`, then exit with its status.
 
-    After Ctrl-C the process ends without Python's teardown (``os._exit``): with XLA
-    still compiling or running on its threads, the teardown crashed (SIGSEGV) after the
-    results had been saved and the message printed, instead of exiting with 130.
+    After Ctrl-C the process ends without Python's teardown (``os._exit``), so that it exits
+    with 130: with XLA still compiling or running on its threads, the teardown can crash
+    (SIGSEGV) after the results are saved and the message printed.
     """
     try:
         code = main()

@@ -353,8 +353,9 @@ def score_stacks(
     assignment_solver = None
     carry: Any = ()
     for i, (xs, ys) in enumerate(stacks):
-        # One stack after the other, so that the stacks' LAPACK calls don't compete for
-        # XLA:CPU's thread pool (docs/signatures.md): eager, each stage is waited for.
+        # One stack after the other, so that the stacks' LAPACK calls never compete for
+        # XLA:CPU's thread pool (docs/signatures.md, "Batched LAPACK on CPU"): eager, each
+        # stage is waited for.
         if isinstance(xs, jax.core.Tracer):
             xs, ys, carry = jax.lax.optimization_barrier((xs, ys, carry))
         concrete = transport.resolve_solver(solver, n, xs.shape[2])

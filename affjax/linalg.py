@@ -9,12 +9,10 @@ finite at repeated eigenvalues, where the derivative of ``eigh`` itself divides
 by zero. ``psd_sqrt`` and ``psd_inv_sqrt`` act on the last two axes and
 broadcast over leading ones.
 
-Every LAPACK call of the score goes through the private helpers below
-(``_eigh``, ``_svd``, ``_qr_r``, ...; the factors ``gram_cholesky`` and
-``qr_lower_factor`` use them), whose ``vmap`` is a loop on CPU: jaxlib 0.10's CPU
-kernels split a batch over XLA's thread pool and block a pool thread until the
-pieces finish, and two batched kernels running at once have deadlocked there
-(``docs/numerics.md``, "vmap on CPU").
+Every LAPACK call of the score goes through the helpers below
+(``_eigh``, ``thin_svd``, ``_qr_r``, ``qr_reduced``, ...; the factors ``gram_cholesky`` and
+``qr_lower_factor`` use them), whose ``vmap`` is a loop on CPU (``docs/signatures.md``,
+"Batched LAPACK on CPU").
 
 Reference: R. Bhatia, *Matrix Analysis*, Springer 1997, Thm. V.3.3
 (derivative of a spectral function).
@@ -76,8 +74,15 @@ def _eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @_loop_on_cpu
-def _svd(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Thin ``jnp.linalg.svd``: ``u, s, vt``."""
+def thin_svd(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin ``jnp.linalg.svd`` (``full_matrices=False``): ``u, s, vt`` (a loop over a batch on CPU).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> u, s, vt = thin_svd(jnp.array([[3.0, 0.0], [0.0, 4.0], [0.0, 0.0]]))
+      >>> u.shape, vt.shape, [round(float(v), 4) for v in s]
+      ((3, 2), (2, 2), [4.0, 3.0])
+    """
     return jnp.linalg.svd(m, full_matrices=False)
 
 
@@ -217,7 +222,7 @@ def _inv_sqrt_divided_differences(s: jax.Array, keep: jax.Array) -> jax.Array:
     Kept pairs: the divided difference of ``l^-1/2``, ``-1 / (s_i s_j (s_i + s_j))`` (no
     gap division). A kept ``l_i`` against a dropped one (the pseudo-inverse's 0):
     ``(l_i^-1/2 - 0) / (l_i - 0) = 1 / s_i^3``, the range turning while the rank stays
-    (without it, ridge = 0 with a singular ``C_x`` gave gradients 15% off). Dropped pairs:
+    (the gradient at a singular ``C_x`` with ridge 0 needs it; docs/numerics.md). Dropped pairs:
     0; perturbations that raise the rank have no derivative (the pseudo-inverse jumps).
     ``s`` must be finite and nonzero where not kept (the callers' "safe" values).
     """
@@ -343,7 +348,7 @@ def _gram_spectrum(f: jax.Array) -> tuple[jax.Array, jax.Array]:
         # Zero rows up to k (F^T F is unchanged) so that the SVD returns all k right
         # singular vectors: the JVP needs the null space's too.
         r = jnp.concatenate([f, jnp.zeros((*f.shape[:-2], k - m, k), f.dtype)], axis=-2)
-    _, s, vt = _svd(r)
+    _, s, vt = thin_svd(r)
     return s, jnp.swapaxes(vt, -1, -2)
 
 
@@ -382,8 +387,8 @@ def gram_inv_sqrt(f: ArrayLike, *, rtol: float | None = None) -> jax.Array:
 
     Computed from the singular values ``s`` of ``F`` (``M`` has eigenvalues
     ``s^2``), so small eigenvalues of ``M`` keep about twice the relative
-    precision that ``eigh(M)`` gives them: in float32 this is the difference
-    between a 1e-2 and a 1e-4 error in the affinity score (docs/numerics.md).
+    precision that ``eigh(M)`` gives them (the score's float32 accuracy rests on
+    it; docs/numerics.md, "Algorithm").
 
     Args:
       f: ``(..., m, k)`` factor, any ``m``.

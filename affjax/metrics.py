@@ -218,7 +218,7 @@ def linear_fit_r2(x: ArrayLike, y: ArrayLike) -> jax.Array:
     xc = _unit_scale(_centered(x))
     yc = _unit_scale(_centered(y), axis=0)
     # Least squares by the thin SVD (jnp.linalg.lstsq's cutoff), looped under vmap on CPU.
-    u, s, vt = linalg._svd(xc)
+    u, s, vt = linalg.thin_svd(xc)
     keep = s > float(jnp.finfo(s.dtype).eps) * max(xc.shape) * s[..., :1]
     inv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
     coef = vt.T @ (inv[:, None] * (u.T @ yc))

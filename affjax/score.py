@@ -217,8 +217,8 @@ def _first_order_basis(basis: jax.Array, xc: jax.Array, yc: jax.Array) -> jax.Ar
 
     Holding the span's basis fixed is exact for first derivatives: a sample moving out
     of the span changes the covariances only at second order. For second derivatives
-    that term is missing (an 18% error on a (6, 15) Hessian), so they are refused
-    rather than silently wrong.
+    that term is missing, so they are refused rather than silently wrong
+    (docs/numerics.md, "Gradients").
     """
     del xc, yc
     return basis
@@ -578,9 +578,8 @@ def affinity(
       computed in float32).
 
     Numerics: in float32 the score agrees with the float64 definition to within
-    1e-3 when ``n >= 2 d`` (measured at most 2e-4; at most 3e-5 with ``d > n``,
-    see ``docs/numerics.md``). Singular values of ``F_x R`` (see
-    :func:`affjax.transport.bures_from_factors`) at or below
+    1e-3 when ``n >= 2 d`` (``docs/numerics.md``, "Measured accuracy"). Singular
+    values of ``F_x R`` (see :func:`affjax.transport.bures_from_factors`) at or below
     ``4 sqrt(k) eps max`` are treated as zero, i.e. eigenvalues of
     ``C_y^1/2 C_x C_y^1/2`` below ``16 k eps^2 max`` (pseudo-inverse).
 

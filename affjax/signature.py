@@ -144,7 +144,7 @@ def capture_layers(
         if isinstance(model, nnx.Module):
             # Traces cached by this capture may hold calls it reported; see
             # affjax.capture.fresh_capture_ids.
-            _capture._renew_capture_stamp()
+            _capture.renew_capture_stamp()
         raise
 
 
@@ -413,10 +413,9 @@ def score_layers(
 
     Layers with equal reduced shapes are stacked and scored by one jitted call
     (compiled once per shape, reused across batches): ``vmap`` over the layers
-    on accelerators, a ``lax.map`` loop inside the compiled call on CPU (batched
-    CPU LAPACK kernels can deadlock XLA's thread pool, see
-    ``docs/signatures.md``). With several devices the stacked layer axis is
-    sharded across them.
+    on accelerators, a ``lax.map`` loop inside the compiled call on CPU
+    (``docs/signatures.md``, "Batched LAPACK on CPU"). With several devices the
+    stacked layer axis is sharded across them.
 
     Args:
       layers: from :func:`capture_layers`.

@@ -98,13 +98,12 @@ def cholesky_hopeless(
 
     True when a known eigenvalue (``smallest_eigenvalue``) is below ``eps`` times
     the largest: forming the Gram matrix in ``dtype`` perturbs its eigenvalues by
-    about that much, and Cholesky then meets a non-positive pivot. Measured in
-    float32 on rank-deficient Gram matrices with ``k`` from 40 to 2048: Cholesky
-    fails from a ratio of 1e-7 (about ``eps``) down and succeeds at 1e-6. The
-    usual case: a float32 covariance with ridge 1e-6 whose samples span fewer
-    dimensions than it has (d >= n, every wide layer), where the ridge is an
-    eigenvalue, and whose largest eigenvalue exceeds 10. Such factors go straight
-    to QR instead of trying Cholesky first.
+    about that much, and Cholesky then meets a non-positive pivot (the float32
+    threshold is in ``docs/numerics.md``, "Algorithm"). The usual case: a float32
+    covariance with ridge 1e-6 whose samples span fewer dimensions than it has
+    (d >= n, every wide layer), where the ridge is an eigenvalue, and whose largest
+    eigenvalue exceeds 10. Such factors go straight to QR instead of trying Cholesky
+    first.
 
     Args:
       smallest_eigenvalue: a known eigenvalue of ``F^T F`` (scalar).
@@ -368,7 +367,8 @@ def squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
       >>> squared_distances(x, jnp.array([[0.0, 2.0]], jnp.float32)).tolist()
       [[4.0], [5.0]]
     """
-    # Float32 clouds at offset 1e3 gave a wrong optimal matching without the shift.
+    # The shift keeps the expansion from cancelling far from the origin (float32 costs would
+    # rank the matchings wrongly there).
     shift = 0.5 * (jnp.mean(x, axis=0) + jnp.mean(y, axis=0))
     x, y = x - shift, y - shift
     sq = jnp.sum(x**2, axis=1)[:, None] + jnp.sum(y**2, axis=1)[None, :] - 2.0 * x @ y.T
@@ -415,7 +415,7 @@ def _exact_pair(what: str, x: ArrayLike, y: ArrayLike) -> tuple[jax.Array, jax.A
     x, y = _checks.point_cloud("x", x), _checks.point_cloud("y", y)
     _checks.same_shape(what, x, y)
     # Integer squares overflow (int32 from |x| ~ 5e4) into a silent wrong distance, and
-    # float16 costs overflow at 65504: both are measured in float (float32 for half).
+    # float16 costs overflow at 65504: both are computed in float (float32 for half).
     dtype = jnp.result_type(_checks.linalg_float(x.dtype), _checks.linalg_float(y.dtype))
     return x.astype(dtype), y.astype(dtype)
 
@@ -506,8 +506,8 @@ def sinkhorn_w2_squared(
       x, y: ``(n, d)`` and ``(m, d)`` point clouds.
       epsilon: absolute entropic regularisation (OTT-JAX ``Sinkhorn``).
       threshold: stop when the marginals are off by this much (L1, total mass
-        1). 1e-4 moves the cost by about 1e-5 relative against a tight 1e-7,
-        less than the entropic bias, and is reachable in float32; tighter
+        1). The default is reachable in float32 and moves the cost less than the
+        entropic bias does (``docs/numerics.md``, "Sinkhorn bias"); tighter
         thresholds sit at float32 rounding and run to ``max_iterations``.
       max_iterations: cap on Sinkhorn iterations.
 
@@ -515,9 +515,9 @@ def sinkhorn_w2_squared(
       A scalar, close to and usually above the exact ``W2^2``. A plan with exact
       marginals could not go below it, but Sinkhorn stops with marginals off by up
       to ``threshold``, so with ties in the cost it can fall slightly below
-      (7e-4 relative seen on 8 points). Gradients are exact for the computed value: the Sinkhorn
-      iterations are differentiated by unrolling (OTT-JAX's implicit
-      differentiation of the plan is about 1% off for this quantity).
+      (``docs/numerics.md``, "Sinkhorn bias"). Gradients are exact for the computed value:
+      the Sinkhorn iterations are differentiated by unrolling (OTT-JAX's implicit
+      differentiation of the plan is not exact for this quantity).
 
     Example:
       >>> import jax.numpy as jnp
@@ -536,8 +536,8 @@ def sinkhorn_w2_squared(
             f"sinkhorn_w2_squared needs points of one dimension d, got x {x.shape} and y {y.shape}"
         )
     _check_epsilon("epsilon", epsilon)
-    # OTT expands |x|^2 + |y|^2 - 2 x.y: far from the origin that cancels (float32 clouds
-    # at offset 1e3 gave 5e19 for a cost of 0.24). The distances do not depend on the shift.
+    # OTT expands |x|^2 + |y|^2 - 2 x.y, which cancels far from the origin: the clouds are
+    # shifted to their joint mean first. The distances do not depend on the shift.
     shift = jax.lax.stop_gradient(0.5 * (jnp.mean(x, axis=0) + jnp.mean(y, axis=0)))
     geom = pointcloud.PointCloud(x - shift, y - shift, epsilon=epsilon)
     out = linear.solve(geom, threshold=threshold, max_iterations=max_iterations,

@@ -1,11 +1,14 @@
 """The ports against torchvision itself (torch 2.x + torchvision, random weights, no download).
 
 Logits within 1e-4 of the logit scale; signatures within 2e-3 per layer of one computed with
-torch forward hooks (affjax.models.parity); the transform against torchvision's.
-The full sweep over every model: ``python -m affjax.models.parity --all`` (docs/models.md).
+torch forward hooks (tools/parity.py); the transform against torchvision's.
+The full sweep over every model: ``python tools/parity.py --all`` (docs/models.md).
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -15,7 +18,11 @@ import torchvision
 from flax import traverse_util
 
 from affjax import models
-from affjax.models import parity
+
+# tools/parity.py is a repository tool, outside the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import parity  # noqa: E402
 
 # The smallest model of each family (and the BatchNorm and grouped-convolution variants), at
 # ModelSpec.parity_size, where every spatial map before the head is larger than 1x1 (AlexNet:

@@ -289,7 +289,7 @@ def to_torchvision(name: str, variables: Mapping[str, Any], *,
     if missing or unexpected or wrong:
         raise _mismatch_error(name, missing, unexpected, wrong, what="variables")
     out: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict(
-        (rule.torch_key, io._contiguous(rule.to_torch(np.asarray(flat[k], np.float32))))
+        (rule.torch_key, io.contiguous(rule.to_torch(np.asarray(flat[k], np.float32))))
         for k, rule in rules.items())
     metadata = _TORCH_METADATA.get(spec.family)
     if metadata is not None:

@@ -9,7 +9,7 @@ The final ReLU: torchvision applies it as a function (``F.relu`` in ``DenseNet.f
 ``features.norm5``), so the published module hooks never saw it. The port scores it, as an
 ``Activation`` named ``relu`` at the top level (signature name ``relu:0``, the last entry),
 because it is a non-linearity of the network like any other; the torch reference of
-``affjax.models.parity`` records functional activations under the name
+``tools/parity.py`` records functional activations under the name
 ``<calling module>.<function>``, here ``relu``. Drop it with ``exclude=("relu:0",)`` to get the
 published pipeline's list. DenseNet-121 thus has 121 activation calls: the stem, two per dense
 layer (58), one per transition (3) and the final one.

@@ -5,7 +5,7 @@ torchvision's ``BasicConv2d`` (conv, BatchNorm eps 1e-3, ``F.relu``) applies its
 Inception v3. The port scores it anyway: each ``BasicConv2d`` has an
 :class:`affjax.Activation` named ``relu``, so the signature name ``inception3a/branch2.1/relu:0``
 stands for the ReLU inside torch's ``inception3a.branch2.1`` (a module path that does not exist
-in torch; ``affjax.models.parity`` hooks ``BasicConv2d``'s ``bn`` output and the module's output
+in torch; ``tools/parity.py`` hooks ``BasicConv2d``'s ``bn`` output and the module's output
 to compute the same pair on the torch side). See ``docs/models.md``.
 
 Defaults follow torchvision's pretrained weights: ``transform_input=True`` (the weights expect

@@ -97,7 +97,7 @@ def save_safetensors(
       >>> sd = affjax.models.to_torchvision("resnet18", variables)             # doctest: +SKIP
       >>> save_safetensors("resnet18.safetensors", sd)                         # doctest: +SKIP
     """
-    arrays = {str(name): _contiguous(to_numpy(t)) for name, t in tensors.items()}
+    arrays = {str(name): contiguous(to_numpy(t)) for name, t in tensors.items()}
     for name, a in arrays.items():
         if a.dtype.newbyteorder("<") not in _SAFETENSORS_DTYPES.values():
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors code")
@@ -105,9 +105,17 @@ def save_safetensors(
     safetensors.numpy.save_file(arrays, os.fspath(path), metadata=meta)
 
 
-def _contiguous(a: np.ndarray) -> np.ndarray:
-    # np.ascontiguousarray returns at least 1-D: it would store a 0-d tensor (BatchNorm's
-    # num_batches_tracked) as shape (1,).
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` in C order, with its shape kept (a 0-d array stays 0-d).
+
+    Not ``np.ascontiguousarray`` alone: it returns at least 1-D, which would store a 0-d
+    tensor (BatchNorm's ``num_batches_tracked``) as shape ``(1,)``.
+
+    Example:
+      >>> import numpy as np
+      >>> contiguous(np.zeros((2, 3)).T).flags.c_contiguous, contiguous(np.array(5)).shape
+      (True, ())
+    """
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 

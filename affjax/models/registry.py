@@ -56,7 +56,7 @@ class ModelSpec:
         reads ``num_classes`` from its weight.
       min_size: the smallest square input side the architecture accepts; ``create`` initialises
         at this size (parameter shapes do not depend on it: adaptive pooling before the head).
-      parity_size: the input side of the parity sweep (``affjax.models.parity``): small, but
+      parity_size: the input side of the parity sweep (``tools/parity.py``): small, but
         large enough that the maps before the head are larger than 1x1, so that the flatten
         permutation and the adaptive pooling are exercised.
       flatten: torch Linear name -> ``(H, W, C)`` of the NHWC map flattened into it. torch
@@ -102,7 +102,7 @@ class ModelSpec:
 _SPECS: dict[str, ModelSpec] = {}
 _LOADED = False
 # Infrastructure modules of the package; every other public module is a family file.
-_INFRASTRUCTURE = frozenset({"convert", "io", "layers", "parity", "registry", "transforms"})
+_INFRASTRUCTURE = frozenset({"convert", "io", "layers", "registry", "transforms"})
 
 
 def register(spec: ModelSpec) -> ModelSpec:

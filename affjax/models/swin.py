@@ -13,7 +13,7 @@ Not in the signature (documented in docs/models.md):
   ``16 * sigmoid``): it maps the fixed relative-coordinate table to the attention bias and
   does not depend on the input (batch axis 1), so it is not a layer of the network's
   response to data. The port computes it with ``jnp.maximum`` / ``jax.lax.logistic`` (not
-  captured), and ``affjax.models.parity`` skips ``cpb_mlp`` modules on the torch side.
+  captured), and ``tools/parity.py`` skips ``cpb_mlp`` modules on the torch side.
 
 torch's fixed buffers ``relative_position_index`` and (V2) ``relative_coords_table`` are
 recomputed by the port from the window size; ``from_torchvision`` ignores them.

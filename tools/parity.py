@@ -19,12 +19,14 @@ compare
 * the names: the Flax signature names, ``/`` -> ``.`` and the call index dropped, must equal
   the torch module names in call order.
 
-Command line (needs torch and torchvision)::
+Command line, from the repository root (needs torch and torchvision)::
 
-    python -m affjax.models.parity --all --batch 8 --markdown table.md
-    python -m affjax.models.parity resnet18 alexnet --size 96
+    python tools/parity.py --all --batch 8 --markdown table.md
+    python tools/parity.py resnet18 alexnet --size 96
 
-Importing this module does not import torch; the functions do.
+A repository tool, not part of the installed package: run as a script it imports this
+checkout's ``affjax``; ``tests/test_models_parity.py`` imports it from ``tools/``. Importing
+this module does not import torch; the functions do.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -282,7 +285,7 @@ def markdown_table(results: Sequence[ParityResult], *, batch: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m affjax.models.parity", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python tools/parity.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="model names (default: --all)")
     parser.add_argument("--all", action="store_true", help="every ported model")
@@ -323,4 +326,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # This checkout's affjax, ahead of any installed copy.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
