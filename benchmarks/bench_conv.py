@@ -86,12 +86,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-out", type=int, default=1 << 30,
                    help="skip shapes whose output map has more pixels than this")
     p.add_argument("--grouped-only", action="store_true", help="only grouped convolutions")
+    p.add_argument("--shape", action="append", default=[], metavar="H,C,O,K,S,P,G",
+                   help="time this square convolution instead of the models' (repeatable): "
+                        "map side, in channels, out channels, kernel, stride, padding, groups")
     p.add_argument("--json", help="save the rows here")
     a = p.parse_args(argv)
     print(f"# jax {jax.__version__} backend {jax.default_backend()} "
           f"load {os.getloadavg()[0]:.2f} batch {a.batch}", flush=True)
     seen: dict[tuple, set] = {}
-    for name in a.models:
+    for spec in a.shape:
+        h, c, o, k, st, pd, g = (int(v) for v in spec.split(","))
+        seen[((a.batch, h, h, c), (k, k, c // g, o), (st, st), ((pd, pd), (pd, pd)), (1, 1),
+              g)] = {"--shape"}
+    for name in [] if a.shape else a.models:
         for size in a.sizes:
             for s in conv_shapes(name, size, a.batch):
                 key = (s["x"], s["kernel"], s["strides"], s["padding"], s["dilation"],

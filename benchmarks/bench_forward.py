@@ -43,17 +43,19 @@ MIN_SIZE = {"alexnet": 63}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _timed_calls(call, repeats: int, budget: float) -> list[float]:
-    """Wall times of up to ``repeats`` calls; stops after ``budget`` seconds (at least 2)."""
-    times = []
+def _timed_calls(call, repeats: int, budget: float) -> tuple[list[float], list[float]]:
+    """Wall and process CPU times of up to ``repeats`` calls; stops after ``budget`` seconds
+    (at least 2 calls)."""
+    wall, cpu = [], []
     stop = time.perf_counter() + budget
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         call()
-        times.append(time.perf_counter() - t)
-        if len(times) >= 2 and time.perf_counter() > stop:
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+        if len(wall) >= 2 and time.perf_counter() > stop:
             break
-    return times
+    return wall, cpu
 
 
 def worker_jax(name: str, size: int, batch: int, repeats: int, budget: float) -> dict:
@@ -71,9 +73,10 @@ def worker_jax(name: str, size: int, batch: int, repeats: int, budget: float) ->
     t = time.perf_counter()
     compiled(variables, x).block_until_ready()
     first_s = time.perf_counter() - t
-    times = _timed_calls(lambda: compiled(variables, x).block_until_ready(), repeats, budget)
-    return dict(compile_s=compile_s, first_s=first_s, times=times,
-                version=f"jax {jax.__version__}")
+    times, cpu = _timed_calls(lambda: compiled(variables, x).block_until_ready(), repeats,
+                              budget)
+    return dict(compile_s=compile_s, first_s=first_s, times=times, cpu_times=cpu,
+                version=f"jax {jax.__version__} ({len(os.sched_getaffinity(0))} cpus)")
 
 
 def worker_torch(name: str, size: int, batch: int, repeats: int, budget: float) -> dict:
@@ -87,8 +90,8 @@ def worker_torch(name: str, size: int, batch: int, repeats: int, budget: float) 
         t = time.perf_counter()
         model(x)
         first_s = time.perf_counter() - t
-        times = _timed_calls(lambda: model(x), repeats, budget)
-    return dict(compile_s=0.0, first_s=first_s, times=times,
+        times, cpu = _timed_calls(lambda: model(x), repeats, budget)
+    return dict(compile_s=0.0, first_s=first_s, times=times, cpu_times=cpu,
                 version=f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
@@ -138,7 +141,9 @@ def run_worker(side: str, name: str, size: int, a: argparse.Namespace) -> dict:
     load = os.getloadavg()[0]
     b0, c0, t0 = _busy_seconds(), _children_cpu(), time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout,
+                           preexec_fn=(lambda: os.sched_setaffinity(0, a.cpus)) if a.cpus
+                           else None)
     except subprocess.TimeoutExpired:
         return dict(error=f"timeout {a.timeout}s", load=load, bg=None)
     b1, c1, t1 = _busy_seconds(), _children_cpu(), time.perf_counter()
@@ -183,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-idle", type=float, default=60.0,
                    help="before each process wait up to this many seconds for other processes "
                         "to use under 0.3 cores (0: do not wait)")
+    p.add_argument("--cpus", type=int, nargs="+",
+                   help="pin both sides to these CPU ids (both size their thread pools to them)")
+    p.add_argument("--metric", choices=["wall", "cpu"], default="wall",
+                   help="the table's time: wall clock, or CPU time of the process (all its "
+                        "threads; with --cpus on one CPU, insensitive to other processes)")
     p.add_argument("--json", help="write every cell's raw numbers here")
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -195,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sides = ["jax", "torch"] + (["xla"] if a.xla_baseline else [])
     print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {cpu_name()}, "
-          f"{os.cpu_count()} cores, Python {platform.python_version()}, batch {a.batch}, "
+          f"{os.cpu_count()} cores{f' (pinned to {a.cpus})' if a.cpus else ''}, "
+          f"Python {platform.python_version()}, batch {a.batch}, {a.metric} time, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     head = (f"| {'model':<18} | {'px':>3} | {'jax ms':>8} | {'torch ms':>8} | {'jax/torch':>9} | "
             f"{'compile s':>9} |")
@@ -212,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             cell = {side: run_worker(side, name, size, a) for side in sides}
             rows.append(dict(model=name, size=size, batch=a.batch, **cell))
-            med = {side: statistics.median(r["times"]) * 1e3
-                   for side, r in cell.items() if "times" in r}
+            key = "cpu_times" if a.metric == "cpu" else "times"
+            med = {side: statistics.median(r[key]) * 1e3 for side, r in cell.items() if key in r}
             versions.update(r["version"] for r in cell.values() if "version" in r)
             comp = cell["jax"].get("compile_s")
             line = (f"| {name:<18} | {size:>3} | {_ms(med, 'jax')} | {_ms(med, 'torch')} | "
