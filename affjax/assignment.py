@@ -10,7 +10,8 @@ Solvers:
                         a candidate first, then repairs it by an epsilon-scaling
                         auction (below).
 ``"identity_or_scipy"`` the same certificate of the identity on device (steps 1 and 2
-                        below); SciPy on the host for the matrices it does not certify.
+                        below, step 2 skipped when swapping two rows' columns lowers
+                        the cost); SciPy on the host for the matrices it does not certify.
 ``"scipy"``             ``scipy.optimize.linear_sum_assignment`` on the host through
                         ``jax.pure_callback`` (exact; one round trip per call).
 ``"hungarian"``         ``optax.assignment.hungarian_algorithm``, exact, on device.
@@ -342,6 +343,9 @@ def _auction_one(
     )
 
 
+_SWAP_ROWS = 64
+
+
 def _identity_or_scipy_one(cost: jax.Array, *, potential_iterations: int) -> AssignmentResult:
     """The identity where the row minima or the potentials certify it, else SciPy."""
     n = cost.shape[0]
@@ -349,17 +353,33 @@ def _identity_or_scipy_one(cost: jax.Array, *, potential_iterations: int) -> Ass
     c = jax.lax.stop_gradient(cost)
     finite, easy = _row_minima_certify(c)
 
+    def by_scipy():
+        return scipy_permutation(c), jnp.array(False)
+
     def by_potentials():
         # The potentials certify exactly when they reach their fixed point (module
         # docstring); the SciPy call is then skipped.
         _, fixed = _identity_potentials(c, potential_iterations)
         return jax.lax.cond(fixed, lambda: identity, lambda: scipy_permutation(c)), fixed
 
+    def not_easy():
+        # A swap of two rows' columns that lowers the cost disproves the identity; the
+        # potentials would only run to their cap. Such a swap involves a row whose minimum
+        # is off the diagonal: the first _SWAP_ROWS of those are tried. (It routes, never
+        # decides a result: a swap found by rounding alone sends an optimal identity to
+        # SciPy.)
+        diag = jnp.diagonal(c)
+        off = diag > jnp.min(c, axis=1)
+        key, rows = jax.lax.top_k(jnp.where(off, -jnp.arange(n), -n), min(n, _SWAP_ROWS))
+        gain = c[rows, :] + c[:, rows].T - diag[rows][:, None] - diag[None, :]
+        swap = jnp.any((key > -n)[:, None] & (gain < 0))
+        return jax.lax.cond(swap, by_scipy, by_potentials)
+
     if n == 1:
         permutation, certified = identity, jnp.array(True)
     else:
         permutation, certified = jax.lax.cond(
-            easy, lambda: (identity, jnp.array(True)), by_potentials)
+            easy, lambda: (identity, jnp.array(True)), not_easy)
     total = _matched_cost(cost, permutation)
     return AssignmentResult(
         permutation=permutation,
