@@ -544,7 +544,7 @@ def test_nnx_output_and_scores_updates_the_models_state_as_its_call_would():
         def __call__(self, x):
             return self.out(self.drop(self.act(self.bn(self.lin(x)))))
 
-    x = jax.random.normal(jax.random.key(0), (16, 3)) + 1.0
+    x = jax.random.normal(jax.random.key(0), (16, 3), jnp.float32) + 1.0  # the model's dtype
     model, reference = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
     model.train()
     reference.train()

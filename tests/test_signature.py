@@ -934,7 +934,7 @@ def test_nnx_signature_leaves_the_model_unchanged_in_train_mode():
                            else v) for v in jax.tree.leaves(nnx.state(model))]
 
     before = snapshot()
-    x = jax.random.normal(jax.random.key(1), (16, 3)) + 2.0
+    x = jax.random.normal(jax.random.key(1), (16, 3), jnp.float32) + 2.0  # the model's dtype
     a = affjax.signature(model, None, x).scores
     affjax.signature_over_batches(model, None, [x, x], progress=False)
     # signature_scores wrote the copy's BatchNorm statistics and RNG counts back.
