@@ -299,8 +299,9 @@ def _auction(
     return state.row_to_col, gap, gap <= state.tol, state.rounds, certified
 
 
-def _row_minima_certify(c: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(finite, easy)``: the matrix is finite; the identity is certified by one pass.
+def _row_minima_certify(c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(row_min, finite, easy)``: each row's minimum; the matrix is finite; the identity
+    is certified by one pass.
 
     Every row's minimum on the diagonal makes the identity optimal (the row minima are
     then a dual solution with zero gap). ``easy`` is also True for a non-finite matrix,
@@ -308,7 +309,7 @@ def _row_minima_certify(c: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     row_min = jnp.min(c, axis=1)  # NaN propagates
     finite = jnp.all(jnp.isfinite(row_min) & jnp.isfinite(jnp.max(c, axis=1)))
-    return finite, jnp.all(jnp.diagonal(c) <= row_min) | ~finite
+    return row_min, finite, jnp.all(jnp.diagonal(c) <= row_min) | ~finite
 
 
 def _auction_one(
@@ -318,7 +319,7 @@ def _auction_one(
     n = cost.shape[0]
     identity = jnp.arange(n, dtype=jnp.int32)
     c = jax.lax.stop_gradient(cost)
-    finite, easy = _row_minima_certify(c)
+    _, finite, easy = _row_minima_certify(c)
 
     def certified():
         return (identity, jnp.zeros((), c.dtype), jnp.array(True), jnp.array(0, jnp.int32),
@@ -351,7 +352,10 @@ def _identity_or_scipy_one(cost: jax.Array, *, potential_iterations: int) -> Ass
     n = cost.shape[0]
     identity = jnp.arange(n, dtype=jnp.int32)
     c = jax.lax.stop_gradient(cost)
-    finite, easy = _row_minima_certify(c)
+    row_min, finite, easy = _row_minima_certify(c)
+
+    def by_identity():
+        return identity, jnp.array(True)
 
     def by_scipy():
         return scipy_permutation(c), jnp.array(False)
@@ -360,7 +364,7 @@ def _identity_or_scipy_one(cost: jax.Array, *, potential_iterations: int) -> Ass
         # The potentials certify exactly when they reach their fixed point (module
         # docstring); the SciPy call is then skipped.
         _, fixed = _identity_potentials(c, potential_iterations)
-        return jax.lax.cond(fixed, lambda: identity, lambda: scipy_permutation(c)), fixed
+        return jax.lax.cond(fixed, by_identity, by_scipy)
 
     def not_easy():
         # A swap of two rows' columns that lowers the cost disproves the identity; the
@@ -369,17 +373,16 @@ def _identity_or_scipy_one(cost: jax.Array, *, potential_iterations: int) -> Ass
         # decides a result: a swap found by rounding alone sends an optimal identity to
         # SciPy.)
         diag = jnp.diagonal(c)
-        off = diag > jnp.min(c, axis=1)
+        off = diag > row_min
         key, rows = jax.lax.top_k(jnp.where(off, -jnp.arange(n), -n), min(n, _SWAP_ROWS))
         gain = c[rows, :] + c[:, rows].T - diag[rows][:, None] - diag[None, :]
         swap = jnp.any((key > -n)[:, None] & (gain < 0))
         return jax.lax.cond(swap, by_scipy, by_potentials)
 
     if n == 1:
-        permutation, certified = identity, jnp.array(True)
+        permutation, certified = by_identity()
     else:
-        permutation, certified = jax.lax.cond(
-            easy, lambda: (identity, jnp.array(True)), not_easy)
+        permutation, certified = jax.lax.cond(easy, by_identity, not_easy)
     total = _matched_cost(cost, permutation)
     return AssignmentResult(
         permutation=permutation,
