@@ -20,7 +20,10 @@ DOCUMENTED_MODULES = (
     "affjax.covariance",
     "affjax.linalg",
     "affjax.assignment",
+    "affjax.solvers",
     "affjax.transport",
+    "affjax.options",
+    "affjax.affine_map",
     "affjax.score",
     "affjax.capture",
     "affjax.signature",
@@ -37,7 +40,11 @@ DOCTEST_MODULES = (
     "affjax.covariance",
     "affjax.linalg",
     "affjax.assignment",
+    "affjax._matching",
+    "affjax.solvers",
     "affjax.transport",
+    "affjax.options",
+    "affjax.affine_map",
     "affjax.score",
     "affjax.capture",
     "affjax.signature",
@@ -60,7 +67,8 @@ FIELDS_INSTEAD_OF_EXAMPLE = {
     "affjax.capture.Call": "NamedTuple of one captured call's tensors",
     "affjax.signature.Layer": "NamedTuple describing one captured layer",
     "affjax.assignment.AssignmentResult": "NamedTuple; linear_assignment's example shows it",
-    "affjax.score.Fit": "NamedTuple of one fitted map; fit_map's example shows it",
+    "affjax.affine_map.Fit": "NamedTuple of one fitted map; fit_map's example shows it",
+    "affjax.solvers.Transport": "NamedTuple; every solver's example shows it",
 }
 
 
