@@ -24,6 +24,7 @@ from affjax.metrics import histogram_entropy
 from affjax.metrics import linear_cka
 from affjax.metrics import linear_fit_r2
 from affjax.metrics import sparsity
+from affjax.options import ScoreOptions
 from affjax.score import AffinityResult
 from affjax.score import affinity
 from affjax.score import affinity_score
@@ -50,6 +51,7 @@ __all__ = [
     "AssignmentResult",
     "LayerSelection",
     "NnxActivation",
+    "ScoreOptions",
     "Signature",
     "affinity",
     "affinity_score",

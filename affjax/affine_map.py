@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from affjax import linalg
 from affjax import transport
+from affjax.covariance import LowRankPlusIdentity
 from affjax.covariance import covariance_parts
 from affjax.transport import safe_sqrt
 
@@ -89,7 +90,8 @@ def _shift_is_eigenvalue(n: int, k: int) -> bool:
 
 
 def cholesky_hopeless_for(
-    y: jax.Array, *, covariance: str = "empirical", ridge: float = 1e-6, path: str = "auto"
+    y: jax.Array, *, covariance: str = "empirical", ridge: float = 1e-6, path: str = "auto",
+    cov_y: LowRankPlusIdentity | None = None,
 ) -> jax.Array:
     """Whether the score of ``y`` would find Cholesky of ``C_y`` broken down.
 
@@ -98,7 +100,9 @@ def cholesky_hopeless_for(
 
     Args:
       y: ``(n, d)`` post-activation samples.
-      covariance, ridge, path: as in :func:`affinity`.
+      covariance, ridge, path: as in :func:`affjax.affinity`.
+      cov_y: ``covariance_parts(y, covariance=covariance, ridge=ridge)`` if the caller
+        has it already.
 
     Returns:
       A bool scalar.
@@ -116,7 +120,7 @@ def cholesky_hopeless_for(
     n, d = y.shape
     if not _shift_is_eigenvalue(n, _coordinates(n, d, path)):
         return jnp.asarray(False)  # no eigenvalue is known
-    cy = covariance_parts(y, covariance=covariance, ridge=ridge)
+    cy = covariance_parts(y, covariance=covariance, ridge=ridge) if cov_y is None else cov_y
     # The largest eigenvalue is the same in the basis of the span.
     largest = cy.alpha * transport.gram_largest_eigenvalue(cy.centered) + cy.shift
     return transport.cholesky_hopeless(cy.shift, largest, y.dtype)
@@ -156,16 +160,17 @@ class Fit(NamedTuple):
 
 def fit_map(
     x: jax.Array, y: jax.Array, *, covariance: str, ridge: float, path: str = "auto",
-    factor: str = "auto",
+    factor: str = "auto", cov_y: LowRankPlusIdentity | None = None,
 ) -> Fit:
     """Covariances, the Bures map and the mapped samples of one score (steps 1-2).
 
     Args:
       x, y: ``(n, d)`` float arrays, checked (see :func:`affinity`).
-      covariance, ridge, path: as in :func:`affinity`.
+      covariance, ridge, path: as in :func:`affjax.affinity`.
       factor: how the lower factor of ``C_y`` is computed: ``"auto"`` (Cholesky, QR
         where it breaks down or is known to), ``"cholesky"`` (a breakdown is reported
         in ``valid`` and computed from ``R = I``) or ``"qr"``.
+      cov_y: as in :func:`cholesky_hopeless_for`.
 
     Returns:
       A :class:`Fit`.
@@ -180,7 +185,7 @@ def fit_map(
     n, d = x.shape
     dtype = x.dtype
     cx = covariance_parts(x, covariance=covariance, ridge=ridge)
-    cy = covariance_parts(y, covariance=covariance, ridge=ridge)
+    cy = covariance_parts(y, covariance=covariance, ridge=ridge) if cov_y is None else cov_y
 
     if _uses_span(n, d, path):
         # Orthonormal basis Q (d, 2n) of a space holding every centred sample.

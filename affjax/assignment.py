@@ -206,8 +206,19 @@ class IdentityOrScipy(AssignmentSolver):
                       potential_iterations=self.potential_iterations)
 
 
+class _ExactSolver(AssignmentSolver):
+    """An exact solver: its permutation of each matrix, the certificate trivially true."""
+
+    def permutation(self, cost: jax.Array) -> jax.Array:
+        """int32 ``(..., n)``, an optimal matching of each constant ``(..., n, n)`` matrix."""
+        raise NotImplementedError
+
+    def match(self, cost: jax.Array) -> AssignmentResult:
+        return _per_matrix(cost, self.permutation(jax.lax.stop_gradient(cost)))
+
+
 @dataclasses.dataclass(frozen=True)
-class Scipy(AssignmentSolver):
+class Scipy(_ExactSolver):
     """``scipy.optimize.linear_sum_assignment`` on the host, one callback per batch.
 
     Example:
@@ -218,28 +229,27 @@ class Scipy(AssignmentSolver):
 
     name: ClassVar[str] = "scipy"
 
-    def match(self, cost: jax.Array) -> AssignmentResult:
-        permutation = _matching.scipy_permutation(jax.lax.stop_gradient(cost))
-        return _per_matrix(cost, permutation)
+    def permutation(self, cost: jax.Array) -> jax.Array:
+        return _matching.scipy_permutation(cost)
 
 
 @dataclasses.dataclass(frozen=True)
-class Hungarian(AssignmentSolver):
-    """optax's Hungarian algorithm, exact, on device.
+class Hungarian(_ExactSolver):
+    """optax's Hungarian algorithm, exact, on device (a ``vmap`` over a batch).
 
     Example:
       >>> import jax.numpy as jnp
-      >>> Hungarian().match(jnp.array([[1.0, 0.0], [0.0, 1.0]])).permutation.tolist()
-      [1, 0]
+      >>> r = Hungarian().match(jnp.array([[[1.0, 0.0], [0.0, 1.0]]] * 3))
+      >>> r.permutation.shape, r.cost.tolist()
+      ((3, 2), [0.0, 0.0, 0.0])
     """
 
     name: ClassVar[str] = "hungarian"
 
-    def match(self, cost: jax.Array) -> AssignmentResult:
+    def permutation(self, cost: jax.Array) -> jax.Array:
         n = cost.shape[-1]
-        flat = jax.lax.stop_gradient(cost).reshape((-1, n, n))
-        permutation = jax.vmap(_matching.hungarian_permutation)(flat)
-        return _per_matrix(cost, permutation.reshape(cost.shape[:-1]))
+        flat = jax.vmap(_matching.hungarian_permutation)(cost.reshape((-1, n, n)))
+        return flat.reshape(cost.shape[:-1])
 
 
 def _per_matrix(cost: jax.Array, permutation: jax.Array) -> AssignmentResult:

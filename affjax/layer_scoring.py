@@ -37,12 +37,18 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from affjax import _compat
-from affjax import score as _score
-from affjax import transport
-from affjax.assignment import linear_assignment
+from affjax import solvers
+from affjax.affine_map import cholesky_hopeless_for
+from affjax.affine_map import fit_map
+from affjax.assignment import ASSIGNMENT_SOLVERS as _NAMES
+from affjax.assignment import AssignmentSolver
 from affjax.capture import Layer
+from affjax.covariance import covariance_parts
+from affjax.options import ScoreOptions
+from affjax.score import score_from_w2
 
-ASSIGNMENT_SOLVERS: tuple[str, ...] = ("auction", "identity_or_scipy", "scipy", "hungarian")
+# The solvers whose matchings of a whole signature are one batched call.
+ASSIGNMENT_SOLVERS: tuple[str, ...] = tuple(name for name in _NAMES if name != "auto")
 
 
 class StackFit(NamedTuple):
@@ -68,7 +74,7 @@ def _over_layers(fn: Callable, arrays: tuple, sequential: bool) -> Any:
 
 
 def stack_fits(
-    xs: jax.Array, ys: jax.Array, *, covariance: str, ridge: float, sequential: bool
+    xs: jax.Array, ys: jax.Array, *, options: ScoreOptions, sequential: bool
 ) -> StackFit:
     """The maps of a stack of same-shape layers: ``(g, n, d)`` inputs and outputs.
 
@@ -80,7 +86,7 @@ def stack_fits(
 
     Args:
       xs, ys: ``(g, n, d)`` float arrays.
-      covariance, ridge: as in :func:`affjax.affinity_score`.
+      options: the score's options (covariance, ridge and path are used here).
       sequential: a ``lax.map`` loop over the layers instead of ``vmap`` (CPU).
 
     Returns:
@@ -89,22 +95,25 @@ def stack_fits(
     Example:
       >>> import jax, jax.numpy as jnp
       >>> xs = jax.random.normal(jax.random.key(0), (3, 32, 4), jnp.float32)
-      >>> f = stack_fits(xs, jnp.tanh(xs), covariance="empirical", ridge=1e-6,
-      ...                sequential=True)
+      >>> f = stack_fits(xs, jnp.tanh(xs), options=ScoreOptions(), sequential=True)
       >>> f.mapped.shape, f.valid.tolist()
       ((3, 32, 4), [True, True, True])
     """
 
+    own = {"covariance": options.covariance, "ridge": options.ridge}
+
     def fits(factor: str) -> StackFit:
-        def one(x, y):
-            f = _score.fit_map(x, y, covariance=covariance, ridge=ridge, factor=factor)
+        def one(x, y, cov_y):
+            f = fit_map(x, y, **own, path=options.path, factor=factor, cov_y=cov_y)
             return StackFit(f.mapped, f.target, f.trace_cov_y, f.dead, f.valid)
 
-        return _over_layers(one, (xs, ys), sequential)
+        return _over_layers(one, (xs, ys, cov_ys), sequential)
 
     with jax.default_matmul_precision("highest"):
+        # Each layer's C_y once, for the policy and for the fit.
+        cov_ys = jax.vmap(functools.partial(covariance_parts, **own))(ys)
         hopeless = jnp.any(jax.vmap(functools.partial(
-            _score.cholesky_hopeless_for, covariance=covariance, ridge=ridge))(ys))
+            cholesky_hopeless_for, **own, path=options.path))(ys, cov_y=cov_ys))
 
         def cholesky_first() -> StackFit:
             first = fits("cholesky")
@@ -114,17 +123,17 @@ def stack_fits(
 
 
 def stack_costs(fit: StackFit, *, sequential: bool) -> jax.Array:
-    """The ``(g, n, n)`` cost matrices of a stack's exact W2 (:func:`affjax.score.assignment_cost`).
+    """The ``(g, n, n)`` cost matrices of a stack's W2 (:func:`affjax.solvers.assignment_cost`).
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> xs = jax.random.normal(jax.random.key(0), (2, 16, 3), jnp.float32)
-      >>> f = stack_fits(xs, xs, covariance="empirical", ridge=1e-6, sequential=False)
+      >>> f = stack_fits(xs, xs, options=ScoreOptions(), sequential=False)
       >>> stack_costs(f, sequential=False).shape
       (2, 16, 16)
     """
     with jax.default_matmul_precision("highest"):
-        return _over_layers(_score.assignment_cost, (fit.mapped, fit.target, fit.dead),
+        return _over_layers(solvers.assignment_cost, (fit.mapped, fit.target, fit.dead),
                             sequential)
 
 
@@ -139,31 +148,33 @@ def scores_from_matchings(
     Example:
       >>> import jax, jax.numpy as jnp
       >>> xs = jax.random.normal(jax.random.key(0), (2, 16, 3), jnp.float32)
-      >>> f = stack_fits(xs, 2.0 * xs, covariance="empirical", ridge=1e-6, sequential=False)
+      >>> f = stack_fits(xs, 2.0 * xs, options=ScoreOptions(), sequential=False)
       >>> perms = jnp.tile(jnp.arange(16), (2, 1))
       >>> scores_from_matchings(f, perms, jnp.array([True, True])).round(4).tolist()
       [1.0, 1.0]
     """
-    w2_sq = jax.vmap(_score.matched_w2_squared)(fit.mapped, fit.target, permutations)
+    w2_sq = jax.vmap(solvers.matched_w2_squared)(fit.mapped, fit.target, permutations)
+    return _scores(fit, w2_sq, solved)
+
+
+def _scores(fit: StackFit, w2_sq: jax.Array, solved: jax.Array) -> jax.Array:
     # A layer with non-finite inputs or a broken factor is NaN whatever its matching.
-    return jax.vmap(_score.score_from_w2)(w2_sq, fit.trace_cov_y, fit.valid,
-                                          solved | ~fit.valid)
+    return jax.vmap(score_from_w2)(w2_sq, fit.trace_cov_y, fit.valid, solved | ~fit.valid)
 
 
-def _solve(costs: jax.Array, solver: str) -> tuple[jax.Array, jax.Array]:
-    result = linear_assignment(costs, solver=solver)
+def _solve(costs: jax.Array, solver: AssignmentSolver) -> tuple[jax.Array, jax.Array]:
+    result = solver.match(costs)
     return result.permutation, result.converged
 
 
 def stacked_scores(
-    xs: jax.Array, ys: jax.Array, *, covariance: str, ridge: float, solver: str,
-    sequential: bool, sinkhorn_epsilon: float = 1e-2,
+    xs: jax.Array, ys: jax.Array, *, options: ScoreOptions, sequential: bool
 ) -> jax.Array:
     """Scores of one stack of same-shape layers, ``(g, n, d)`` -> ``(g,)``.
 
     Args:
       xs, ys: ``(g, n, d)``.
-      covariance, ridge, solver, sinkhorn_epsilon: as in :func:`affjax.affinity_score`.
+      options: the score's options.
       sequential: see :func:`stack_fits`.
 
     Returns:
@@ -172,23 +183,25 @@ def stacked_scores(
     Example:
       >>> import jax, jax.numpy as jnp
       >>> xs = jax.random.normal(jax.random.key(0), (2, 64, 2), jnp.float32)
-      >>> s = stacked_scores(xs, 2.0 * xs + 1.0, covariance="empirical", ridge=1e-6,
-      ...                    solver="auto", sequential=True)
+      >>> s = stacked_scores(xs, 2.0 * xs + 1.0, options=ScoreOptions(), sequential=True)
       >>> s.round(4).tolist()
       [1.0, 1.0]
     """
     g, n, d = xs.shape
-    solver = transport.resolve_solver(solver, n, d)
-    fit = stack_fits(xs, ys, covariance=covariance, ridge=ridge, sequential=sequential)
-    if solver in ASSIGNMENT_SOLVERS:
+    solver = _solver(options, n, d)
+    fit = stack_fits(xs, ys, options=options, sequential=sequential)
+    if isinstance(solver, solvers.Matching):
         return scores_from_matchings(fit, *_solve(stack_costs(fit, sequential=sequential),
-                                                  solver))
+                                                  solver.assignment))
     with jax.default_matmul_precision("highest"):
-        w2_sq = _over_layers(
-            functools.partial(transport.w2_squared, solver=solver,
-                              sinkhorn_epsilon=sinkhorn_epsilon),
-            (fit.mapped, fit.target), sequential)
-        return jax.vmap(_score.score_from_w2)(w2_sq, fit.trace_cov_y, fit.valid)
+        w2_sq, _, solved = _over_layers(
+            lambda m, t, dead: solver.transport(m, t, dead=dead),
+            (fit.mapped, fit.target, fit.dead), sequential)
+        return _scores(fit, w2_sq, solved)
+
+
+def _solver(options: ScoreOptions, n: int, d: int) -> solvers.Solver:
+    return solvers.get_solver(options.solver, n, d, sinkhorn_epsilon=options.sinkhorn_epsilon)
 
 
 # --- placement ----------------------------------------------------------------------
@@ -223,27 +236,22 @@ def _is_cpu(placement: Any) -> bool:
 
 
 @functools.cache
-def _placed(stage: str, options: tuple, placement: Any) -> Callable:
+def _placed(stage: str, options: Any, placement: Any) -> Callable:
     """The jitted (or, inside a caller's jit, sharded) function of one stage.
 
-    ``stage``: ``"scores"`` (a whole stack), ``"fits"`` (maps and costs of a stack) or
-    ``"assign"`` (the batched assignment); ``options``: that stage's static options.
+    ``stage``: ``"scores"`` (a whole stack, ``options`` a :class:`ScoreOptions`),
+    ``"fits"`` (maps and costs of a stack, likewise) or ``"assign"`` (the batched
+    assignment, ``options`` an :class:`affjax.assignment.AssignmentSolver`).
     """
     sequential = _is_cpu(placement)
     if stage == "scores":
-        covariance, ridge, solver, sinkhorn_epsilon = options
-        fn = functools.partial(stacked_scores, covariance=covariance, ridge=ridge,
-                               solver=solver, sinkhorn_epsilon=sinkhorn_epsilon,
-                               sequential=sequential)
+        fn = functools.partial(stacked_scores, options=options, sequential=sequential)
     elif stage == "fits":
-        covariance, ridge = options
-
         def fn(xs, ys):
-            fit = stack_fits(xs, ys, covariance=covariance, ridge=ridge, sequential=sequential)
+            fit = stack_fits(xs, ys, options=options, sequential=sequential)
             return fit, stack_costs(fit, sequential=sequential)
     else:
-        (solver,) = options
-        fn = functools.partial(_solve, solver=solver)
+        fn = functools.partial(_solve, solver=options)
     arity = 1 if stage == "assign" else 2
     if not isinstance(placement, tuple):
         return _shard_layers(fn, placement, arity)
@@ -252,19 +260,17 @@ def _placed(stage: str, options: tuple, placement: Any) -> Callable:
     return jax.jit(fn)
 
 
-def group_scorer(
-    covariance: str, ridge: float, solver: str, placement: Any, sinkhorn_epsilon: float = 1e-2
-) -> Callable:
+def group_scorer(options: ScoreOptions, placement: Any) -> Callable:
     """A scorer of one stack, ``(xs, ys) -> (g,)``, its layer axis split over ``placement``.
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> fn = group_scorer("empirical", 1e-6, "auto", tuple(jax.devices()[:1]))
+      >>> fn = group_scorer(ScoreOptions(), tuple(jax.devices()[:1]))
       >>> xs = jax.random.normal(jax.random.key(0), (2, 32, 3), jnp.float32)
       >>> fn(xs, jnp.tanh(xs)).shape
       (2,)
     """
-    return _placed("scores", (covariance, ridge, solver, float(sinkhorn_epsilon)), placement)
+    return _placed("scores", options, placement)
 
 
 def device_tuple(devices: Any) -> tuple:
@@ -297,7 +303,7 @@ def _placement(devices: tuple | None, example: jax.Array) -> Any:
     return placement
 
 
-def _run(stage: str, options: tuple, placement: Any, *arrays: jax.Array) -> Any:
+def _run(stage: str, options: Any, placement: Any, *arrays: jax.Array) -> Any:
     """One stage on stacked ``arrays`` (layer axis first), padded to split evenly."""
     size = len(placement) if isinstance(placement, tuple) else placement.size
     g = arrays[0].shape[0]
@@ -324,18 +330,14 @@ def _settle(out: Any) -> Any:
 def score_stacks(
     stacks: Sequence[tuple[jax.Array, jax.Array]],
     *,
-    covariance: str,
-    ridge: float,
-    solver: str,
-    sinkhorn_epsilon: float,
+    options: ScoreOptions,
     devices: tuple | None,
 ) -> list[jax.Array]:
     """Scores of several stacks that share ``n``, their assignments solved in one call.
 
     Args:
       stacks: ``(xs, ys)`` pairs, each ``(g_i, n, d_i)``, float, one dtype.
-      covariance, ridge, solver, sinkhorn_epsilon: as in :func:`affjax.affinity_score`
-        (checked by the caller).
+      options: the score's options.
       devices: from :func:`device_tuple`, or ``None`` for every device (or the
         caller's mesh inside its ``jit``).
 
@@ -346,8 +348,7 @@ def score_stacks(
       >>> import jax, jax.numpy as jnp
       >>> xs = jax.random.normal(jax.random.key(0), (2, 32, 3), jnp.float32)
       >>> a, b = score_stacks([(xs, jnp.tanh(xs)), (xs[:, :, :2], 2.0 * xs[:, :, :2])],
-      ...                     covariance="empirical", ridge=1e-6, solver="auto",
-      ...                     sinkhorn_epsilon=1e-2, devices=None)
+      ...                     options=ScoreOptions(), devices=None)
       >>> a.shape, b.round(4).tolist()
       ((2,), [1.0, 1.0])
     """
@@ -355,7 +356,7 @@ def score_stacks(
     placement = _placement(devices, stacks[0][0])
     out: list[Any] = [None] * len(stacks)
     fitted: list[tuple[int, StackFit, jax.Array]] = []
-    assignment_solver = None
+    assignment_solver: AssignmentSolver | None = None
     carry: Any = ()
     for i, (xs, ys) in enumerate(stacks):
         # One stack after the other, so that the stacks' LAPACK calls never compete for
@@ -363,19 +364,18 @@ def score_stacks(
         # stage is waited for.
         if isinstance(xs, jax.core.Tracer):
             xs, ys, carry = jax.lax.optimization_barrier((xs, ys, carry))
-        concrete = transport.resolve_solver(solver, n, xs.shape[2])
-        if concrete in ASSIGNMENT_SOLVERS:
-            assignment_solver = concrete
-            fit, costs = _settle(_run("fits", (covariance, ridge), placement, xs, ys))
+        solver = _solver(options, n, xs.shape[2])
+        if isinstance(solver, solvers.Matching):
+            assignment_solver = solver.assignment
+            fit, costs = _settle(_run("fits", options, placement, xs, ys))
             fitted.append((i, fit, costs))
             carry = costs
         else:
-            out[i] = _settle(_run("scores", (covariance, ridge, solver, float(sinkhorn_epsilon)),
-                                  placement, xs, ys))
+            out[i] = _settle(_run("scores", options, placement, xs, ys))
             carry = out[i]
     if fitted:
         costs = jnp.concatenate([c for _, _, c in fitted]) if len(fitted) > 1 else fitted[0][2]
-        permutations, solved = _run("assign", (assignment_solver,), placement, costs)
+        permutations, solved = _run("assign", assignment_solver, placement, costs)
         start = 0
         for i, fit, c in fitted:
             g = c.shape[0]
@@ -388,11 +388,9 @@ def score_stacks(
 def score_layers(
     layers: Sequence[Layer],
     *,
-    covariance: str = "empirical",
-    ridge: float = 1e-6,
-    solver: str = "auto",
-    sinkhorn_epsilon: float = 1e-2,
+    options: ScoreOptions | None = None,
     devices: Sequence[Any] | None = None,
+    **option_kwargs: Any,
 ) -> jax.Array:
     """Affinity scores of captured layers, grouped by shape.
 
@@ -404,7 +402,9 @@ def score_layers(
 
     Args:
       layers: from :func:`affjax.capture.capture_layers`.
-      covariance, ridge, solver, sinkhorn_epsilon: as in :func:`affjax.affinity_score`.
+      options: a :class:`affjax.ScoreOptions`; or its fields as keywords
+        (``covariance``, ``ridge``, ``solver``, ``path``, ``sinkhorn_epsilon``, as in
+        :func:`affjax.affinity_score`), not both.
       devices: devices to shard over; default ``jax.devices()``.
 
     Returns:
@@ -419,7 +419,9 @@ def score_layers(
       >>> s.shape, s.dtype, round(float(s[0]), 3), bool(s[1] < 1.0)
       ((2,), dtype('float32'), 1.0, True)
     """
-    _score.check_options(covariance, solver, ridge=ridge, sinkhorn_epsilon=sinkhorn_epsilon)
+    options = ScoreOptions.pop_from(options, option_kwargs)
+    if option_kwargs:
+        raise TypeError(f"score_layers got unexpected keywords {sorted(option_kwargs)}")
     if devices is not None:  # once: a generator would be used up by the first group
         devices = device_tuple(devices)
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -444,9 +446,7 @@ def score_layers(
         dtype = jnp.float32
     stacks = [(jnp.stack([layers[i].x for i in idx]).astype(dtype),
                jnp.stack([layers[i].y for i in idx]).astype(dtype)) for idx in groups.values()]
-    outs = score_stacks(
-        stacks, covariance=covariance, ridge=float(ridge), solver=solver,
-        sinkhorn_epsilon=sinkhorn_epsilon, devices=devices)
+    outs = score_stacks(stacks, options=options, devices=devices)
     scores = jnp.zeros((len(layers),), dtype)
     for idx, out in zip(groups.values(), outs, strict=True):
         if not isinstance(out, jax.core.Tracer):

@@ -8,6 +8,8 @@ score and of the batched layer scoring, and its fields are the keywords of
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+from typing import TypedDict
 
 import numpy as np
 
@@ -16,6 +18,22 @@ from affjax.covariance import COVARIANCES
 from affjax.solvers import SOLVERS
 
 PATHS: tuple[str, ...] = ("auto", "dense", "span")
+
+
+class ScoreKeywords(TypedDict, total=False):
+    """The fields of :class:`ScoreOptions` as keywords (typed ``**options``).
+
+    Example:
+      >>> opts: ScoreKeywords = {"solver": "scipy", "ridge": 0.0}
+      >>> ScoreOptions.of(opts).ridge
+      0.0
+    """
+
+    covariance: str
+    ridge: float
+    solver: str
+    path: str
+    sinkhorn_epsilon: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +77,53 @@ class ScoreOptions:
                              f"{self.sinkhorn_epsilon!r}")
         object.__setattr__(self, "ridge", float(self.ridge))
         object.__setattr__(self, "sinkhorn_epsilon", float(self.sinkhorn_epsilon))
+
+    @classmethod
+    def of(cls, keywords: dict[str, Any]) -> ScoreOptions:
+        """The options that ``keywords`` (a caller's ``**options``) name.
+
+        An unknown keyword is a ``TypeError`` that lists the known ones.
+
+        Example:
+          >>> ScoreOptions.of({"solvr": "scipy"})
+          Traceback (most recent call last):
+          ...
+          TypeError: unknown option 'solvr'; the options are covariance, ridge, solver, ...
+        """
+        unknown = [k for k in keywords if k not in _FIELDS]
+        if unknown:
+            raise TypeError(f"unknown option {unknown[0]!r}; the options are "
+                            f"{', '.join(_FIELDS)}")
+        return cls(**keywords)
+
+    @classmethod
+    def pop_from(cls, options: ScoreOptions | None, kwargs: dict[str, Any]) -> ScoreOptions:
+        """The options of a call that takes ``options=`` or the fields as keywords.
+
+        Removes the fields' keywords from ``kwargs`` (the caller's ``**kwargs``); giving
+        ``options`` and a field keyword is an error naming both.
+
+        Example:
+          >>> kwargs = {"solver": "scipy", "train": False}
+          >>> ScoreOptions.pop_from(None, kwargs).solver, kwargs
+          ('scipy', {'train': False})
+          >>> ScoreOptions.pop_from(ScoreOptions(), {"ridge": 0.0})
+          Traceback (most recent call last):
+          ...
+          ValueError: give the score's options either as options= or as ridge=, not both
+        """
+        given = {name: kwargs.pop(name) for name in _FIELDS if name in kwargs}
+        if options is None:
+            return cls(**given)
+        if not isinstance(options, ScoreOptions):
+            raise TypeError(f"options must be an affjax.ScoreOptions, got {type(options)}")
+        if given:
+            raise ValueError("give the score's options either as options= or as "
+                             f"{'=, '.join(given)}=, not both")
+        return options
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(ScoreOptions))
 
 
 def check_options(

@@ -53,7 +53,6 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from affjax.capture import LayerSelection
 from affjax.signature import signature_scores
 
 __all__ = [
@@ -65,9 +64,9 @@ __all__ = [
 ]
 
 
-def _no_return_output(what: str, apply_kwargs: dict) -> None:
+def _no_return_output(what: str, kwargs: dict) -> None:
     # signature_scores' return_output would turn the scores into (output, scores) here.
-    if "return_output" in apply_kwargs:
+    if "return_output" in kwargs:
         raise TypeError(f"{what} takes no return_output: for the model output and the scores "
                         "of one forward pass, use output_and_scores and "
                         f"{what}_from_scores")
@@ -93,15 +92,7 @@ def output_and_scores(
     model: Any,
     variables: Any,
     x: Any,
-    *,
-    solver: str = "auto",
-    covariance: str = "empirical",
-    ridge: float = 1e-6,
-    sinkhorn_epsilon: float = 1e-2,
-    select: LayerSelection | None = None,
-    tokens: str = "mean_features",
-    functions: bool = True,
-    **apply_kwargs: Any,
+    **kwargs: Any,
 ) -> tuple[Any, jax.Array]:
     """The model output and the affinity scores of its selected layers, from one forward pass.
 
@@ -109,18 +100,16 @@ def output_and_scores(
       model: a ``flax.linen.Module``, or an ``nnx.Module`` with ``variables=None``.
       variables: linen variables (``{"params": ..., "batch_stats": ...}``).
       x: input batch, batch axis first, at least 2 samples.
-      solver: ``"auto"``, ``"auction"``, ``"identity_or_scipy"``, ``"scipy"``,
-        ``"hungarian"``, ``"sinkhorn"`` (see the module docstring).
-      covariance, ridge, sinkhorn_epsilon: as in :func:`affjax.affinity_score`.
-      select, tokens, functions: layer selection (or its keywords ``include``,
-        ``exclude``, ``kinds``, ``exclude_kinds``) and capture options of
-        :func:`affjax.signature_scores`.
-      **apply_kwargs: passed to ``model.apply``; with ``mutable=[...]`` (e.g.
-        ``"batch_stats"`` in training mode) the output is ``(y, updated)``,
-        exactly as ``model.apply`` returns it.
+      **kwargs: the keywords of :func:`affjax.signature_scores`: ``options`` (or
+        ``solver``: ``"auto"``, ``"auction"``, ``"identity_or_scipy"``, ``"scipy"``,
+        ``"hungarian"``, ``"sinkhorn"``, see the module docstring; ``covariance``,
+        ``ridge``, ...), ``select`` (or ``include``, ``exclude``, ``kinds``,
+        ``exclude_kinds``), ``tokens``, ``functions``; the rest go to
+        ``model.apply``: with ``mutable=[...]`` (e.g. ``"batch_stats"`` in training
+        mode) the output is ``(y, updated)``, exactly as ``model.apply`` returns it.
 
     Returns:
-      ``(output, scores)``: what ``model.apply(variables, x, **apply_kwargs)``
+      ``(output, scores)``: what ``model.apply(variables, x, **kwargs)``
       returns, and the ``(L,)`` scores of the selected layers in forward order
       (float32 for float32 models, float64 under ``jax_enable_x64`` with
       float64 inputs).
@@ -130,15 +119,10 @@ def output_and_scores(
       >>> term = target_penalty_from_scores(scores, target=0.5)       # doctest: +SKIP
     """
     _check_model(model, variables)
-    if "return_output" in apply_kwargs:
+    if "return_output" in kwargs:
         raise TypeError("output_and_scores always returns (output, scores); it takes no "
                         "return_output (for the scores alone use affjax.signature_scores)")
-    return signature_scores(
-        model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
-        sinkhorn_epsilon=sinkhorn_epsilon,
-        select=LayerSelection.pop_from(select, apply_kwargs), tokens=tokens,
-        functions=functions, return_output=True, **apply_kwargs,
-    )
+    return signature_scores(model, variables, x, return_output=True, **kwargs)
 
 
 def _concrete(v: ArrayLike) -> np.ndarray | None:
@@ -244,14 +228,7 @@ def target_penalty(
     *,
     target: ArrayLike,
     weight: ArrayLike = 1.0,
-    solver: str = "auto",
-    covariance: str = "empirical",
-    ridge: float = 1e-6,
-    sinkhorn_epsilon: float = 1e-2,
-    select: LayerSelection | None = None,
-    tokens: str = "mean_features",
-    functions: bool = True,
-    **apply_kwargs: Any,
+    **kwargs: Any,
 ) -> jax.Array:
     """Penalty on the distance of each selected layer's score to a target.
 
@@ -265,8 +242,7 @@ def target_penalty(
       model, variables, x: as in :func:`affjax.signature_scores`.
       target: scalar or ``(L,)`` per selected layer, in ``[0, 1]``.
       weight: scalar multiplier.
-      solver, covariance, ridge, sinkhorn_epsilon, select, tokens, functions,
-        **apply_kwargs: see :func:`output_and_scores`.
+      **kwargs: see :func:`output_and_scores`.
 
     Returns:
       A scalar in the scores' dtype.
@@ -280,12 +256,8 @@ def target_penalty(
       >>> term = target_penalty(model, variables, x, target=0.5, weight=0.1)  # doctest: +SKIP
     """
     _check_model(model, variables)
-    _no_return_output("target_penalty", apply_kwargs)
-    scores = signature_scores(
-        model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
-        sinkhorn_epsilon=sinkhorn_epsilon,
-        select=LayerSelection.pop_from(select, apply_kwargs), tokens=tokens,
-        functions=functions, **apply_kwargs)
+    _no_return_output("target_penalty", kwargs)
+    scores = signature_scores(model, variables, x, **kwargs)
     return target_penalty_from_scores(scores, target=target, weight=weight)
 
 
@@ -295,14 +267,7 @@ def mean_nonlinearity(
     x: Any,
     *,
     weight: ArrayLike = 1.0,
-    solver: str = "auto",
-    covariance: str = "empirical",
-    ridge: float = 1e-6,
-    sinkhorn_epsilon: float = 1e-2,
-    select: LayerSelection | None = None,
-    tokens: str = "mean_features",
-    functions: bool = True,
-    **apply_kwargs: Any,
+    **kwargs: Any,
 ) -> jax.Array:
     """Penalty (``weight > 0``) or reward (``weight < 0``) on the mean non-linearity.
 
@@ -317,10 +282,6 @@ def mean_nonlinearity(
       >>> term = mean_nonlinearity(model, variables, x, weight=-0.1)  # doctest: +SKIP
     """
     _check_model(model, variables)
-    _no_return_output("mean_nonlinearity", apply_kwargs)
-    scores = signature_scores(
-        model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
-        sinkhorn_epsilon=sinkhorn_epsilon,
-        select=LayerSelection.pop_from(select, apply_kwargs), tokens=tokens,
-        functions=functions, **apply_kwargs)
+    _no_return_output("mean_nonlinearity", kwargs)
+    scores = signature_scores(model, variables, x, **kwargs)
     return mean_nonlinearity_from_scores(scores, weight=weight)

@@ -23,7 +23,9 @@ orthogonal maps that fix ``S``, so its derivative along directions leaving
 from __future__ import annotations
 
 import functools
+from typing import Any
 from typing import NamedTuple
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,7 @@ from affjax.affine_map import Fit  # noqa: F401 (public here)
 from affjax.affine_map import cholesky_hopeless_for  # noqa: F401 (public here)
 from affjax.affine_map import fit_map
 from affjax.options import PATHS  # noqa: F401 (public here)
+from affjax.options import ScoreKeywords
 from affjax.options import ScoreOptions
 from affjax.options import check_options  # noqa: F401 (public here)
 from affjax.solvers import assignment_cost  # noqa: F401 (public here)
@@ -225,16 +228,24 @@ def _score_jit(x: jax.Array, y: jax.Array, *, options: ScoreOptions) -> jax.Arra
         return _compute(x, y, options).score
 
 
+def _scored(jitted: Any, x: ArrayLike, y: ArrayLike, check: bool, options: dict) -> Any:
+    """``jitted(x, y, options=...)`` on checked inputs (see :func:`affinity`)."""
+    x, y = _validate(x, y)
+    options_ = ScoreOptions.of(options)
+    if check:
+        _check_finite(x, y)
+    out = jitted(x, y, options=options_)
+    if check:
+        _check_finite_result(out.score if isinstance(out, AffinityResult) else out, x, y)
+    return out
+
+
 def affinity(
     x: ArrayLike,
     y: ArrayLike,
     *,
-    covariance: str = "empirical",
-    ridge: float = 1e-6,
-    solver: str = "auto",
-    path: str = "auto",
-    sinkhorn_epsilon: float = 1e-2,
     check: bool = False,
+    **options: Unpack[ScoreKeywords],
 ) -> AffinityResult:
     r"""The affinity score with the map and distances behind it.
 
@@ -280,27 +291,15 @@ def affinity(
       >>> round(float(r.score), 4)
       1.0
     """
-    x, y = _validate(x, y)
-    options = ScoreOptions(covariance=covariance, ridge=ridge, solver=solver, path=path,
-                           sinkhorn_epsilon=sinkhorn_epsilon)
-    if check:
-        _check_finite(x, y)
-    result = _affinity_jit(x, y, options=options)
-    if check:
-        _check_finite_result(result.score, x, y)
-    return result
+    return _scored(_affinity_jit, x, y, check, options)
 
 
 def affinity_score(
     x: ArrayLike,
     y: ArrayLike,
     *,
-    covariance: str = "empirical",
-    ridge: float = 1e-6,
-    solver: str = "auto",
-    path: str = "auto",
-    sinkhorn_epsilon: float = 1e-2,
     check: bool = False,
+    **options: Unpack[ScoreKeywords],
 ) -> jax.Array:
     r"""Affinity score ``1 - sqrt(W2^2(T x, y) / (2 trace C_y))`` of ``y`` against ``x``.
 
@@ -329,12 +328,4 @@ def affinity_score(
       >>> round(float(affinity_score(x, x**3)), 3)
       0.711
     """
-    x, y = _validate(x, y)
-    options = ScoreOptions(covariance=covariance, ridge=ridge, solver=solver, path=path,
-                           sinkhorn_epsilon=sinkhorn_epsilon)
-    if check:
-        _check_finite(x, y)
-    score = _score_jit(x, y, options=options)
-    if check:
-        _check_finite_result(score, x, y)
-    return score
+    return _scored(_score_jit, x, y, check, options)

@@ -21,11 +21,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from affjax import score as _score
 from affjax.capture import Layer  # noqa: F401  (re-export: affjax.signature.Layer)
 from affjax.capture import LayerSelection
 from affjax.capture import capture_layers
 from affjax.layer_scoring import score_layers
+from affjax.options import ScoreOptions
 
 
 def signature_scores(
@@ -33,16 +33,8 @@ def signature_scores(
     variables: Any,
     x: Any,
     *,
-    covariance: str = "empirical",
-    ridge: float = 1e-6,
-    solver: str = "auto",
-    sinkhorn_epsilon: float = 1e-2,
-    select: LayerSelection | None = None,
-    tokens: str = "mean_features",
-    functions: bool = True,
-    devices: Sequence[Any] | None = None,
     return_output: bool = False,
-    **apply_kwargs: Any,
+    **kwargs: Any,
 ) -> jax.Array | tuple[Any, jax.Array]:
     """The non-linearity signature of a Flax model on a batch, as an array.
 
@@ -54,7 +46,13 @@ def signature_scores(
       model: a ``flax.linen.Module``, or an ``nnx.Module`` with ``variables=None``.
       variables: linen variables (``{"params": ..., "batch_stats": ...}``).
       x: a batch of inputs, batch axis first (at least 2 samples).
-      covariance, ridge, solver, sinkhorn_epsilon: passed to :func:`affjax.affinity_score`.
+      return_output: also return the model's output from the same forward pass
+        (for a loss that needs both, see :mod:`affjax.regularizers`).
+      **kwargs: the signature's keywords, converted once where they enter:
+      options: how each layer is scored, a :class:`affjax.ScoreOptions`; default
+        the published settings. Its fields are accepted as keywords too, instead of
+        ``options`` (not with it): ``covariance``, ``ridge``, ``solver``, ``path``,
+        ``sinkhorn_epsilon``, as in :func:`affjax.affinity_score`.
       select: the layers to score, a :class:`affjax.LayerSelection`; default all. Its
         fields are accepted as keywords too, instead of ``select`` (not with it):
         ``include``, ``exclude``: ``fnmatch`` patterns on layer names
@@ -63,10 +61,7 @@ def signature_scores(
       tokens: rank-3 reduction, ``"mean_features"`` (published) or ``"mean_tokens"``.
       functions: also capture ``nn.relu(x)``-style calls (see :mod:`affjax.capture`).
       devices: devices to shard the layer-parallel scoring over; default all.
-      return_output: also return the model's output from the same forward pass
-        (for a loss that needs both, see :mod:`affjax.regularizers`).
-      **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``), but for the
-        selection keywords above.
+      The other keywords go to ``model.apply`` (e.g. ``train=False``).
 
     Returns:
       ``(L,)`` scores in forward-pass order; with ``return_output``,
@@ -75,29 +70,52 @@ def signature_scores(
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp
-      >>> from affjax import Activation
-      >>> class MLP(nn.Module):
+      >>> from affjax import ScoreOptions
+      >>> class MLP(nn.Module):   # nn.gelu called at run time is captured
       ...     @nn.compact
       ...     def __call__(self, x):
-      ...         return nn.Dense(1)(Activation(jnp.tanh)(nn.Dense(16)(x)))
+      ...         return nn.Dense(1)(nn.gelu(nn.Dense(16)(x)))
       >>> x = jax.random.normal(jax.random.key(0), (256, 4), jnp.float32)
       >>> model = MLP(); variables = model.init(jax.random.key(1), x)
-      >>> scores = signature_scores(model, variables, x)
+      >>> options = ScoreOptions(ridge=1e-5)
+      >>> scores = jax.jit(lambda v, x: signature_scores(model, v, x, options=options))(
+      ...     variables, x)
       >>> scores.shape, scores.dtype
       ((1,), dtype('float32'))
     """
-    _score.check_options(covariance, solver, ridge=ridge, sinkhorn_epsilon=sinkhorn_epsilon)
-    select = LayerSelection.pop_from(select, apply_kwargs)
+    request = _Request.pop_from(kwargs)
     # Only with return_output: the pass then stands for the model's own call (an NNX
     # model's state updates are written back); a signature alone leaves the model as it was.
-    captured = capture_layers(model, variables, x, tokens=tokens, functions=functions,
-                              return_output=return_output, **apply_kwargs)
+    captured = capture_layers(model, variables, x, tokens=request.tokens,
+                              functions=request.functions, return_output=return_output,
+                              **request.apply_kwargs)
     layers, output = captured if return_output else (captured, None)
-    layers = select.apply(layers)
-    scores = score_layers(layers, covariance=covariance, ridge=ridge, solver=solver,
-                          sinkhorn_epsilon=sinkhorn_epsilon,
-                          devices=devices)
+    scores = request.score(layers)
     return (output, scores) if return_output else scores
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Request:
+    """The keywords of a signature call (see :func:`signature_scores`), converted once."""
+
+    options: ScoreOptions
+    select: LayerSelection
+    tokens: str
+    functions: bool
+    devices: Sequence[Any] | None
+    apply_kwargs: dict[str, Any]
+
+    @classmethod
+    def pop_from(cls, kwargs: dict[str, Any]) -> _Request:
+        options = ScoreOptions.pop_from(kwargs.pop("options", None), kwargs)
+        select = LayerSelection.pop_from(kwargs.pop("select", None), kwargs)
+        return cls(options, select, kwargs.pop("tokens", "mean_features"),
+                   kwargs.pop("functions", True), kwargs.pop("devices", None), kwargs)
+
+    def score(self, layers: list[Layer]) -> jax.Array:
+        """The selected layers' scores."""
+        return score_layers(self.select.apply(layers), options=self.options,
+                            devices=self.devices)
 
 
 @dataclasses.dataclass
@@ -217,24 +235,14 @@ def signature(
     model: Any,
     variables: Any,
     x: Any,
-    *,
-    covariance: str = "empirical",
-    ridge: float = 1e-6,
-    solver: str = "auto",
-    sinkhorn_epsilon: float = 1e-2,
-    select: LayerSelection | None = None,
-    tokens: str = "mean_features",
-    functions: bool = True,
-    devices: Sequence[Any] | None = None,
-    **apply_kwargs: Any,
+    **kwargs: Any,
 ) -> Signature:
     """The signature of a model on one batch, with names (see :func:`signature_scores`).
 
     Args:
       model, variables, x: as in :func:`signature_scores`.
-      covariance, ridge, solver, sinkhorn_epsilon, select, include, exclude, kinds,
-        exclude_kinds, tokens, functions, devices, **apply_kwargs: as in
-        :func:`signature_scores`.
+      **kwargs: as in :func:`signature_scores` (``options``, ``select``, ``tokens``,
+        ``functions``, ``devices``, their keywords, and ``model.apply``'s).
 
     Returns:
       A :class:`Signature`; ``scores`` is a float64 NumPy copy of the scores
@@ -257,15 +265,16 @@ def signature(
       -----------------------------------------
         0  Activation_0:0  tanh      8   0...
     """
-    _score.check_options(covariance, solver, ridge=ridge, sinkhorn_epsilon=sinkhorn_epsilon)
-    select = LayerSelection.pop_from(select, apply_kwargs)
-    capture = _compiled_capture(model, tokens, functions, apply_kwargs)
+    return _signature(model, variables, x, _Request.pop_from(kwargs))
+
+
+def _signature(model: Any, variables: Any, x: Any, request: _Request) -> Signature:
+    capture = _compiled_capture(model, request.tokens, request.functions, request.apply_kwargs)
     layers = capture(variables, x) if capture is not None else capture_layers(
-        model, variables, x, tokens=tokens, functions=functions, **apply_kwargs)
-    layers = select.apply(layers)
-    scores = score_layers(layers, covariance=covariance, ridge=ridge, solver=solver,
-                          sinkhorn_epsilon=sinkhorn_epsilon,
-                          devices=devices)
+        model, variables, x, tokens=request.tokens, functions=request.functions,
+        **request.apply_kwargs)
+    layers = request.select.apply(layers)
+    scores = score_layers(layers, options=request.options, devices=request.devices)
     return Signature(names=[layer.name for layer in layers], kinds=[layer.kind for layer in layers],
                      scores=np.asarray(scores, np.float64),
                      dims=[int(layer.x.shape[1]) for layer in layers])
@@ -285,9 +294,8 @@ def signature_over_batches(
       model, variables: as in :func:`signature`.
       batches: an iterable of input batches (each at least 2 samples).
       progress: print a progress line per batch on stderr.
-      **kwargs: options of :func:`signature` (``covariance``, ``select``, ``include``,
-        ...); a selection is converted to one :class:`affjax.LayerSelection` for all
-        batches.
+      **kwargs: as in :func:`signature` (``options`` or ``covariance``, ...,
+        ``select`` or ``include``, ...), converted once for all batches.
 
     Returns:
       :class:`Signature` with ``scores`` the mean, ``std`` and ``batch_scores``
@@ -299,25 +307,25 @@ def signature_over_batches(
         drop a last batch of one sample).
 
     Example:
-      >>> import flax.linen as nn, jax, jax.numpy as jnp
-      >>> from affjax import Activation
-      >>> class MLP(nn.Module):
-      ...     @nn.compact
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> class MLP(nnx.Module):   # NNX: variables=None
+      ...     def __init__(self, rngs):
+      ...         self.hidden, self.out = nnx.Linear(3, 8, rngs=rngs), nnx.Linear(8, 1, rngs=rngs)
       ...     def __call__(self, x):
-      ...         return nn.Dense(1)(Activation(jnp.tanh)(nn.Dense(8)(x)))
+      ...         return self.out(nnx.relu(self.hidden(x)))
       >>> keys = jax.random.split(jax.random.key(0), 3)
       >>> batches = [jax.random.normal(k, (32, 3), jnp.float32) for k in keys]
-      >>> model = MLP(); variables = model.init(jax.random.key(1), batches[0])
-      >>> sig = signature_over_batches(model, variables, batches, progress=False)
+      >>> sig = signature_over_batches(MLP(nnx.Rngs(0)), None, batches, progress=False)
       >>> sig.batch_scores.shape, sig.std.shape
       ((3, 1), (1,))
     """
-    kwargs["select"] = LayerSelection.pop_from(kwargs.pop("select", None), kwargs)
+    request = _Request.pop_from(kwargs)
     rows, first = [], None
     start = time.perf_counter()
     for b, batch in enumerate(batches):
         try:
-            sig = signature(model, variables, batch, **kwargs)
+            sig = _signature(model, variables, batch, request)
         except ValueError as err:  # say which batch: often a short last batch
             raise ValueError(f"batch {b}: {err}") from err
         if first is None:

@@ -19,6 +19,7 @@ from reference import affinity_score_reference
 import affjax
 from affjax import regularizers
 from affjax.capture import reduce_activation
+from affjax.options import ScoreOptions
 from affjax.signature import capture_layers
 
 
@@ -529,7 +530,7 @@ def test_group_scores_equal_per_layer_scores_with_cholesky_breakdown(sequential,
         f = jnp.concatenate([jnp.sqrt(c.alpha) * c.centered, jnp.sqrt(c.shift) * eye])
         assert not np.isfinite(np.asarray(_lower_factor(f, "cholesky"))).all()
     got = jax.jit(lambda a, b: _stacked_scores(
-        a, b, covariance="empirical", ridge=1e-6, solver="scipy", sequential=sequential))(xs, ys)
+        a, b, options=ScoreOptions(solver="scipy"), sequential=sequential))(xs, ys)
     expected = [float(affjax.affinity_score(x, y, solver="scipy")) for x, y in zip(xs, ys,
                                                                                   strict=True)]
     assert np.isfinite(np.asarray(got)).all()
@@ -543,7 +544,7 @@ def test_cpu_group_scorer_uses_no_batched_lapack():
     from affjax.layer_scoring import group_scorer as _group_scorer
 
     xs, ys = _stack_of_layers(jnp.float32)
-    fn = _group_scorer("empirical", 1e-6, "auto", tuple(jax.devices("cpu")[:1]))
+    fn = _group_scorer(ScoreOptions(), tuple(jax.devices("cpu")[:1]))
     hlo = fn.lower(xs, ys).as_text()
     assert "while" in hlo
     lapack = [line for line in hlo.splitlines() if "lapack_" in line and "custom_call" in line]
@@ -622,8 +623,7 @@ def test_group_of_wide_float32_layers_skips_cholesky_and_equals_per_layer_scores
         assert bool(cholesky_hopeless_for(ys[0]))
         assert not bool(cholesky_hopeless_for(ys[0].astype(jnp.float64)))
         got = jax.jit(lambda a, b: _stacked_scores(
-            a, b, covariance="empirical", ridge=1e-6, solver="scipy",
-            sequential=sequential))(xs, ys)
+            a, b, options=ScoreOptions(solver="scipy"), sequential=sequential))(xs, ys)
         expected = [float(affjax.affinity_score(x, y, solver="scipy"))
                     for x, y in zip(xs, ys, strict=True)]
         np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
