@@ -17,7 +17,10 @@ Where the layers of a stack run: a ``lax.map`` loop on CPU, a ``vmap`` elsewhere
 
 Placement: a tuple of devices (each stage jitted; with several devices the layer axis is
 split over them with ``shard_map``), or, inside a caller's ``jit``, the mesh its inputs
-are sharded over (a mesh of our own would mix two meshes in one program).
+are sharded over (a mesh of our own would mix two meshes in one program). The default
+tuple is ``jax.local_devices()``: this process's devices, which are all of ``jax.devices()``
+when JAX runs one process; under ``jax.distributed`` every process scores its own layers
+on its own devices (``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -276,6 +279,10 @@ def group_scorer(options: ScoreOptions, placement: Any) -> Callable:
 def device_tuple(devices: Any) -> tuple:
     """``devices`` (a device or a sequence of them) as a checked tuple.
 
+    The devices must belong to this process (``jax.local_devices()``): under
+    ``jax.distributed`` the layers are host-local arrays, which another process's devices
+    cannot be fed with.
+
     Example:
       >>> import jax
       >>> device_tuple(jax.devices()[0]) == (jax.devices()[0],)
@@ -287,13 +294,21 @@ def device_tuple(devices: Any) -> tuple:
                          f"jax.devices()), got {devices!r}")
     if len(set(devices)) != len(devices):
         raise ValueError(f"devices lists a device more than once: {list(devices)!r}")
+    foreign = [d for d in devices if d.process_index != jax.process_index()]
+    if foreign:
+        raise ValueError(
+            f"devices {foreign!r} belong to other processes (process {jax.process_index()} of "
+            f"{jax.process_count()}): the layers are this process's arrays, so they are scored "
+            f"on this process's devices, jax.local_devices() = {jax.local_devices()!r}. Pass "
+            "devices=None (the default) or some of jax.local_devices(); each process scores "
+            "its own batches (docs/distributed.md).")
     return devices
 
 
 def _placement(devices: tuple | None, example: jax.Array) -> Any:
     if devices is not None:
         return devices
-    placement = tuple(jax.devices())
+    placement = tuple(jax.local_devices())  # all of jax.devices() with one process
     if isinstance(example, jax.core.Tracer):
         # Inside the caller's jit the caller decides the placement: with inputs sharded
         # over a mesh the layers are split over that mesh; otherwise they stay where the
@@ -338,7 +353,7 @@ def score_stacks(
     Args:
       stacks: ``(xs, ys)`` pairs, each ``(g_i, n, d_i)``, float, one dtype.
       options: the score's options.
-      devices: from :func:`device_tuple`, or ``None`` for every device (or the
+      devices: from :func:`device_tuple`, or ``None`` for every local device (or the
         caller's mesh inside its ``jit``).
 
     Returns:
@@ -405,7 +420,8 @@ def score_layers(
       options: a :class:`affjax.ScoreOptions`; or its fields as keywords
         (``covariance``, ``ridge``, ``solver``, ``path``, ``sinkhorn_epsilon``, as in
         :func:`affjax.affinity_score`), not both.
-      devices: devices to shard over; default ``jax.devices()``.
+      devices: devices to shard over, this process's own; default
+        ``jax.local_devices()`` (all of ``jax.devices()`` when JAX runs one process).
 
     Returns:
       ``(L,)`` array in the layers' dtype (float32 for half precision).

@@ -3,7 +3,7 @@
 ``signature_scores`` is the pure, jittable core (scores only);
 ``signature`` adds names and kinds; ``signature_over_batches`` averages over a
 stream of batches. Layers whose reduced shapes agree are scored together by one
-vmapped, jitted call, sharded over ``jax.devices()`` when there are several.
+vmapped, jitted call, sharded over ``jax.local_devices()`` when there are several.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def signature_scores(
         activation kinds to keep or drop (``["relu"]`` or ``"relu"``).
       tokens: rank-3 reduction, ``"mean_features"`` (published) or ``"mean_tokens"``.
       functions: also capture ``nn.relu(x)``-style calls (see :mod:`affjax.capture`).
-      devices: devices to shard the layer-parallel scoring over; default all.
+      devices: devices to shard the layer-parallel scoring over; default all of this
+        process's (``jax.local_devices()``).
       The other keywords go to ``model.apply`` (e.g. ``train=False``).
 
     Returns:

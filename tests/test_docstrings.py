@@ -35,6 +35,7 @@ DOCUMENTED_MODULES = (
     "affjax.plot",
     "affjax.results",
     "affjax.regularizers",
+    "affjax.distributed",
 )
 
 # Modules whose examples run as doctests here (small arrays, no files, no network). A
@@ -58,6 +59,7 @@ _DOCTESTED = (
     "affjax.compare",
     "affjax.plot",
     "affjax.results",
+    "affjax.distributed",
     "affjax.models.layers",
     "affjax.models.registry",
     "affjax.models.transforms",
@@ -86,6 +88,7 @@ FIELDS_INSTEAD_OF_EXAMPLE = {
     "affjax.assignment.AssignmentResult": "NamedTuple; linear_assignment's example shows it",
     "affjax.affine_map.Fit": "NamedTuple of one fitted map; fit_map's example shows it",
     "affjax.solvers.Transport": "NamedTuple; every solver's example shows it",
+    "affjax.distributed.DistributedError": "exception; raised by initialize, partition, merge",
 }
 
 
