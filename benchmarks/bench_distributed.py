@@ -4,12 +4,14 @@ Each configuration launches ``tests/distributed_driver.py`` on N processes with
 ``jax.distributed.initialize`` on a loopback coordinator (one process: no coordinator):
 every process scores its share of the same ``--batches`` batches (a tiny CNN of
 ``--width`` channels, ``random`` dataset, float32), writes its part, and process 0
-merges. Printed per configuration: the wall time of the whole launch, its start-up
-(slowest process to import, initialise and build the model), the scoring (the sum over
-processes of the batches' compute time, and the slowest process's share: the critical
-path), the gather of the parts (slowest process; it includes waiting for the others)
-and the speed-up over one process. The merged scores of every configuration are
-checked equal to the one-process run's.
+merges. Printed per configuration: the wall time of the whole launch (Python start-up
+to the last exit); the start-up (slowest process to import JAX, initialise the runtime
+and build the model, from the driver's first line); drawing and transforming the images
+(slowest process); the scoring (the sum over processes of the batches' compute time, and
+the slowest process's share: the critical path); the first batch (slowest process; it
+compiles) and the median later batch (warm); the gather of the parts (slowest process;
+it includes waiting for the others); and the speed-up over one process. The merged
+scores of every configuration are checked equal to the one-process run's.
 
 On a machine with fewer cores than processes this measures overhead, not speed-up: the
 processes share the cores. Run from the repository root:
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -55,14 +58,18 @@ def run(n: int, args: argparse.Namespace, folder: Path) -> dict:
             raise SystemExit(f"{n} processes: process {i} failed:\n{o['stderr'][-3000:]}")
     events = [o["events"] for o in outcomes]
     batch = [[e["seconds"] for e in ev if e["event"] == "batch"] for ev in events]
+    images = [sum(e["seconds"] for e in ev if e["event"] == "images") for ev in events]
     done = [next(e for e in ev if e["event"] == "done") for ev in events]
     merged = json.loads(out.with_name("tiny_float32.json").read_text())
     return {"processes": n, "wall_s": wall,
             "startup_s": max(next(e for e in ev if e["event"] == "start")["seconds"]
                              for ev in events),
+            "images_s": max(images),
             "score_total_s": sum(map(sum, batch)),
             "score_critical_s": max(map(sum, batch)),
             "first_batch_s": max(b[0] for b in batch if b),
+            "warm_batch_s": statistics.median(t for b in batch for t in b[1:])
+            if any(len(b) > 1 for b in batch) else None,
             "gather_s": max(d["gather_seconds"] for d in done),
             "batches_per_process": [len(b) for b in batch],
             "part_bytes": sum(os.path.getsize(part) for part in
@@ -74,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--width", type=int, default=32)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
@@ -91,14 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["speedup"] = base["wall_s"] / r["wall_s"]
         r["scores_equal"] = r["scores"] == base["scores"]
-    header = ("| processes | wall s | start-up s | scoring s (sum) | scoring s (slowest) "
-              "| 1st batch s | gather s | batches each | speed-up | scores equal |")
+    header = ("| processes | wall s | start-up s | images s (slowest) | scoring s (sum) "
+              "| scoring s (slowest) "
+              "| 1st batch s | warm batch s | gather s | batches each | speed-up | scores equal |")
     print(header)
-    print("|---" * 10 + "|")
+    print("|---" * 12 + "|")
     for r in rows:
         print(f"| {r['processes']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | "
+              f"{r['images_s']:.1f} | "
               f"{r['score_total_s']:.1f} | {r['score_critical_s']:.1f} | "
-              f"{r['first_batch_s']:.1f} | {r['gather_s']:.2f} | "
+              f"{r['first_batch_s']:.1f} | "
+              f"{'-' if r['warm_batch_s'] is None else format(r['warm_batch_s'], '.3f')} | "
+              f"{r['gather_s']:.2f} | "
               f"{'/'.join(map(str, r['batches_per_process']))} | {r['speedup']:.2f} | "
               f"{r['scores_equal']} |")
     print(f"after: {_load()}")

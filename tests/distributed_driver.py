@@ -238,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         todo = [d for d in dtypes if index not in parts[d]["batch_indices"]]
         if not todo:
             continue
+        t0 = time.perf_counter()
         images = dataset.batch(index, args.batch_size)
+        _event(event="images", process=ctx.process_index, batch=index,
+               seconds=time.perf_counter() - t0)
         for dtype in todo:
             t0 = time.perf_counter()
             with jax.enable_x64(dtype == "float64"):
