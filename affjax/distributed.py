@@ -98,6 +98,17 @@ def _check_coordinator(coordinator: Any) -> None:
             f"the address of process 0 and a free port on it, got {coordinator!r}")
 
 
+def _is_initialized() -> bool:
+    import jax
+
+    check = getattr(jax.distributed, "is_initialized", None)
+    if check is not None:
+        return bool(check())
+    from jax._src import distributed as state  # jax without is_initialized
+
+    return state.global_state.client is not None
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, auto: bool = False,
                local_device_ids: int | Sequence[int] | None = None,
@@ -159,7 +170,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if local_device_ids is not None:
             raise DistributedError("local_device_ids needs a distributed run (the coordinator, "
                                    "num_processes and process_id, or auto=True)")
-        if jax.distributed.is_initialized():
+        if _is_initialized():
             return ProcessContext(jax.process_index(), jax.process_count())
         return ProcessContext()
     if not auto and missing:
@@ -175,7 +186,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     elif process_id is not None and (isinstance(process_id, bool) or not isinstance(
             process_id, int | np.integer) or process_id < 0):
         raise DistributedError(f"process_id must be an integer from 0, got {process_id!r}")
-    if jax.distributed.is_initialized():
+    if _is_initialized():
         ctx = ProcessContext(jax.process_index(), jax.process_count())
         if (num_processes, process_id) not in ((None, None), (ctx.process_count,
                                                               ctx.process_index)):
