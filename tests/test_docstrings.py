@@ -24,6 +24,7 @@ DOCUMENTED_MODULES = (
     "affjax.score",
     "affjax.capture",
     "affjax.signature",
+    "affjax.signature_type",
     "affjax.metrics",
     "affjax.data",
     "affjax.compare",
@@ -41,6 +42,7 @@ DOCTEST_MODULES = (
     "affjax.score",
     "affjax.capture",
     "affjax.signature",
+    "affjax.signature_type",
     "affjax.metrics",
     "affjax.regularizers",
     "affjax.data",
@@ -59,6 +61,7 @@ FIELDS_INSTEAD_OF_EXAMPLE = {
     "affjax.compare.AccuracyError": "exception; raised by read_accuracy",
     "affjax.capture.Call": "NamedTuple of one captured call's tensors",
     "affjax.signature.Layer": "NamedTuple describing one captured layer",
+    "affjax.signature_type.RunInfo": "record of a run; Signature's and load's examples show it",
     "affjax.assignment.AssignmentResult": "NamedTuple; linear_assignment's example shows it",
     "affjax.score.Fit": "NamedTuple of one fitted map; fit_map's example shows it",
 }
