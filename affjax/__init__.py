@@ -23,6 +23,7 @@ from affjax.metrics import histogram_entropy
 from affjax.metrics import linear_cka
 from affjax.metrics import linear_fit_r2
 from affjax.metrics import sparsity
+from affjax.runner import run_signature
 from affjax.score import AffinityResult
 from affjax.score import affinity
 from affjax.score import affinity_score
@@ -69,6 +70,7 @@ __all__ = [
     "psd_inv_sqrt",
     "psd_sqrt",
     "regularizers",
+    "run_signature",
     "signature",
     "signature_over_batches",
     "signature_scores",

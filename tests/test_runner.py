@@ -17,6 +17,7 @@ from test_cli import TINY_ZOO
 
 from affjax import cli
 from affjax import results
+from affjax import runner
 
 FIXTURE = Path(__file__).parent / "data" / "tiny_random_v1.json"
 FIXTURE_ARGS = ["--model", "tiny", "--batch-size", "8", "--batches", "3", "--metrics",
@@ -57,17 +58,17 @@ def _assert_same_result(a, b):
 
 def test_an_old_results_file_loads_and_the_command_resumes_it(tiny, tmp_path, capsys,
                                                              monkeypatch):
-    saved = results.load(FIXTURE)
+    saved = results.to_dict(results.load(FIXTURE))
     assert saved["batch_indices"] == [0, 1] and not saved["complete"]
     part = tmp_path / "part.json"
     shutil.copy(FIXTURE, part)
-    real, calls = cli._batch_signature, []
+    real, calls = runner._batch_signature, []
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(cli, "_batch_signature", counted)
+    monkeypatch.setattr(runner, "_batch_signature", counted)
     _, err = _cli(capsys, *FIXTURE_ARGS, "--out", str(part))
     assert "resuming" in err and len(calls) == 1  # only batch 2 is computed
     _cli(capsys, *FIXTURE_ARGS, "--out", str(tmp_path / "full.json"))
