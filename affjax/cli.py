@@ -319,14 +319,7 @@ def _saved_message(saved: int, json_path: Path) -> str:
 # --------------------------------------------------------------------------- plot, compare
 
 
-def _parser() -> argparse.ArgumentParser:
-    import affjax
-
-    parser = argparse.ArgumentParser(
-        prog="affjax", description="Affinity scores and non-linearity signatures in JAX.")
-    parser.add_argument("--version", action="version", version=f"affjax {affjax.__version__}")
-    sub = parser.add_subparsers(dest="command")
-
+def _signature_parser(sub: Any) -> None:
     sig = sub.add_parser(
         "signature", help="the signature of a model on a dataset (the main job)",
         description="The non-linearity signature of a zoo model on a dataset: one affinity "
@@ -375,6 +368,17 @@ def _parser() -> argparse.ArgumentParser:
     sig.add_argument("--no-progress", dest="progress", action="store_false",
                      help="no progress bars")
     sig.set_defaults(func=_signature)
+
+
+def _parser() -> argparse.ArgumentParser:
+    import affjax
+
+    parser = argparse.ArgumentParser(
+        prog="affjax", description="Affinity scores and non-linearity signatures in JAX.")
+    parser.add_argument("--version", action="version", version=f"affjax {affjax.__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    _signature_parser(sub)
 
     plot = sub.add_parser("plot", help="re-draw a signature plot from a results JSON file")
     plot.add_argument("result")

@@ -43,8 +43,12 @@ class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`run_signature`; the batches saved so far stay in the file.
 
     Attributes:
-      saved: batches in the results file.
-      path: the results file, or ``None``.
+      saved: batches in the results file; path: the results file, or ``None``.
+
+    Example:
+      >>> e = RunInterrupted(2, Path("run.json"))
+      >>> isinstance(e, KeyboardInterrupt), e.saved, e.path.name
+      (True, 2, 'run.json')
     """
 
     def __init__(self, saved: int, path: Path | None):

@@ -30,6 +30,7 @@ DOCUMENTED_MODULES = (
     "affjax.compare",
     "affjax.plot",
     "affjax.results",
+    "affjax.runner",
     "affjax.regularizers",
 )
 
@@ -49,6 +50,7 @@ DOCTEST_MODULES = (
     "affjax.compare",
     "affjax.plot",
     "affjax.results",
+    "affjax.runner",
     "affjax.models.layers",
     "affjax.models.registry",
     "affjax.models.transforms",
@@ -58,6 +60,7 @@ DOCTEST_MODULES = (
 FIELDS_INSTEAD_OF_EXAMPLE = {
     "affjax.data.DataError": "exception; raised by the loaders, whose examples show it",
     "affjax.results.ResultsError": "exception; raised by load/validate",
+    "affjax.runner.RunError": "exception; raised by open_results, plan and run_signature",
     "affjax.compare.AccuracyError": "exception; raised by read_accuracy",
     "affjax.capture.Call": "NamedTuple of one captured call's tensors",
     "affjax.signature.Layer": "NamedTuple describing one captured layer",
