@@ -344,8 +344,7 @@ def plan(saved: Signature | None, dataset: data.Dataset, batch_size: int,
 
 def _interrupted_in_callback(e: BaseException) -> bool:
     """Whether ``e`` is JAX's report of a KeyboardInterrupt raised inside a host callback."""
-    # JAX turns an exception raised in a host callback into a runtime error whose only trace
-    # of it is the message text (no exception type, no __cause__), so the text decides.
+    # JAX re-raises it as JaxRuntimeError(INTERNAL), no cause: only the text names it.
     return "callback" in str(e).lower() and "KeyboardInterrupt" in str(e)
 
 
