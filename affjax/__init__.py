@@ -10,6 +10,7 @@ from affjax import regularizers  # a module: affjax.regularizers.target_penalty(
 from affjax.assignment import AssignmentResult
 from affjax.assignment import linear_assignment
 from affjax.capture import Activation
+from affjax.capture import LayerSelection
 from affjax.capture import NnxActivation
 from affjax.covariance import empirical_covariance
 from affjax.covariance import ledoit_wolf_covariance
@@ -48,6 +49,7 @@ __all__ = [
     "Activation",
     "AffinityResult",
     "AssignmentResult",
+    "LayerSelection",
     "NnxActivation",
     "Signature",
     "affinity",

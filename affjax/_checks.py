@@ -78,3 +78,8 @@ def linalg_dtype(arr: jax.Array) -> jax.Array:
     """``arr`` cast to :func:`linalg_float` of its dtype (no copy when it already is)."""
     dtype = linalg_float(arr.dtype)
     return arr if arr.dtype == dtype else arr.astype(dtype)
+
+
+def is_real_number(v: object) -> bool:
+    """A Python or NumPy real scalar, not a bool (options are static, compile-time values)."""
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)

@@ -1,13 +1,16 @@
 """Scoring many layers at once: fit every map, then one batched assignment.
 
-Layers of one reduced shape form a stack ``(g, n, d)``. Each stack's maps are fitted in
-one compiled call (:func:`stack_fits`, which owns the Cholesky-or-QR choice of batched
-scoring). Every layer's exact W2 is an ``(n, n)`` assignment and every stack of a
-signature has the same ``n``, so the cost matrices of all stacks go to ONE
-:func:`affjax.linear_assignment` call: with the ``"auction"`` solver, nothing leaves the
-device; with ``"scipy"``, one host round trip serves every layer; with
-``"identity_or_scipy"`` (``"auto"`` on CPU), only the layers whose identity matching is
-not certified on device call SciPy.
+The entry point is :func:`score_layers`: it checks the captured layers, groups them by
+reduced shape and returns one score per layer. Layers of one reduced shape form a stack
+``(g, n, d)``. Each stack's maps are fitted in one compiled call (:func:`stack_fits`).
+This module owns the whole Cholesky-or-QR policy of the batched path: :func:`stack_fits`
+goes straight to QR where some layer's Cholesky is known to fail, and otherwise redoes a
+stack with QR only if some layer's Cholesky factor broke down. Every layer's exact W2 is
+an ``(n, n)`` assignment and every stack of a signature has the same ``n``, so the cost
+matrices of all stacks go to ONE :func:`affjax.linear_assignment` call: with the
+``"auction"`` solver, nothing leaves the device; with ``"scipy"``, one host round trip
+serves every layer; with ``"identity_or_scipy"`` (``"auto"`` on CPU), only the layers
+whose identity matching is not certified on device call SciPy.
 
 Where the layers of a stack run: a ``lax.map`` loop on CPU, a ``vmap`` elsewhere; see
 ``docs/signatures.md``, "Batched LAPACK on CPU", for why.
@@ -20,6 +23,7 @@ are sharded over (a mesh of our own would mix two meshes in one program).
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +40,7 @@ from affjax import _compat
 from affjax import score as _score
 from affjax import transport
 from affjax.assignment import linear_assignment
+from affjax.capture import Layer
 
 ASSIGNMENT_SOLVERS: tuple[str, ...] = ("auction", "identity_or_scipy", "scipy", "hungarian")
 
@@ -378,3 +383,73 @@ def score_stacks(
                                            solved[start:start + g])
             start += g
     return out
+
+
+def score_layers(
+    layers: Sequence[Layer],
+    *,
+    covariance: str = "empirical",
+    ridge: float = 1e-6,
+    solver: str = "auto",
+    sinkhorn_epsilon: float = 1e-2,
+    devices: Sequence[Any] | None = None,
+) -> jax.Array:
+    """Affinity scores of captured layers, grouped by shape.
+
+    Layers with equal reduced shapes are stacked and scored by one jitted call
+    (compiled once per shape, reused across batches): ``vmap`` over the layers
+    on accelerators, a ``lax.map`` loop inside the compiled call on CPU
+    (``docs/signatures.md``, "Batched LAPACK on CPU"). With several devices the
+    stacked layer axis is sharded across them.
+
+    Args:
+      layers: from :func:`affjax.capture.capture_layers`.
+      covariance, ridge, solver, sinkhorn_epsilon: as in :func:`affjax.affinity_score`.
+      devices: devices to shard over; default ``jax.devices()``.
+
+    Returns:
+      ``(L,)`` array in the layers' dtype (float32 for half precision).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.random.normal(jax.random.key(0), (64, 2), jnp.float32)
+      >>> layers = [Layer("affine", "identity", x, 2.0 * x + 1.0),
+      ...           Layer("relu", "relu", x, jax.nn.relu(x))]
+      >>> s = score_layers(layers)
+      >>> s.shape, s.dtype, round(float(s[0]), 3), bool(s[1] < 1.0)
+      ((2,), dtype('float32'), 1.0, True)
+    """
+    _score.check_options(covariance, solver, ridge=ridge, sinkhorn_epsilon=sinkhorn_epsilon)
+    if devices is not None:  # once: a generator would be used up by the first group
+        devices = device_tuple(devices)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, layer in enumerate(layers):
+        if layer.x.shape[0] < 2:
+            raise ValueError(
+                f"a signature needs a batch of at least 2 samples, got {layer.x.shape[0]}"
+            )
+        if layer.x.shape != layer.y.shape:
+            raise ValueError(
+                f"activation {layer.name} ({layer.kind}) changes the shape of its input, "
+                f"{layer.x.shape} -> {layer.y.shape} after reduction: the affinity score "
+                "pairs each pre-activation with its post-activation, so an Activation must "
+                "be elementwise")
+        for side, v in (("input", layer.x), ("output", layer.y)):
+            if not jnp.issubdtype(v.dtype, jnp.floating):
+                raise TypeError(f"activation {layer.name} ({layer.kind}) has a {v.dtype} "
+                                f"{side}: the score needs floating-point activations")
+        groups[layer.x.shape].append(i)
+    dtype = jnp.result_type(*(v.dtype for layer in layers for v in (layer.x, layer.y)))
+    if jnp.finfo(dtype).bits < 32:
+        dtype = jnp.float32
+    stacks = [(jnp.stack([layers[i].x for i in idx]).astype(dtype),
+               jnp.stack([layers[i].y for i in idx]).astype(dtype)) for idx in groups.values()]
+    outs = score_stacks(
+        stacks, covariance=covariance, ridge=float(ridge), solver=solver,
+        sinkhorn_epsilon=sinkhorn_epsilon, devices=devices)
+    scores = jnp.zeros((len(layers),), dtype)
+    for idx, out in zip(groups.values(), outs, strict=True):
+        if not isinstance(out, jax.core.Tracer):
+            out = jax.device_put(out, scores.sharding)  # back to where the others are
+        scores = scores.at[jnp.asarray(idx)].set(out)
+    return scores

@@ -45,7 +45,6 @@ runs on the device, every layer's assignment in one batched call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -54,6 +53,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
+from affjax.capture import LayerSelection
 from affjax.signature import signature_scores
 
 __all__ = [
@@ -98,10 +98,7 @@ def output_and_scores(
     covariance: str = "empirical",
     ridge: float = 1e-6,
     sinkhorn_epsilon: float = 1e-2,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    kinds: Sequence[str] | None = None,
-    exclude_kinds: Sequence[str] | None = None,
+    select: LayerSelection | None = None,
     tokens: str = "mean_features",
     functions: bool = True,
     **apply_kwargs: Any,
@@ -115,8 +112,9 @@ def output_and_scores(
       solver: ``"auto"``, ``"auction"``, ``"identity_or_scipy"``, ``"scipy"``,
         ``"hungarian"``, ``"sinkhorn"`` (see the module docstring).
       covariance, ridge, sinkhorn_epsilon: as in :func:`affjax.affinity_score`.
-      include, exclude, kinds, exclude_kinds, tokens, functions: layer
-        selection and capture options of :func:`affjax.signature_scores`.
+      select, tokens, functions: layer selection (or its keywords ``include``,
+        ``exclude``, ``kinds``, ``exclude_kinds``) and capture options of
+        :func:`affjax.signature_scores`.
       **apply_kwargs: passed to ``model.apply``; with ``mutable=[...]`` (e.g.
         ``"batch_stats"`` in training mode) the output is ``(y, updated)``,
         exactly as ``model.apply`` returns it.
@@ -137,8 +135,8 @@ def output_and_scores(
                         "return_output (for the scores alone use affjax.signature_scores)")
     return signature_scores(
         model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
-        sinkhorn_epsilon=sinkhorn_epsilon, include=include,
-        exclude=exclude, kinds=kinds, exclude_kinds=exclude_kinds, tokens=tokens,
+        sinkhorn_epsilon=sinkhorn_epsilon,
+        select=LayerSelection.pop_from(select, apply_kwargs), tokens=tokens,
         functions=functions, return_output=True, **apply_kwargs,
     )
 
@@ -250,10 +248,7 @@ def target_penalty(
     covariance: str = "empirical",
     ridge: float = 1e-6,
     sinkhorn_epsilon: float = 1e-2,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    kinds: Sequence[str] | None = None,
-    exclude_kinds: Sequence[str] | None = None,
+    select: LayerSelection | None = None,
     tokens: str = "mean_features",
     functions: bool = True,
     **apply_kwargs: Any,
@@ -270,8 +265,8 @@ def target_penalty(
       model, variables, x: as in :func:`affjax.signature_scores`.
       target: scalar or ``(L,)`` per selected layer, in ``[0, 1]``.
       weight: scalar multiplier.
-      solver, covariance, ridge, sinkhorn_epsilon, include, exclude, kinds, exclude_kinds,
-        tokens, functions, **apply_kwargs: see :func:`output_and_scores`.
+      solver, covariance, ridge, sinkhorn_epsilon, select, tokens, functions,
+        **apply_kwargs: see :func:`output_and_scores`.
 
     Returns:
       A scalar in the scores' dtype.
@@ -288,8 +283,8 @@ def target_penalty(
     _no_return_output("target_penalty", apply_kwargs)
     scores = signature_scores(
         model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
-        sinkhorn_epsilon=sinkhorn_epsilon, include=include,
-        exclude=exclude, kinds=kinds, exclude_kinds=exclude_kinds, tokens=tokens,
+        sinkhorn_epsilon=sinkhorn_epsilon,
+        select=LayerSelection.pop_from(select, apply_kwargs), tokens=tokens,
         functions=functions, **apply_kwargs)
     return target_penalty_from_scores(scores, target=target, weight=weight)
 
@@ -304,10 +299,7 @@ def mean_nonlinearity(
     covariance: str = "empirical",
     ridge: float = 1e-6,
     sinkhorn_epsilon: float = 1e-2,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    kinds: Sequence[str] | None = None,
-    exclude_kinds: Sequence[str] | None = None,
+    select: LayerSelection | None = None,
     tokens: str = "mean_features",
     functions: bool = True,
     **apply_kwargs: Any,
@@ -328,7 +320,7 @@ def mean_nonlinearity(
     _no_return_output("mean_nonlinearity", apply_kwargs)
     scores = signature_scores(
         model, variables, x, solver=solver, covariance=covariance, ridge=ridge,
-        sinkhorn_epsilon=sinkhorn_epsilon, include=include,
-        exclude=exclude, kinds=kinds, exclude_kinds=exclude_kinds, tokens=tokens,
+        sinkhorn_epsilon=sinkhorn_epsilon,
+        select=LayerSelection.pop_from(select, apply_kwargs), tokens=tokens,
         functions=functions, **apply_kwargs)
     return mean_nonlinearity_from_scores(scores, weight=weight)

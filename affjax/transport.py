@@ -4,22 +4,8 @@
   closed-form Bures-Wasserstein distance.
 * The exact squared 2-Wasserstein distance between two uniform point clouds of
   equal size: with uniform weights the optimal plan is a permutation, so it is
-  an assignment problem (Birkhoff-von Neumann). Solvers:
-
-  ``"sort"``      d == 1 only: the sorted matching, on device.
-  ``"auction"``   :func:`affjax.linear_assignment`'s certified on-device solver:
-                  jittable, vmappable, no host callback.
-  ``"identity_or_scipy"`` the identity matching where the auction's certificate
-                  proves it optimal (on device), SciPy on the host otherwise.
-  ``"scipy"``     ``scipy.optimize.linear_sum_assignment`` on the host, through
-                  ``jax.pure_callback`` (one host round trip per call, batched
-                  under ``vmap``).
-  ``"hungarian"`` ``optax.assignment.hungarian_algorithm``, exact, on device.
-  ``"sinkhorn"``  entropic OT (OTT-JAX), on device and smooth but biased
-                  upward: it returns ``<P_eps, C>`` for the entropic plan.
-  ``"auto"``      ``"sort"`` when d == 1, else ``"auction"`` on an accelerator and
-                  ``"identity_or_scipy"`` on CPU (``docs/assignment.md`` has the rule
-                  and the measurements).
+  an assignment problem (Birkhoff-von Neumann). The solvers, and what ``"auto"``
+  picks, are in :mod:`affjax.solvers`.
 
 Gradients: the exact solvers return a permutation that is held fixed, and the
 matched cost is differentiated (envelope theorem): the gradient exists almost
@@ -28,8 +14,6 @@ everywhere, wherever the optimal matching is unique.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,21 +21,17 @@ from jax.typing import ArrayLike
 
 from affjax import _checks
 from affjax.assignment import AssignmentResult
-from affjax.assignment import linear_assignment
-from affjax.assignment import resolve_assignment_solver
 from affjax.linalg import gram_cholesky
 from affjax.linalg import gram_inv_sqrt_and_trace_sqrt
 from affjax.linalg import psd_sqrt
 from affjax.linalg import qr_lower_factor
-
-SolverName = Literal[
-    "auto", "sort", "auction", "identity_or_scipy", "scipy", "hungarian", "sinkhorn"
-]
-SOLVERS: tuple[str, ...] = (
-    "auto", "sort", "auction", "identity_or_scipy", "scipy", "hungarian", "sinkhorn"
-)
-EXACT_SOLVERS: tuple[str, ...] = ("sort", "auction", "identity_or_scipy", "scipy", "hungarian")
-
+from affjax.solvers import EXACT_SOLVERS  # noqa: F401 (public here)
+from affjax.solvers import SOLVERS  # noqa: F401 (public here)
+from affjax.solvers import SortedMatching
+from affjax.solvers import get_solver
+from affjax.solvers import resolve_solver  # noqa: F401 (public here)
+from affjax.solvers import sinkhorn_w2_squared  # noqa: F401 (public here)
+from affjax.solvers import squared_distances  # noqa: F401 (public here)
 
 # --- Gaussian (Bures) transport -------------------------------------------------
 
@@ -348,69 +328,6 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
 # --- Exact empirical W2 ---------------------------------------------------------
 
 
-def squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
-    """``(n, m)`` matrix of ``|x_i - y_j|^2`` for rows of ``x`` and ``y``.
-
-    Args:
-      x, y: ``(n, d)`` and ``(m, d)`` arrays, float.
-
-    Returns:
-      ``(n, m)`` array in the input dtype. Computed as ``|x|^2 + |y|^2 - 2 x.y``
-      (one matrix product) after shifting both clouds by their joint mean (the
-      distances do not change, but far from the origin the expansion would cancel
-      catastrophically); nearby points still lose relative precision; values are
-      clipped at zero.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> x = jnp.array([[0.0, 0.0], [1.0, 0.0]], jnp.float32)
-      >>> squared_distances(x, jnp.array([[0.0, 2.0]], jnp.float32)).tolist()
-      [[4.0], [5.0]]
-    """
-    # The shift keeps the expansion from cancelling far from the origin (float32 costs would
-    # rank the matchings wrongly there).
-    shift = 0.5 * (jnp.mean(x, axis=0) + jnp.mean(y, axis=0))
-    x, y = x - shift, y - shift
-    sq = jnp.sum(x**2, axis=1)[:, None] + jnp.sum(y**2, axis=1)[None, :] - 2.0 * x @ y.T
-    return jnp.maximum(sq, 0.0)
-
-
-def resolve_solver(solver: str, n: int, d: int) -> str:
-    """The concrete solver that ``solver`` names for ``n`` points in ``d`` dims.
-
-    ``"auto"`` picks ``"sort"`` for 1-D points; otherwise the certified on-device
-    ``"auction"`` on an accelerator, and on CPU ``"identity_or_scipy"`` (the auction's
-    certificate, then SciPy for what it leaves: on CPU the host is the device, and
-    SciPy is faster than the auction there; ``docs/assignment.md``).
-
-    Args:
-      solver: one of ``SOLVERS``.
-      n: number of points.
-      d: point dimension.
-
-    Returns:
-      The solver name as a string.
-
-    Raises:
-      ValueError: for an unknown name, or ``"sort"`` with ``d != 1``.
-
-    Example:
-      >>> resolve_solver("auto", 128, 1)
-      'sort'
-      >>> resolve_solver("auto", 128, 8) in ("identity_or_scipy", "auction")
-      True
-    """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-    if solver == "sort" and d != 1:
-        raise ValueError(f"solver 'sort' needs 1-D points, got d={d}")
-    if solver != "auto":
-        return solver
-    if d == 1:
-        return "sort"
-    return resolve_assignment_solver("auto")
-
-
 def _exact_pair(what: str, x: ArrayLike, y: ArrayLike) -> tuple[jax.Array, jax.Array]:
     x, y = _checks.point_cloud("x", x), _checks.point_cloud("y", y)
     _checks.same_shape(what, x, y)
@@ -447,19 +364,18 @@ def optimal_assignment(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> A
     x, y = _exact_pair("optimal_assignment", x, y)
     x, y = jax.lax.stop_gradient(x), jax.lax.stop_gradient(y)
     n, d = x.shape
-    solver = resolve_solver(solver, n, d)
-    if solver == "sinkhorn":
-        raise ValueError("solver 'sinkhorn' gives a plan, not a permutation")
-    if solver == "sort":
-        rank_of_x = jnp.argsort(jnp.argsort(x[:, 0]))
-        permutation = jnp.argsort(y[:, 0])[rank_of_x].astype(jnp.int32)
+    solver_ = get_solver(solver, n, d)
+    if not solver_.exact:
+        raise ValueError(f"solver {solver!r} gives a plan, not a permutation")
+    if isinstance(solver_, SortedMatching):
+        permutation = solver_.transport(x, y).permutation
         cost = jnp.sum((x[:, 0] - y[permutation, 0]) ** 2)
         finite = jnp.isfinite(cost)
         return AssignmentResult(
             permutation=permutation, cost=cost, lower_bound=jnp.where(finite, cost, jnp.nan),
             converged=finite, rounds=jnp.zeros((), jnp.int32),
             certified_candidate=jnp.zeros((), bool))
-    return linear_assignment(squared_distances(x, y), solver=solver)
+    return solver_.assignment.match(squared_distances(x, y))
 
 
 def optimal_permutation(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> jax.Array:
@@ -484,65 +400,6 @@ def optimal_permutation(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> 
       (dtype('int32'), [1, 0])
     """
     return optimal_assignment(x, y, solver=solver).permutation
-
-
-def _check_epsilon(name: str, value: float | jax.Array) -> None:
-    """``ValueError`` unless a concrete ``value`` is finite and > 0 (traced: not checked)."""
-    if not isinstance(value, jax.core.Tracer) and not 0 < float(np.asarray(value)) < np.inf:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def sinkhorn_w2_squared(
-    x: ArrayLike,
-    y: ArrayLike,
-    *,
-    epsilon: float | jax.Array,
-    threshold: float = 1e-4,
-    max_iterations: int = 2000,
-) -> jax.Array:
-    """Transport cost ``<P_eps, C>`` of the entropic plan between uniform point clouds.
-
-    Args:
-      x, y: ``(n, d)`` and ``(m, d)`` point clouds.
-      epsilon: absolute entropic regularisation (OTT-JAX ``Sinkhorn``).
-      threshold: stop when the marginals are off by this much (L1, total mass
-        1). The default is reachable in float32 and moves the cost less than the
-        entropic bias does (``docs/numerics.md``, "Sinkhorn bias"); tighter
-        thresholds sit at float32 rounding and run to ``max_iterations``.
-      max_iterations: cap on Sinkhorn iterations.
-
-    Returns:
-      A scalar, close to and usually above the exact ``W2^2``. A plan with exact
-      marginals could not go below it, but Sinkhorn stops with marginals off by up
-      to ``threshold``, so with ties in the cost it can fall slightly below
-      (``docs/numerics.md``, "Sinkhorn bias"). Gradients are exact for the computed value:
-      the Sinkhorn iterations are differentiated by unrolling (OTT-JAX's implicit
-      differentiation of the plan is not exact for this quantity).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> x = jnp.array([[0.0], [1.0]], jnp.float32)
-      >>> cost = sinkhorn_w2_squared(x, x + 1.0, epsilon=0.01)
-      >>> cost.dtype, round(float(cost), 3)   # exact W2^2 is 1.0
-      (dtype('float32'), 1.0)
-    """
-    from ott.geometry import pointcloud
-    from ott.solvers import linear
-
-    x = _checks.linalg_dtype(_checks.point_cloud("x", x))
-    y = _checks.linalg_dtype(_checks.point_cloud("y", y))
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(
-            f"sinkhorn_w2_squared needs points of one dimension d, got x {x.shape} and y {y.shape}"
-        )
-    _check_epsilon("epsilon", epsilon)
-    # OTT expands |x|^2 + |y|^2 - 2 x.y, which cancels far from the origin: the clouds are
-    # shifted to their joint mean first. The distances do not depend on the shift.
-    shift = jax.lax.stop_gradient(0.5 * (jnp.mean(x, axis=0) + jnp.mean(y, axis=0)))
-    geom = pointcloud.PointCloud(x - shift, y - shift, epsilon=epsilon)
-    out = linear.solve(geom, threshold=threshold, max_iterations=max_iterations,
-                       implicit_diff=None)
-    return jnp.sum(out.matrix * geom.cost_matrix)
 
 
 def w2_squared(
@@ -574,21 +431,17 @@ def w2_squared(
     """
     x, y = _exact_pair("w2_squared", x, y)
     n, d = x.shape
-    solver = resolve_solver(solver, n, d)
-    if solver == "sinkhorn":
-        _check_epsilon("sinkhorn_epsilon", sinkhorn_epsilon)
-        # The regularisation level follows the data but is a constant for gradients. All
-        # costs zero (a dead layer, x = y as sets): any epsilon gives the exact 0.
-        scale = jax.lax.stop_gradient(jnp.mean(squared_distances(x, y)))
-        epsilon = sinkhorn_epsilon * jnp.where(scale > 0, scale, 1.0)
-        return sinkhorn_w2_squared(x, y, epsilon=epsilon)
-    if solver == "sort":
-        return jnp.mean((jnp.sort(x[:, 0]) - jnp.sort(y[:, 0])) ** 2)
-    matching = optimal_assignment(x, y, solver=solver)
-    w2_sq = jnp.mean(jnp.sum((x - y[matching.permutation]) ** 2, axis=1))
+    solver_ = get_solver(solver, n, d, sinkhorn_epsilon=_epsilon(sinkhorn_epsilon))
+    w2_sq, _, converged = solver_.transport(x, y)
     # A capped auction whose matching is not certified gives NaN, never a number off
     # by its gap; non-finite inputs keep their own non-finite result.
-    return jnp.where(matching.converged | ~jnp.isfinite(w2_sq), w2_sq, jnp.nan)
+    return jnp.where(converged | ~jnp.isfinite(w2_sq), w2_sq, jnp.nan)
+
+
+def _epsilon(value: float) -> float:
+    if not _checks.is_real_number(value) or not 0 < value < np.inf:
+        raise ValueError(f"sinkhorn_epsilon must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def exact_w2(x: ArrayLike, y: ArrayLike, *, solver: str = "auto") -> jax.Array:

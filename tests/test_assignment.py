@@ -9,6 +9,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 import affjax
+from affjax import _matching
 from affjax import assignment
 from affjax.transport import squared_distances
 
@@ -94,8 +95,8 @@ def test_a_large_matrix_matches_scipy():
 def test_identity_is_certified_without_an_auction(solver, monkeypatch):
     c = _score_costs(128, 8, 1, "tanh")
     calls = []
-    host = assignment._scipy_host
-    monkeypatch.setattr(assignment, "_scipy_host", lambda c: calls.append(1) or host(c))
+    host = _matching._scipy_host
+    monkeypatch.setattr(_matching, "_scipy_host", lambda c: calls.append(1) or host(c))
     r = affjax.linear_assignment(c, solver=solver)
     assert bool(r.certified_candidate) and int(r.rounds) == 0
     assert np.asarray(r.permutation).tolist() == list(range(128))
@@ -116,8 +117,8 @@ def test_identity_or_scipy_calls_scipy_only_for_the_uncertified_matrices(monkeyp
     shuffled = c[:, rng.permutation(64)]
     batch = np.stack([c, shuffled, c, shuffled[::-1]])
     seen = []
-    host = assignment._scipy_host
-    monkeypatch.setattr(assignment, "_scipy_host",
+    host = _matching._scipy_host
+    monkeypatch.setattr(_matching, "_scipy_host",
                         lambda m: seen.append(np.asarray(m).shape) or host(m))
     r = affjax.linear_assignment(batch, solver="identity_or_scipy")
     assert seen == [(64, 64), (64, 64)]

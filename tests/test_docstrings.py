@@ -11,6 +11,7 @@ import dataclasses
 import doctest
 import importlib
 import inspect
+import pkgutil
 
 import jax
 import pytest
@@ -20,9 +21,13 @@ DOCUMENTED_MODULES = (
     "affjax.covariance",
     "affjax.linalg",
     "affjax.assignment",
+    "affjax.solvers",
     "affjax.transport",
+    "affjax.options",
+    "affjax.affine_map",
     "affjax.score",
     "affjax.capture",
+    "affjax.layer_scoring",
     "affjax.signature",
     "affjax.signature_type",
     "affjax.metrics",
@@ -35,14 +40,20 @@ DOCUMENTED_MODULES = (
     "affjax.regularizers",
 )
 
-# Modules whose examples run as doctests here (small arrays, no files, no network).
-DOCTEST_MODULES = (
+# Modules whose examples run as doctests here (small arrays, no files, no network). A
+# package stands for its private submodules, where its objects are defined.
+_DOCTESTED = (
     "affjax.covariance",
     "affjax.linalg",
     "affjax.assignment",
+    "affjax._matching",
+    "affjax.solvers",
     "affjax.transport",
+    "affjax.options",
+    "affjax.affine_map",
     "affjax.score",
     "affjax.capture",
+    "affjax.layer_scoring",
     "affjax.signature",
     "affjax.signature_type",
     "affjax.metrics",
@@ -58,6 +69,18 @@ DOCTEST_MODULES = (
     "affjax.models.transforms",
 )
 
+
+def _private_submodules(name: str) -> list[str]:
+    """``name``'s private submodules (``affjax.capture._layers``), or ``[name]`` for a module."""
+    module = importlib.import_module(name)
+    if not hasattr(module, "__path__"):
+        return [name]
+    return [f"{name}.{info.name}" for info in pkgutil.iter_modules(module.__path__)
+            if info.name.startswith("_")]
+
+
+DOCTEST_MODULES = tuple(sub for name in _DOCTESTED for sub in _private_submodules(name))
+
 # Classes that may state their fields (an ``Attributes:`` section) instead of an example.
 FIELDS_INSTEAD_OF_EXAMPLE = {
     "affjax.data.DataError": "exception; raised by the loaders, whose examples show it",
@@ -65,11 +88,22 @@ FIELDS_INSTEAD_OF_EXAMPLE = {
     "affjax.runner.RunError": "exception; raised by open_results, plan and run_signature",
     "affjax.compare.AccuracyError": "exception; raised by read_accuracy",
     "affjax.capture.Call": "NamedTuple of one captured call's tensors",
-    "affjax.signature.Layer": "NamedTuple describing one captured layer",
+    "affjax.capture.Layer": "dataclass describing one captured layer",
+    "affjax.layer_scoring.StackFit": "NamedTuple of a stack's fitted maps",
     "affjax.signature_type.RunInfo": "record of a run; Signature's and load's examples show it",
     "affjax.assignment.AssignmentResult": "NamedTuple; linear_assignment's example shows it",
-    "affjax.score.Fit": "NamedTuple of one fitted map; fit_map's example shows it",
+    "affjax.affine_map.Fit": "NamedTuple of one fitted map; fit_map's example shows it",
+    "affjax.solvers.Transport": "NamedTuple; every solver's example shows it",
 }
+
+
+def _public_home(module_name: str) -> str:
+    """The public module that ``module_name`` belongs to: a package's private submodules
+    (``affjax.capture._layers``) count as the package (``affjax.capture``)."""
+    parts = module_name.split(".")
+    while len(parts) > 1 and parts[-1].startswith("_"):
+        parts.pop()
+    return ".".join(parts)
 
 
 def _public_objects(module_name: str) -> list[tuple[str, object]]:
@@ -83,7 +117,7 @@ def _public_objects(module_name: str) -> list[tuple[str, object]]:
         obj = getattr(module, name)
         if not (inspect.isfunction(obj) or inspect.isclass(obj)):
             continue
-        defined_in = getattr(obj, "__module__", "") or ""
+        defined_in = _public_home(getattr(obj, "__module__", "") or "")
         if not defined_in.startswith("affjax"):
             continue  # re-exported from jax, typing, ...
         if module_name != "affjax" and defined_in != module_name:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import affjax
+from affjax.covariance import COVARIANCES
+from affjax.solvers import EXACT_SOLVERS
 
 
 def _fd_check(f, x, rng, directions=4, h=1e-6, rtol=1e-4, floor=1e-3):
@@ -30,7 +32,7 @@ def _softplus(v, beta=3.0):
     return jnp.logaddexp(beta * v, 0.0) / beta
 
 
-@pytest.mark.parametrize("covariance", ["empirical", "ledoit_wolf"])
+@pytest.mark.parametrize("covariance", COVARIANCES)
 @pytest.mark.parametrize("n, d", [(40, 1), (30, 3), (12, 40)])  # 1-D, dense, span path
 def test_grad_wrt_x_through_y(n, d, covariance):
     rng = np.random.default_rng(n * d)
@@ -51,7 +53,7 @@ def test_grad_wrt_x_and_y_separately(n, d):
     _fd_check(lambda y: affjax.affinity_score(x, y), y, rng)
 
 
-@pytest.mark.parametrize("solver", ["auction", "hungarian", "sort"])
+@pytest.mark.parametrize("solver", EXACT_SOLVERS)
 def test_grad_other_exact_solvers(solver):
     rng = np.random.default_rng(2)
     d = 1 if solver == "sort" else 2

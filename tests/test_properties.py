@@ -8,6 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import affjax
+from affjax.covariance import COVARIANCES
 from affjax.layer_scoring import ASSIGNMENT_SOLVERS
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -33,7 +34,7 @@ def samples(draw, max_d=6):
 
 
 @SETTINGS
-@given(samples(), st.sampled_from(["empirical", "ledoit_wolf"]))
+@given(samples(), st.sampled_from(COVARIANCES))
 def test_score_in_unit_interval(data, covariance):
     x, y, _ = data
     score = float(affjax.affinity_score(x, y, covariance=covariance))

@@ -479,13 +479,14 @@ def test_gradient_finite_where_the_grouped_cholesky_breaks_down():
     # Grouped layers try Cholesky first and redo the group with QR where it breaks down; the
     # discarded Cholesky result must not bring NaN into the gradient (it did: 0 * NaN).
     from affjax import score as _score
+    from affjax.options import ScoreOptions
 
     x = jax.random.normal(jax.random.key(0), (64, 3), jnp.float32)
     model = _PartlyLinear()
     v = model.init(jax.random.key(1), x)
     h = x @ v["params"]["Dense_0"]["kernel"] + v["params"]["Dense_0"]["bias"]
     y = jnp.concatenate([jnp.tanh(h[:, :2]), h[:, 2:]], axis=1)
-    forced = _score._compute(h, y, "empirical", 1e-6, "scipy", "auto", 1e-2, "cholesky")
+    forced = _score._compute(h, y, ScoreOptions(solver="scipy"), factor="cholesky")
     assert np.isnan(float(forced.score))  # the case this test is about: Cholesky fails here
 
     def grouped(variables):

@@ -12,13 +12,14 @@ from cases import make_case
 from reference import affinity_score_reference
 
 import affjax
+from affjax.covariance import COVARIANCES
 from affjax.layer_scoring import ASSIGNMENT_SOLVERS
 from affjax.transport import EXACT_SOLVERS
 
 SHAPES = [(300, 1), (400, 7), (256, 64), (100, 150), (40, 300)]  # includes d > n, d > 2n
 
 
-@pytest.mark.parametrize("covariance", ["empirical", "ledoit_wolf"])
+@pytest.mark.parametrize("covariance", COVARIANCES)
 @pytest.mark.parametrize("n, d", SHAPES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_float64_matches_reference(kind, n, d, covariance):
@@ -38,7 +39,7 @@ def test_float64_matches_reference(kind, n, d, covariance):
     np.testing.assert_allclose(mapped, x @ ref["A"] + ref["b"], atol=1e-5 * (1 + np.abs(y).max()))
 
 
-@pytest.mark.parametrize("covariance", ["empirical", "ledoit_wolf"])
+@pytest.mark.parametrize("covariance", COVARIANCES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n, d", [(300, 1), (512, 64), (600, 300)])
 def test_float32_within_1e3_when_n_at_least_2d(kind, n, d, covariance):
@@ -79,7 +80,7 @@ def test_w2_matches_pot_emd2():
     assert abs(float(affjax.exact_w2(mapped, y)) ** 2 - emd) < 1e-9 * max(1.0, emd)
 
 
-@pytest.mark.parametrize("covariance", ["empirical", "ledoit_wolf"])
+@pytest.mark.parametrize("covariance", COVARIANCES)
 @pytest.mark.parametrize("kind", ["relu", "dead_units", "psd_affine", "low_rank", "all_dead"])
 @pytest.mark.parametrize("n, d", [(30, 100), (50, 101), (64, 128)])
 def test_span_path_equals_dense_path(kind, n, d, covariance):
@@ -130,7 +131,7 @@ def test_ridge_zero_wide_uses_pseudo_inverse():
         assert abs(score - ref["score"]) < 1e-5
 
 
-@pytest.mark.parametrize("covariance", ["empirical", "ledoit_wolf"])
+@pytest.mark.parametrize("covariance", COVARIANCES)
 @pytest.mark.parametrize("n, d, path", [(60, 5, "span"), (10, 30, "auto"), (8, 40, "span")])
 def test_ridge_zero_map_on_the_span_path(n, d, path, covariance):
     # Off the span the map was sqrt(0 / 0): every entry of A and b NaN with ridge = 0 (the

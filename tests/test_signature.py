@@ -227,6 +227,68 @@ def test_selection():
         affjax.signature(model, v, x, exclude_kinds=["softmax"])
 
 
+def test_a_layer_selection_object_selects_as_the_keywords_do():
+    x = _x()
+    model = Interleaved()
+    v = _init(model, x)
+    cases = [
+        ({"include": ["a:*"]}, affjax.LayerSelection(include=("a:*",))),
+        ({"include": "a:*"}, affjax.LayerSelection(include="a:*")),
+        ({"exclude_kinds": ["tanh"]}, affjax.LayerSelection(exclude_kinds=["tanh"])),
+        ({"kinds": "gelu"}, affjax.LayerSelection(kinds="gelu")),
+        ({"exclude": ["a:*", "b:*"]}, affjax.LayerSelection(exclude=("a:*", "b:*"))),
+    ]
+    for keywords, select in cases:
+        assert affjax.signature(model, v, x, select=select) == affjax.signature(model, v, x,
+                                                                               **keywords)
+        np.testing.assert_array_equal(affjax.signature_scores(model, v, x, select=select),
+                                      affjax.signature_scores(model, v, x, **keywords))
+        batches = [x, _x(seed=1)]
+        assert affjax.signature_over_batches(model, v, batches, select=select,
+                                             progress=False) == \
+            affjax.signature_over_batches(model, v, batches, progress=False, **keywords)
+    select = affjax.LayerSelection(include="a:*")
+    np.testing.assert_array_equal(
+        regularizers.target_penalty(model, v, x, target=0.5, select=select),
+        regularizers.target_penalty(model, v, x, target=0.5, include=["a:*"]))
+    with pytest.raises(ValueError, match="'conv\\*' matches no activation"):
+        affjax.signature(model, v, x, select=affjax.LayerSelection(include="conv*"))
+
+
+def test_a_layer_selection_and_a_selection_keyword_are_not_both_given():
+    x = _x()
+    model = Interleaved()
+    v = _init(model, x)
+    select = affjax.LayerSelection(kinds="tanh")
+    for fn in (affjax.signature, affjax.signature_scores):
+        with pytest.raises(ValueError, match="select= or as include=, not both"):
+            fn(model, v, x, select=select, include=["a:*"])
+    with pytest.raises(ValueError, match="select= or as exclude_kinds=, not both"):
+        affjax.signature_over_batches(model, v, [x], select=select, exclude_kinds="gelu",
+                                      progress=False)
+    with pytest.raises(ValueError, match="select= or as kinds=, not both"):
+        regularizers.mean_nonlinearity(model, v, x, select=select, kinds="tanh")
+    with pytest.raises(TypeError, match="select must be an affjax.LayerSelection"):
+        affjax.signature(model, v, x, select=["a:*"])
+
+
+def test_a_layer_selection_is_hashable_and_a_static_jit_argument():
+    x = _x()
+    model = Interleaved()
+    v = _init(model, x)
+    a = affjax.LayerSelection(include=["a:*"], kinds="tanh")
+    assert a == affjax.LayerSelection(include="a:*", kinds=("tanh",))
+    assert hash(a) == hash(affjax.LayerSelection(include="a:*", kinds=("tanh",)))
+    assert a.include == ("a:*",) and a.exclude == () and a.kinds == ("tanh",)
+    with pytest.raises(TypeError, match="include must be a string or a sequence of strings"):
+        affjax.LayerSelection(include=[1])
+    scores = jax.jit(lambda v, x, select: affjax.signature_scores(model, v, x, select=select),
+                     static_argnames="select")
+    np.testing.assert_allclose(scores(v, x, select=a),
+                               affjax.signature_scores(model, v, x, include="a:*"), atol=1e-6)
+    assert scores(v, x, select=affjax.LayerSelection(kinds="gelu")).shape == (1,)
+
+
 def test_functions_can_be_turned_off_and_patches_are_restored():
     from affjax.capture import CAPTURED_FUNCTIONS
 

@@ -1,36 +1,6 @@
-"""Capture of pre/post-activation tensors in Flax models.
+"""Activation modules, function interception and reduction: the capture of each call.
 
-Two sources are captured, in the order the forward pass calls them:
-
-* :class:`Activation` (linen) and :class:`NnxActivation` (NNX) modules. They
-  ``sow`` the reduced input and output into the ``"intermediates"`` collection
-  (linen) or as ``nnx.Intermediate`` (NNX), one entry per call.
-* Activation *functions* called by attribute at run time: ``nn.relu(x)``,
-  ``jax.nn.gelu(x)``, ``nnx.silu(x)``, ... (the names in
-  :data:`CAPTURED_FUNCTIONS`, on ``jax.nn``, ``flax.linen`` and ``flax.nnx``).
-  While a capture runs these attributes are swapped for recording wrappers.
-  Inside a linen module the wrapper sows into that module like
-  :class:`Activation` does. Not captured: functions bound before the capture
-  (``from jax.nn import relu`` at import time, ``act = nn.relu`` stored as a
-  dataclass field and called later is fine only through :class:`Activation`),
-  ``jnp.tanh``/``jnp.maximum`` and other non-activation primitives, and
-  ``softmax`` (attention internals, skipped as the published pipeline did).
-
-Transforms inside the model: calls under Flax's ``nn.jit``/``nn.remat`` and
-``nnx.jit``/``nnx.remat`` are captured. Calls inside ``nn.scan``/``nn.vmap``
-(one traced body stands for many calls) or inside a raw ``jax.jit``/``lax``
-loop (values cannot leave it) are recorded as such, and the signature raises an
-error naming them instead of returning wrong or missing scores.
-
-A global call counter gives the forward order across modules, so interleaved
-calls (``a(b(a(x)))``) come out as a, b, a.
-
-Reduction to a (samples, features) matrix happens at capture time, inside the
-traced function, so full activation maps are never stored:
-rank 4 (NHWC) -> mean over H, W; rank 3 (N, T, D) -> mean over D by default
-(the published pipeline's choice: tokens act as features) or over T
-(``tokens="mean_tokens"``); rank 2 as is; any other rank is an error naming the
-layer.
+See :mod:`affjax.capture` for what is captured and how.
 """
 
 from __future__ import annotations
@@ -147,6 +117,8 @@ class Call:
       nested: whether it ran inside a JAX transform that no Flax collection
         carries out of (``jax.jit``/``lax.scan`` inside a linen module, or any
         transform around a plain function call outside one); nothing is kept.
+      trace: JAX's opaque trace state when the call was recorded (another than the
+        capture's inside any transform, Flax's lifted ones included).
     """
 
     index: int
@@ -161,6 +133,7 @@ class Call:
     # Made inside a JAX transform that the capture cannot see out of (jax.jit or lax.scan
     # inside a linen module, or around a plain function call); no values are kept.
     nested: bool = False
+    trace: Any = None  # the JAX trace state the call was recorded in
 
 
 @dataclasses.dataclass
@@ -194,7 +167,8 @@ class CaptureContext:
 
     def claim(self, key: Any, kind: str, function: bool = False) -> Call:
         """Append and return a new :class:`Call` for this capture."""
-        call = Call(len(self.calls), key, kind, function=function)
+        call = Call(len(self.calls), key, kind, function=function,
+                    trace=flax_tracers.current_trace())
         self.calls.append(call)
         return call
 
