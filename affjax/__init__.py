@@ -25,6 +25,7 @@ from affjax.metrics import linear_cka
 from affjax.metrics import linear_fit_r2
 from affjax.metrics import sparsity
 from affjax.options import ScoreOptions
+from affjax.runner import run_signature
 from affjax.score import AffinityResult
 from affjax.score import affinity
 from affjax.score import affinity_score
@@ -73,6 +74,7 @@ __all__ = [
     "psd_inv_sqrt",
     "psd_sqrt",
     "regularizers",
+    "run_signature",
     "signature",
     "signature_over_batches",
     "signature_scores",

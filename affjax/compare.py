@@ -45,11 +45,35 @@ def summary_statistics(scores: Sequence[float]) -> dict[str, float]:
             "max_over_mean": float(s.max() / mean) if mean != 0 else float("nan")}
 
 
-def labels_for(results: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> list[str]:
+def _run_fields(result: Any) -> Mapping[str, Any]:
+    """``model``, ``weights``, ``dataset``, ... of a Signature's run or a results object."""
+    from affjax.signature_type import Signature
+
+    if isinstance(result, Signature):
+        return {} if result.run is None else vars(result.run)
+    return result
+
+
+def _layers(result: Any) -> tuple[np.ndarray, list[str]]:
+    """Scores and layer names of a Signature, a results file's path or a results object."""
+    from affjax import results
+    from affjax.signature_type import Signature
+
+    if isinstance(result, str | os.PathLike):
+        result = results.load(result)
+    if isinstance(result, Signature):
+        return np.asarray(result.scores, np.float64), [str(n) for n in result.names]
+    layers = result["layers"]
+    return (np.array([layer["score"] for layer in layers], np.float64),
+            [str(layer.get("name", i)) for i, layer in enumerate(layers)])
+
+
+def labels_for(results: Sequence[Any], paths: Sequence[str]) -> list[str]:
     """A label per result: the model name, made unique with the weights/dataset, then the file.
 
     Args:
-      results: results objects with ``model``, ``weights`` and ``dataset``.
+      results: :class:`affjax.Signature` objects with their ``run``, or results objects,
+        with ``model``, ``weights`` and ``dataset``.
       paths: the file of each result, same length.
 
     Returns:
@@ -72,9 +96,10 @@ def labels_for(results: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> li
                     if resolved.count(r) > 1})
     if twice:
         raise ValueError(f"the same results file is given twice: {', '.join(twice)}")
-    labels = [str(r["model"]) for r in results]
+    runs = [_run_fields(r) for r in results]
+    labels = [str(r["model"]) for r in runs]
     if len(set(labels)) < len(labels):
-        labels = [f"{r['model']}/{r['weights']}/{r['dataset']}" for r in results]
+        labels = [f"{r['model']}/{r['weights']}/{r['dataset']}" for r in runs]
     if len(set(labels)) < len(labels):
         labels = [Path(p).stem for p in paths]
     if len(set(labels)) < len(labels):
@@ -363,12 +388,14 @@ def linkage(distances: Any, method: str = "average") -> np.ndarray:
     return scipy_linkage(squareform(np.asarray(distances, float), checks=False), method=method)
 
 
-def compare(results: Sequence[Mapping[str, Any]], labels: Sequence[str], *,
+def compare(results: Sequence[Any], labels: Sequence[str], *,
             accuracy: Mapping[str, float] | None = None, nan: str = "raise") -> dict[str, Any]:
     """DTW distance matrix, summary statistics and (optionally) correlations with accuracy.
 
     Args:
-      results: validated results objects (``affjax.results.load``).
+      results: :class:`affjax.Signature` objects (``affjax.results.load``,
+        :func:`affjax.run_signature`), paths of results files, or results objects (a
+        ``"layers"`` list with a ``"score"`` per layer).
       labels: one unique label per result.
       accuracy: label -> accuracy, or ``None``.
       nan: what to do with layers whose score is NaN (affjax gives NaN for a layer with
@@ -391,6 +418,11 @@ def compare(results: Sequence[Mapping[str, Any]], labels: Sequence[str], *,
       ([0.0, 0.0, 0.7], 0.8333)
       >>> out["correlations"] is None   # no accuracy table given
       True
+      >>> from affjax import Signature
+      >>> sigs = [Signature(names=["relu:0", "relu:1"], kinds=["relu"] * 2, dims=[4, 4],
+      ...                   scores=np.array(s)) for s in ([0.9, 0.8], [0.5, 0.5])]
+      >>> [round(d, 6) for d in compare(sigs, ["a", "b"])["dtw"][0]]
+      [0.0, 0.7]
     """
     if len(results) < 2:
         raise ValueError(f"compare needs at least 2 results, got {len(results)}")
@@ -401,9 +433,8 @@ def compare(results: Sequence[Mapping[str, Any]], labels: Sequence[str], *,
         raise ValueError(f"nan must be 'raise' or 'drop', got {nan!r}")
     sigs, dropped = [], {}
     for label, r in zip(labels, results, strict=True):
-        scores = np.array([layer["score"] for layer in r["layers"]], np.float64)
+        scores, names = _layers(r)
         bad = ~np.isfinite(scores)  # NaN (kept in results files), or a hand-edited infinity
-        names = [str(layer.get("name", i)) for i, layer in enumerate(r["layers"])]
         if bad.any():
             bad_names = [name for name, b in zip(names, bad, strict=True) if b]
             if nan == "raise":

@@ -48,13 +48,37 @@ def _short(name: str, most: int = 32) -> str:
     return "…" + ("".join(parts) or name[len(name) - (most - 1):])
 
 
-def plot_signature(result: Mapping[str, Any], path: str | os.PathLike, *,
+def _plot_data(result: Any) -> tuple[list[str], list[str], np.ndarray, np.ndarray | None,
+                                      int, Mapping[str, Any]]:
+    """Names, kinds, scores, std (``None``: one batch), batch count and run fields."""
+    from affjax import results
+    from affjax.signature_type import Signature
+
+    if isinstance(result, str | os.PathLike):
+        result = results.load(result)
+    if isinstance(result, Signature):
+        batches = 1 if result.batch_scores is None else len(result.batch_scores)
+        run = {} if result.run is None else vars(result.run)
+        std = None if batches < 2 or result.std is None else np.asarray(result.std, float)
+        return (list(result.names), list(result.kinds), np.asarray(result.scores, float), std,
+                batches, run)
+    layers = result["layers"]
+    batches = len(layers[0].get("scores", [])) if layers else 0
+    std = (np.array([layer.get("std") or 0.0 for layer in layers], float) if batches > 1
+           else None)
+    return ([str(la["name"]) for la in layers], [la["kind"] for la in layers],
+            np.array([la["score"] for la in layers], float), std, batches, result)
+
+
+def plot_signature(result: Any, path: str | os.PathLike, *,
                    title: str | None = None) -> None:
     """Draw a signature: score per layer in forward order, coloured by activation kind.
 
     Args:
-      result: a results dictionary as written by ``affjax signature`` (its ``"layers"``
-        list with ``name``, ``kind``, ``score``, ``std``, ``scores``), see ``docs/cli.md``.
+      result: a :class:`affjax.Signature` (:func:`affjax.run_signature`'s, or
+        :func:`affjax.results.load`'s), the path of a results file, or a results
+        dictionary as written by ``affjax signature`` (its ``"layers"`` list with
+        ``name``, ``kind``, ``score``, ``std``, ``scores``), see ``docs/cli.md``.
       path: the PNG file to write.
       title: default ``"<model> on <dataset>"`` with the batch count.
 
@@ -73,15 +97,16 @@ def plot_signature(result: Mapping[str, Any], path: str | os.PathLike, *,
       >>> plot_signature(result, path)
       >>> path.read_bytes()[:4]
       b'\x89PNG'
+      >>> from affjax import Signature
+      >>> sig = Signature(names=["relu:0", "relu:1"], kinds=["relu", "relu"],
+      ...                 scores=np.array([0.9, 0.8]), dims=[4, 4])
+      >>> plot_signature(sig, path, title="a Signature")
     """
     plt = _pyplot()
-    layers = result["layers"]
-    n = len(layers)
-    scores = np.array([layer["score"] for layer in layers], float)
-    batches = len(layers[0].get("scores", [])) if layers else 0
-    band = batches > 1
-    std = np.array([layer.get("std") or 0.0 for layer in layers], float) if band else 0.0
-    kinds = [layer["kind"] for layer in layers]
+    names, kinds, scores, std, batches, run = _plot_data(result)
+    n = len(names)
+    band = std is not None
+    std = std if band else 0.0
     idx = np.arange(n)
     # Names on the x axis: one label per `pitch` points of axis width at most.
     width = max(6.0, min(20.0, 0.12 * n + 4))
@@ -89,7 +114,7 @@ def plot_signature(result: Mapping[str, Any], path: str | os.PathLike, *,
     pitch = 1.7 * fontsize
     step = max(1, math.ceil(n * pitch / ((width - 1.2) * 72)))
     ticks = idx[::step]
-    labels = [_short(str(layers[i]["name"])) for i in ticks]
+    labels = [_short(names[i]) for i in ticks]
     longest = max((len(label) for label in labels), default=0)
     fig, ax = plt.subplots(figsize=(width, 3.2 + 0.5 * fontsize * longest / 72))
     ax.plot(idx, scores, color="0.55", lw=1, zorder=1)
@@ -101,10 +126,10 @@ def plot_signature(result: Mapping[str, Any], path: str | os.PathLike, *,
         sel = np.array([k == kind for k in kinds])
         ax.scatter(idx[sel], scores[sel], s=18 if n <= 60 else 8, color=cmap(c % 10),
                    label=kind, zorder=2)
-    weights = Path(str(result.get("weights", "?"))).name
-    dataset = Path(str(result.get("dataset", "?"))).name
-    ax.set_title(title or f"{result.get('model', '?')} ({weights} weights) on {dataset}, "
-                 f"{batches} batch{'es' if batches != 1 else ''} of {result.get('batch_size')}")
+    weights = Path(str(run.get("weights", "?"))).name
+    dataset = Path(str(run.get("dataset", "?"))).name
+    ax.set_title(title or f"{run.get('model', '?')} ({weights} weights) on {dataset}, "
+                 f"{batches} batch{'es' if batches != 1 else ''} of {run.get('batch_size')}")
     ax.set_xticks(ticks)
     ax.set_xticklabels(labels, rotation=90, fontsize=fontsize)
     if step > 1:

@@ -1,6 +1,8 @@
 """Signature results on disk: the JSON schema, atomic writes, CSV export, validation.
 
-A results file is one JSON object (``FORMAT`` = ``"affjax-signature/1"``)::
+A results file is the serialized form of a :class:`affjax.Signature` with its
+:class:`~affjax.signature_type.RunInfo`: :func:`load` reads one (validating it), :func:`to_json`
+and :func:`to_csv` write one. It is one JSON object (``FORMAT`` = ``"affjax-signature/1"``)::
 
     {
       "format": "affjax-signature/1",
@@ -36,6 +38,7 @@ batch when the run was interrupted before saving again).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -46,6 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from affjax.signature_type import RunInfo
+from affjax.signature_type import Signature
 
 FORMAT = "affjax-signature/1"
 RUN_KEYS: tuple[str, ...] = ("model", "weights", "dataset", "split", "batch_size", "batches",
@@ -241,14 +247,103 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def load(path: str | os.PathLike) -> dict:
+_TOP_KEYS: tuple[str, ...] = ("format", *RUN_KEYS, "num_examples", "batch_indices", "complete",
+                               "versions", "device", "timing", "layers")
+_OPTIONAL_KEYS = ("num_examples", "device")  # left out of a file when unknown
+
+
+def from_dict(result: Any, *, source: str = "results") -> Signature:
+    """The :class:`Signature` of a results object (the parsed JSON), validated first.
+
+    Args:
+      result: the parsed JSON object.
+      source: the name used in error messages (the file path).
+
+    Returns:
+      A :class:`Signature` whose ``run`` holds the run's fields; ``std`` is ``None`` for
+      one batch (a spread over one batch is not a measurement; the file keeps its 0).
+
+    Raises:
+      ResultsError: as :func:`validate`.
+
+    Example:
+      >>> result = {"format": FORMAT, **dict.fromkeys(RUN_KEYS), "batch_indices": [0, 1],
+      ...           "complete": True, "versions": {}, "timing": {},
+      ...           "layers": [{"name": "relu:0", "kind": "relu", "dim": 4, "score": 0.9,
+      ...                       "std": 0.01, "scores": [0.89, 0.91]}]}
+      >>> sig = from_dict(result)
+      >>> sig.names, sig.batch_scores.tolist(), sig.run.batch_indices
+      (['relu:0'], [[0.89], [0.91]], (0, 1))
+      >>> to_dict(sig) == result
+      True
+    """
+    obj = validate(result, source=source)
+    layers, nb = obj["layers"], len(obj["batch_indices"])
+    table = np.array([layer["scores"] for layer in layers], np.float64).reshape(len(layers), nb)
+    metrics = None
+    if layers and "metrics" in layers[0]:
+        metrics = {m: np.array([layer["metrics"][m]["values"] for layer in layers],
+                               np.float64).reshape(len(layers), nb).T.copy()
+                   for m in layers[0]["metrics"]}
+    known = {f.name for f in dataclasses.fields(RunInfo)}
+    run = RunInfo(**{k: obj[k] for k in known if k in obj and k != "batch_indices"},
+                  batch_indices=tuple(obj["batch_indices"]),
+                  extra={k: v for k, v in obj.items() if k not in _TOP_KEYS})
+    return Signature(names=[la["name"] for la in layers], kinds=[la["kind"] for la in layers],
+                     dims=[la["dim"] for la in layers],
+                     scores=np.array([la["score"] for la in layers], np.float64),
+                     std=np.array([la["std"] for la in layers], np.float64) if nb > 1 else None,
+                     batch_scores=table.T.copy(), metrics=metrics, run=run)
+
+
+def to_dict(sig: Signature) -> dict:
+    """The results object (the JSON layout above) of a :class:`Signature`.
+
+    Fields the signature lacks are written as ``null`` (or empty; ``num_examples`` and
+    ``device`` are left out); the per-batch scores
+    are ``sig.batch_scores`` (one batch: ``sig.scores``), metric means and stds are those
+    of their per-batch values.
+
+    Example:
+      >>> import numpy as np
+      >>> sig = Signature(names=["relu:0"], kinds=["relu"], scores=np.array([0.9]), dims=[4])
+      >>> obj = to_dict(sig)
+      >>> obj["format"], obj["batch_indices"], obj["layers"][0]["scores"], obj["layers"][0]["std"]
+      ('affjax-signature/1', [0], [0.9], 0.0)
+    """
+    table = (np.asarray(sig.batch_scores, np.float64) if sig.batch_scores is not None
+             else np.asarray(sig.scores, np.float64)[None, :])
+    run = sig.run or RunInfo(batch_indices=tuple(range(len(table))))
+    std = None if sig.std is None else np.asarray(sig.std, np.float64)
+    layers = []
+    for i, name in enumerate(sig.names):
+        layer = {"name": name, "kind": sig.kinds[i], "dim": int(sig.dims[i]),
+                 "score": float(sig.scores[i]), "std": 0.0 if std is None else float(std[i]),
+                 "scores": table[:, i].tolist()}
+        if sig.metrics is not None:
+            layer["metrics"] = {}
+            for m, values in sig.metrics.items():
+                column = np.asarray(values, np.float64)[:, i].tolist()
+                mean, spread = summarise(column)
+                layer["metrics"][m] = {"values": column, "mean": mean, "std": spread}
+        layers.append(layer)
+    out = {"format": FORMAT}
+    for key in _TOP_KEYS[1:-1]:
+        value = getattr(run, key)
+        if value is not None or key not in _OPTIONAL_KEYS:
+            out[key] = list(value) if key == "batch_indices" else value
+    out["versions"], out["timing"] = dict(run.versions), dict(run.timing)
+    return {**out, **run.extra, "layers": layers}
+
+
+def load(path: str | os.PathLike) -> Signature:
     """Read and validate a results JSON file.
 
     Args:
       path: the ``.json`` file.
 
     Returns:
-      The results object (see :func:`validate`).
+      Its :class:`Signature` (see :func:`from_dict`).
 
     Raises:
       ResultsError: unreadable file, invalid JSON, or a schema error.
@@ -261,8 +356,9 @@ def load(path: str | os.PathLike) -> dict:
       ...                       "std": 0.01, "scores": [0.89, 0.91]}]}
       >>> path = Path(tempfile.mkdtemp()) / "run.json"
       >>> atomic_write_text(path, to_json(result))
-      >>> load(path) == result
-      True
+      >>> sig = load(path)
+      >>> sig.scores.tolist(), sig.std.tolist(), to_dict(sig) == result
+      ([0.9], [0.01], True)
     """
     path = Path(path)
     try:
@@ -275,18 +371,18 @@ def load(path: str | os.PathLike) -> dict:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ResultsError(f"results file {path} is not valid JSON ({e})") from None
-    return validate(obj, source=str(path))
+    return from_dict(obj, source=str(path))
 
 
-def to_json(result: Mapping[str, Any]) -> str:
-    """The JSON text of a results object, as written to disk.
+def to_json(result: Signature | Mapping[str, Any]) -> str:
+    """The JSON text of a results file, as written to disk.
 
     One-space indentation and a final newline. Non-finite scores are written as
     ``NaN``/``Infinity`` (Python's JSON extension, which :func:`load` reads back)
     rather than failing: a NaN score is a result worth keeping.
 
     Args:
-      result: a results object.
+      result: a :class:`Signature` (see :func:`to_dict`), or a results object.
 
     Returns:
       The text.
@@ -298,14 +394,15 @@ def to_json(result: Mapping[str, Any]) -> str:
        "score": NaN
       }
     """
-    return json.dumps(result, indent=1, allow_nan=True) + "\n"
+    obj = to_dict(result) if isinstance(result, Signature) else result
+    return json.dumps(obj, indent=1, allow_nan=True) + "\n"
 
 
-def to_csv(result: Mapping[str, Any]) -> str:
+def to_csv(result: Signature | Mapping[str, Any]) -> str:
     """One row per layer: index, name, kind, dim, score, std, metric means, per-batch scores.
 
     Args:
-      result: a validated results object.
+      result: a :class:`Signature`, or a results object (validated here).
 
     Returns:
       CSV text with a header row; floats are written with ``repr`` (no rounding),
@@ -327,9 +424,10 @@ def to_csv(result: Mapping[str, Any]) -> str:
       index,name,kind,dim,score,batch_0
       0,relu:0,relu,4,0.9,0.9
     """
-    layers = result["layers"]
+    obj = to_dict(result if isinstance(result, Signature) else from_dict(result))
+    layers = obj["layers"]
     metric_names = list(layers[0].get("metrics", {})) if layers else []
-    batch_cols = [f"batch_{b}" for b in result["batch_indices"]]
+    batch_cols = [f"batch_{b}" for b in obj["batch_indices"]]
     spread = len(batch_cols) > 1
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -341,3 +439,26 @@ def to_csv(result: Mapping[str, Any]) -> str:
                     *([repr(layer["std"])] if spread else []), *means,
                     *(repr(s) for s in layer["scores"])])
     return buf.getvalue()
+
+
+def save(result: Signature, path: str | os.PathLike) -> None:
+    """Write ``result`` to its results file and the CSV beside it, atomically.
+
+    The folder is made if it is missing. Each file is replaced whole
+    (``affjax.atomic_write_text``): a reader sees the old file or the new one.
+
+    Raises:
+      OSError: the files cannot be written; they hold what they held before.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> sig = Signature(names=["relu:0"], kinds=["relu"], scores=np.array([0.9]), dims=[4])
+      >>> path = Path(tempfile.mkdtemp()) / "new" / "run.json"
+      >>> save(sig, path)
+      >>> sorted(p.name for p in path.parent.iterdir())
+      ['run.csv', 'run.json']
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # first save: the folder is new
+    atomic_write_text(path, to_json(result))
+    atomic_write_text(path.with_suffix(".csv"), to_csv(result))

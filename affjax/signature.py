@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 import time
 from collections.abc import Iterable
@@ -26,6 +25,7 @@ from affjax.capture import LayerSelection
 from affjax.capture import capture_layers
 from affjax.layer_scoring import score_layers
 from affjax.options import ScoreOptions
+from affjax.signature_type import Signature
 
 
 def signature_scores(
@@ -117,98 +117,6 @@ class _Request:
         """The selected layers' scores."""
         return score_layers(self.select.apply(layers), options=self.options,
                             devices=self.devices)
-
-
-@dataclasses.dataclass
-class Signature:
-    """A model's non-linearity signature with its layer names.
-
-    Attributes:
-      names: module path and call index per activation call, forward order.
-      kinds: activation name per call (``relu``, ``gelu``, ...).
-      scores: ``(L,)`` NumPy array (mean over batches for
-        :func:`signature_over_batches`).
-      dims: reduced feature count per call.
-      std: ``(L,)`` standard deviation over batches, or ``None``.
-      batch_scores: ``(B, L)`` per-batch scores, or ``None``.
-
-    ``str(sig)`` is a table, one row per call; the JSON form stores float64.
-
-    Example:
-      >>> import numpy as np
-      >>> sig = Signature(names=["Activation_0:0", "Activation_1:1"], kinds=["relu", "gelu"],
-      ...                 scores=np.array([0.81, 0.93]), dims=[16, 16])
-      >>> print(sig)
-        #  layer           kind    dim    score
-      -----------------------------------------
-        0  Activation_0:0  relu     16   0.8100
-        1  Activation_1:1  gelu     16   0.9300
-      >>> Signature.from_json(sig.to_json()).scores.tolist()
-      [0.81, 0.93]
-    """
-
-    names: list[str]
-    kinds: list[str]
-    scores: np.ndarray
-    dims: list[int]
-    std: np.ndarray | None = None
-    batch_scores: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __eq__(self, other: object) -> bool:
-        # Field by field, arrays elementwise (NaN equal to NaN: a NaN score is a result).
-        if not isinstance(other, Signature):
-            return NotImplemented
-
-        def same(a, b):
-            if a is None or b is None:
-                return a is None and b is None
-            a, b = np.asarray(a), np.asarray(b)
-            return a.shape == b.shape and bool(np.array_equal(a, b, equal_nan=True))
-
-        return (list(self.names) == list(other.names) and list(self.kinds) == list(other.kinds)
-                and [int(d) for d in self.dims] == [int(d) for d in other.dims]
-                and all(same(getattr(self, f), getattr(other, f))
-                        for f in ("scores", "std", "batch_scores")))
-
-    __hash__ = None  # mutable, compared by value
-
-    def __str__(self) -> str:
-        width = max([len("layer")] + [len(n) for n in self.names])
-        kw = max([len("kind")] + [len(k) for k in self.kinds])
-        head = f"{'#':>3}  {'layer':<{width}}  {'kind':<{kw}}  {'dim':>5}  {'score':>7}"
-        if self.std is not None:
-            head += f"  {'std':>7}"
-        lines = [head, "-" * len(head)]
-        for i, (n, k, d, s) in enumerate(zip(self.names, self.kinds, self.dims, self.scores,
-                                            strict=True)):
-            line = f"{i:>3}  {n:<{width}}  {k:<{kw}}  {d:>5}  {s:>7.4f}"
-            if self.std is not None:
-                line += f"  {self.std[i]:>7.4f}"
-            lines.append(line)
-        return "\n".join(lines)
-
-    def to_json(self) -> str:
-        """JSON text; :meth:`from_json` reads it back."""
-        def arr(a):
-            return None if a is None else np.asarray(a, np.float64).tolist()
-
-        return json.dumps({"names": self.names, "kinds": self.kinds, "dims": self.dims,
-                           "scores": arr(self.scores), "std": arr(self.std),
-                           "batch_scores": arr(self.batch_scores)})
-
-    @classmethod
-    def from_json(cls, text: str) -> Signature:
-        """The :class:`Signature` that :meth:`to_json` wrote."""
-        d = json.loads(text)
-        def arr(a):
-            return None if a is None else np.asarray(a, np.float64)
-
-        return cls(names=list(d["names"]), kinds=list(d["kinds"]), scores=arr(d["scores"]),
-                   dims=[int(v) for v in d["dims"]], std=arr(d.get("std")),
-                   batch_scores=arr(d.get("batch_scores")))
 
 
 @functools.lru_cache(maxsize=32)

@@ -27,6 +27,7 @@ from affjax import data
 from affjax import metrics
 from affjax import models
 from affjax import results
+from affjax import runner
 from affjax.signature import capture_layers
 
 
@@ -178,7 +179,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny, tmp_path, c
     saved = json.loads((tmp_path / "part" / "tiny_random.json").read_text())
     assert saved["batch_indices"] == [0] and not saved["complete"]
     # A crash (Ctrl-C) in the middle of the third batch loses nothing already saved.
-    real = cli._batch_signature
+    real = runner._batch_signature
     calls = []
 
     def crash_on_second(*a, **k):
@@ -187,12 +188,12 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny, tmp_path, c
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(cli, "_batch_signature", crash_on_second)
+    monkeypatch.setattr(runner, "_batch_signature", crash_on_second)
     code, _, err = _run(capsys, *args, "--out", part)
     assert code == 130 and "resuming" in err
     saved = json.loads((tmp_path / "part" / "tiny_random.json").read_text())
     assert saved["batch_indices"] == [0, 1]
-    monkeypatch.setattr(cli, "_batch_signature", real)
+    monkeypatch.setattr(runner, "_batch_signature", real)
     assert _run(capsys, *args, "--out", part)[0] == 0
     full = json.loads((tmp_path / "full" / "tiny_random.json").read_text())
     resumed = json.loads((tmp_path / "part" / "tiny_random.json").read_text())
@@ -203,7 +204,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny, tmp_path, c
     assert ((tmp_path / "full" / "tiny_random.csv").read_text()
             == (tmp_path / "part" / "tiny_random.csv").read_text())
     # Running again once complete recomputes nothing.
-    monkeypatch.setattr(cli, "_batch_signature", None)
+    monkeypatch.setattr(runner, "_batch_signature", None)
     code, _, err = _run(capsys, *args, "--out", part)
     assert code == 0 and "is complete" in err
 
@@ -216,7 +217,7 @@ def test_ctrl_c_inside_the_assignment_callback_is_an_interruption(tiny, tmp_path
         raise ValueError("INTERNAL: CpuCallback error calling callback: Traceback ...\n"
                          "KeyboardInterrupt")
 
-    monkeypatch.setattr(cli, "_batch_signature", interrupted)
+    monkeypatch.setattr(runner, "_batch_signature", interrupted)
     code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--out",
                         str(tmp_path / "o"))
     assert code == 130 and "nothing was written" in err
@@ -224,7 +225,7 @@ def test_ctrl_c_inside_the_assignment_callback_is_an_interruption(tiny, tmp_path
     def broken(*a, **k):
         raise ValueError("something else")
 
-    monkeypatch.setattr(cli, "_batch_signature", broken)
+    monkeypatch.setattr(runner, "_batch_signature", broken)
     with pytest.raises(ValueError, match="something else"):
         _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(tmp_path / "p"))
 
@@ -424,7 +425,7 @@ def test_one_batch_has_no_std_column(tiny, tmp_path, capsys):
         assert ("std" in table_head.split()) == spread
         csv_head = out.with_suffix(".csv").read_text().splitlines()[0].split(",")
         assert ("std" in csv_head) == spread
-        saved = results.load(out)  # the JSON keeps std, loadable as before
+        saved = results.to_dict(results.load(out))  # the JSON keeps std, loadable as before
         assert all("std" in layer for layer in saved["layers"])
 
 
@@ -582,7 +583,8 @@ def test_each_stage_of_a_batch_is_timed_and_saved(tiny, tmp_path, capsys, monkey
     zoo = types.SimpleNamespace(**{**vars(TINY_ZOO), "eval_transform": lambda name: slowed(
         TRANSFORM, delays["transform"])})
     monkeypatch.setattr(cli, "_model_api", lambda: zoo)
-    monkeypatch.setattr(cli, "_chunked_capture", slowed(cli._chunked_capture, delays["forward"]))
+    monkeypatch.setattr(runner, "_chunked_capture",
+                        slowed(runner._chunked_capture, delays["forward"]))
     monkeypatch.setattr(signature_module, "score_layers",
                         slowed(signature_module.score_layers, delays["score"]))  # 1 group
     monkeypatch.setattr(metrics, "layer_metrics",
@@ -643,7 +645,7 @@ def test_a_run_failing_before_its_first_batch_leaves_nothing(tiny, tmp_path, cap
     def broken(*a, **k):
         raise RuntimeError("the forward pass failed")
 
-    monkeypatch.setattr(cli, "_batch_signature", broken)
+    monkeypatch.setattr(runner, "_batch_signature", broken)
     with pytest.raises(RuntimeError, match="forward pass failed"):
         _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(out))
     assert not (tmp_path / "new").exists()
@@ -651,7 +653,7 @@ def test_a_run_failing_before_its_first_batch_leaves_nothing(tiny, tmp_path, cap
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_batch_signature", interrupted)
+    monkeypatch.setattr(runner, "_batch_signature", interrupted)
     code, _, err = _run(capsys, "--model", "tiny", "--batch-size", "8", "--out", str(out))
     assert code == 130 and "nothing was written" in err
     assert not (tmp_path / "new").exists()
@@ -662,13 +664,13 @@ def test_a_finished_run_adds_new_batches_and_leaves_its_files_alone(tiny, tmp_pa
     args = ["--model", "tiny", "--batch-size", "8", "--metrics"]
     out = tmp_path / "r.json"
     assert _run(capsys, *args, "--batches", "1", "--out", str(out))[0] == 0
-    real, calls = cli._batch_signature, []
+    real, calls = runner._batch_signature, []
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(cli, "_batch_signature", counted)
+    monkeypatch.setattr(runner, "_batch_signature", counted)
     code, _, err = _run(capsys, *args, "--batches", "3", "--out", str(out))
     assert code == 0 and "extending" in err, err
     assert len(calls) == 2  # batches 1 and 2; batch 0 is not recomputed

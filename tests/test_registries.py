@@ -142,3 +142,18 @@ def test_options_are_given_as_an_object_or_as_keywords_not_both():
         score_layers(layers, options={"solver": "scipy"})
     with pytest.raises(TypeError, match="unexpected keywords"):
         score_layers(layers, ridg=1e-6)
+
+
+def test_the_command_line_offers_exactly_the_registered_names():
+    # The command keeps its choices literal (its --help needs no solver import): they
+    # must stay the registries' names.
+    import argparse
+
+    from affjax import cli
+
+    parser = cli._parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    choices = {a.dest: tuple(a.choices) for a in commands.choices["signature"]._actions
+               if a.choices}
+    assert choices["solver"] == assignment.ASSIGNMENT_SOLVERS
+    assert choices["covariance"] == COVARIANCES
