@@ -261,17 +261,21 @@ def _signature(args: argparse.Namespace) -> int:
     from affjax import runner
 
     _normalise_args(args)
+    processes = _processes(args)  # before anything starts a JAX backend
     _compilation_cache(args.compilation_cache)
     api = _model_api()
     _check_model(api, args.model)
     json_path = _results_path(args.out, args.model, args.dataset)
     check_writable(json_path.parent)
+    own_path = processes.own_path(json_path)
     info = {k: getattr(args, k) for k in (*runner.FIXED_KEYS, "batches")}
-    saved = runner.open_results(json_path, info, args.selection, overwrite=args.overwrite)
-    # A finished file asked for its own batches is shown, even without its data.
-    finished = saved is not None and saved.run.complete and saved.run.batches == args.batches
+    saved = runner.open_results(own_path, info, args.selection, overwrite=args.overwrite)
+    # A finished file asked for its own batches is shown, even without its data. Several
+    # processes never stop here: each takes part in gathering the parts.
+    finished = (saved is not None and saved.run.complete and saved.run.batches == args.batches
+                and not processes.distributed)
     dataset = _open_dataset(args, api, finished)
-    if dataset is not None:  # checked before any file is written
+    if dataset is not None and not processes.distributed:  # checked before any file is written
         finished = runner.plan(saved, dataset, args.batch_size, args.selection, json_path)[1]
     if finished:
         print(f"{json_path} is complete ({len(saved.run.batch_indices)} batches); nothing to "
@@ -290,18 +294,34 @@ def _signature(args: argparse.Namespace) -> int:
             covariance=args.covariance, solver=args.solver, metrics=args.metrics,
             forward_chunk=args.forward_chunk, path=json_path, overwrite=args.overwrite,
             info=info, stop_after=args.stop_after, progress=bar,
-            log=lambda line: print(line, file=sys.stderr))
+            log=lambda line: print(line, file=sys.stderr), processes=processes)
     except runner.RunInterrupted as e:
         bar.close()
         print(f"\ninterrupted: {_saved_message(e.saved, json_path)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.close()
+    if not processes.is_main:
+        print(f"process {processes.process_index}: its batches are in {own_path}; process 0 "
+              f"wrote the merged results to {json_path}", file=sys.stderr)
+        return 0 if sig.run.complete else EXIT_INTERRUPTED
     if not sig.run.complete:
         print(f"\nstopped (--stop-after): {_saved_message(len(sig.run.batch_indices), json_path)}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     finish(sig, json_path, new=[b for b in sig.run.batch_indices if b not in before])
     return 0
+
+
+def _processes(args: argparse.Namespace) -> Any:
+    """This process's :class:`affjax.distributed.ProcessContext`, JAX's runtime started."""
+    from affjax import distributed
+
+    try:
+        return distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                      auto=args.distributed)
+    except distributed.DistributedError as e:
+        raise fail(f"{e} (--coordinator HOST:PORT --num-processes N --process-id I, or "
+                   "--distributed alone where JAX finds them, as on a TPU pod).") from None
 
 
 def _block(tree: Any) -> None:
@@ -363,6 +383,15 @@ def _signature_parser(sub: Any) -> None:
                      "(imagenet2012), used with --download")
     sig.add_argument("--overwrite", action="store_true",
                      help="start again instead of resuming an existing results file")
+    sig.add_argument("--coordinator", metavar="HOST:PORT",
+                     help="several processes (jax.distributed): process 0's address; with "
+                     "--num-processes and --process-id. Each process scores its share of the "
+                     "batches into its own file; process 0 writes the merged one "
+                     "(docs/distributed.md)")
+    sig.add_argument("--num-processes", type=int, metavar="N", help="with --coordinator")
+    sig.add_argument("--process-id", type=int, metavar="I", help="with --coordinator: 0 .. N-1")
+    sig.add_argument("--distributed", action="store_true",
+                     help="several processes with what JAX finds itself (a TPU pod slice)")
     sig.add_argument("--stop-after", type=int, metavar="K",
                      help="stop after K new batches are saved (resume later)")
     sig.add_argument("--no-progress", dest="progress", action="store_false",

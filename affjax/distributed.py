@@ -73,6 +73,19 @@ class ProcessContext:
         """More than one process."""
         return self.process_count > 1
 
+    def own_path(self, results_path: str | os.PathLike) -> Path:
+        """The file this process writes: ``results_path`` alone, else its :func:`part_path`.
+
+        Example:
+          >>> ProcessContext(1, 2).own_path("run.json").name
+          'run.part-1-of-2.json'
+          >>> ProcessContext().own_path("run.json").name
+          'run.json'
+        """
+        if not self.distributed:
+            return Path(results_path)
+        return part_path(results_path, self.process_index, self.process_count)
+
 
 def _check_index(process_index: Any, process_count: Any, *, names: tuple[str, str] = (
         "process_index", "process_count")) -> None:

@@ -7,14 +7,11 @@ loop, resume, merging batches, saving after every batch, stage timing, progress 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 import datetime
-import functools
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,15 +19,15 @@ from typing import Any
 import numpy as np
 
 from affjax import data
+from affjax import distributed
 from affjax import results
+from affjax._batch import DEFAULT_FORWARD_CHUNK
+from affjax._batch import StageClock as _StageClock
+from affjax._batch import batch_signature as _batch_signature
 from affjax.options import ScoreOptions
 from affjax.signature_type import RunInfo
 from affjax.signature_type import Signature
 
-# Forward passes run over slices of this many images: the activation maps of a published
-# 2048-image batch at 224 x 224 do not fit in memory at once (docs/cli.md). Exact, since the
-# zoo's inference is per sample.
-DEFAULT_FORWARD_CHUNK = 256
 # Options a results file is tied to; ``batches`` may grow to include more batches.
 FIXED_KEYS = ("model", "weights", "dataset", "split", "batch_size", "covariance", "metrics",
               "seed")
@@ -80,118 +77,6 @@ def _device() -> str:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_capture(model: Any, metrics: bool) -> Any:
-    """One compiled forward pass per model: the reduced pairs, plus full-tensor sparsity.
-
-    The published sparsity is measured on the full activation tensors: with ``metrics``,
-    through the capture's ``on_full_tensors`` hook, one call per layer in forward order.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from affjax.metrics import sparsity
-    from affjax.signature import capture_layers
-
-    def run(variables, x):
-        if not metrics:
-            return capture_layers(model, variables, x), None
-        recorded = []
-
-        def on_full_tensors(a, b):
-            recorded.append(jnp.stack([sparsity(a), sparsity(b)]))
-
-        layers = capture_layers(model, variables, x, on_full_tensors=on_full_tensors)
-        if len(recorded) != len(layers):
-            raise RuntimeError(f"sparsity hook saw {len(recorded)} calls for {len(layers)} "
-                               "layers")
-        return layers, jnp.stack(recorded)
-
-    return jax.jit(run)
-
-
-def _chunked_capture(capture: Any, variables: Any, images: Any, chunk: int) -> tuple:
-    """``capture`` over slices of ``chunk`` images, the reduced pairs joined along samples.
-
-    Exact for models whose inference treats samples independently (the zoo's). Full-tensor
-    sparsities are averaged weighted by slice size. Each slice finishes before the next
-    starts, so only one slice's activation maps are ever alive.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    n = images.shape[0]
-    if chunk >= n:
-        return jax.block_until_ready(capture(variables, images))
-    parts, weights = [], []
-    for start in range(0, n, chunk):
-        part = images[start:start + chunk]
-        parts.append(jax.block_until_ready(capture(variables, part)))
-        weights.append(part.shape[0] / n)
-    layers = [
-        dataclasses.replace(layer, x=jnp.concatenate([p[0][i].x for p in parts]),
-                            y=jnp.concatenate([p[0][i].y for p in parts]))
-        for i, layer in enumerate(parts[0][0])
-    ]
-    sparsities = None
-    if parts[0][1] is not None:
-        sparsities = sum(w * p[1] for w, p in zip(weights, parts, strict=True))
-    return layers, sparsities
-
-
-class _StageClock:
-    """Seconds spent in each stage of one batch (``affjax.results.STAGES``).
-
-    ``with clock("forward"): ...`` adds the block's wall time to that stage. A stage ends
-    when its results are on the host, so asynchronous work is counted where it runs.
-    """
-
-    def __init__(self) -> None:
-        self.seconds = dict.fromkeys(results.STAGES, 0.0)
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Any:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] += time.perf_counter() - start
-
-
-def _batch_signature(model: Any, variables: Any, images: Any, *, options: ScoreOptions,
-                     metrics: bool, forward_chunk: int = DEFAULT_FORWARD_CHUNK,
-                     clock: _StageClock | None = None) -> list[dict]:
-    """Scores (and metrics) of every activation call on one batch, one dict per layer.
-
-    ``clock`` receives the time of the forward pass, the scoring and the metrics.
-    """
-    from affjax.metrics import layer_metrics
-    from affjax.signature import score_layers
-
-    clock = clock or _StageClock()
-    try:
-        capture = _jitted_capture(model, metrics)
-    except TypeError:  # an unhashable module: compile without the cache
-        capture = _jitted_capture.__wrapped__(model, metrics)
-    # The forward passes finish before scoring starts: the scoring's LAPACK calls never run
-    # beside another XLA:CPU executable (docs/signatures.md, "Batched LAPACK on CPU").
-    with clock("forward"):
-        layers, sparsities = _chunked_capture(capture, variables, images, forward_chunk)
-    with clock("score"):
-        scores = np.asarray(score_layers(layers, options=options), np.float64)
-    rows = []
-    with clock("metrics"):
-        for i, layer in enumerate(layers):
-            row = {"name": layer.name, "kind": layer.kind, "dim": int(layer.x.shape[1]),
-                   "score": float(scores[i])}
-            if metrics:
-                full = (sparsities[i, 0], sparsities[i, 1])
-                row["metrics"] = layer_metrics(layer.x, layer.y, full_sparsity=full)
-            rows.append(row)
-    return rows
 
 
 
@@ -361,15 +246,19 @@ def _save_or_fail(result: Signature, path: Path | None) -> None:
 def _loop(result: Signature, model: Any, variables: Any, dataset: data.Dataset,
           selection: data.BatchSelection, todo: list[int] | None, path: Path | None,
           options: dict[str, Any], stop_after: int | None,
-          progress: Callable[[int, int | None], None] | None) -> Signature:
-    """The batch loop of :func:`run_signature`: compute, merge and save each batch."""
+          progress: Callable[[int, int | None], None] | None, others: list[int]) -> Signature:
+    """The batch loop of :func:`run_signature`: compute, merge and save each batch.
+
+    ``others``: batches that other processes score (skipped here).
+    """
     done = list(result.run.batch_indices)
     total = None if todo is None else len(todo)
     if progress is not None:
         progress(len(done), total)
     new = 0
     write_pending = False  # the last batch's write time is not on disk yet
-    stream = dataset.batches(result.run.batch_size, selection, skip=done, prepare=False)
+    stream = dataset.batches(result.run.batch_size, selection, skip=done + others,
+                             prepare=False)
     try:
         while True:
             clock = _StageClock()
@@ -427,6 +316,7 @@ def run_signature(
     stop_after: int | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     log: Callable[[str], None] | None = None,
+    processes: distributed.ProcessContext | None = None,
 ) -> Signature:
     """The signature of ``model`` over batches of ``dataset``, saved after every batch.
 
@@ -447,6 +337,12 @@ def run_signature(
       stop_after: return, unfinished, once this many new batches are saved.
       progress: called as ``progress(done, total)`` when the loop starts and after every
         batch (``total`` ``None`` when unknown); log: called with a line on resuming.
+      processes: under ``jax.distributed`` (:func:`affjax.distributed.initialize`), this
+        process's context: it scores its share of the batches
+        (:func:`affjax.distributed.partition`) into its own file beside ``path``
+        (:func:`affjax.distributed.part_path`), then every process takes part in gathering
+        the parts and process 0 writes the merged file at ``path``. Every process returns
+        the merged signature. ``None``: one process.
 
     Returns:
       The :class:`~affjax.Signature` (mean scores, ``std``, ``batch_scores``, ``metrics``)
@@ -478,10 +374,26 @@ def run_signature(
             "seed": None, **(info or {}), "batch_size": batch_size,
             "batches": str(selection), "covariance": covariance, "metrics": metrics}
     path = None if path is None else Path(path)
-    saved = None if path is None else open_results(path, info, selection, overwrite=overwrite)
-    todo, finished = plan(saved, dataset, batch_size, selection, path)
-    if finished:
-        return saved
+    ctx = processes or distributed.ProcessContext()
+    own = None if path is None else ctx.own_path(path)
+    saved = None if own is None else open_results(own, info, selection, overwrite=overwrite)
+    todo, finished = plan(saved, dataset, batch_size, selection, own)
+    todo, others = _share(todo, ctx)
+    if ctx.distributed:  # this process's share done (a part is complete only then)
+        finished = saved is not None and set(todo) <= set(saved.run.batch_indices)
+        if finished:
+            saved = dataclasses.replace(saved, run=dataclasses.replace(saved.run, complete=True))
+    result = saved if finished else _continue(saved, info, own, log, dataset)
+    if not finished:
+        options = {"options": score_options, "metrics": metrics, "forward_chunk": forward_chunk}
+        result = _loop(result, model, variables, dataset, selection, todo, own, options,
+                       stop_after, progress, others)
+    return _merged(result, ctx, path) if ctx.distributed else result
+
+
+def _continue(saved: Signature | None, info: dict[str, Any], path: Path | None,
+              log: Callable[[str], None] | None, dataset: data.Dataset) -> Signature:
+    """The run to continue: ``saved`` reopened, or a new one."""
     if saved is None:
         result = _new_result(info, dataset.num_examples())  # saved with its first batch
     else:
@@ -494,6 +406,27 @@ def run_signature(
             log(f"resuming {path}: {count} batch(es) already done")
         result = dataclasses.replace(saved, run=dataclasses.replace(
             saved.run, batches=info["batches"], complete=False))
-    options = {"options": score_options, "metrics": metrics, "forward_chunk": forward_chunk}
-    return _loop(result, model, variables, dataset, selection, todo, path, options, stop_after,
-                 progress)
+    return result
+
+
+def _share(todo: list[int] | None, ctx: distributed.ProcessContext
+           ) -> tuple[list[int] | None, list[int]]:
+    """This process's batches of ``todo`` and the other processes' ones."""
+    if not ctx.distributed:
+        return todo, []
+    if todo is None:
+        raise RunError("a run over several processes splits a known number of batches: "
+                       "select them with --batches K or I:J, or use a dataset whose size "
+                       "is known")
+    mine = distributed.partition(todo, ctx.process_index, ctx.process_count)
+    return mine, sorted(set(todo) - set(mine))
+
+
+def _merged(result: Signature, ctx: distributed.ProcessContext,
+            path: Path | None) -> Signature:
+    """Every process's part gathered (a collective), merged; process 0 saves it at ``path``."""
+    parts = distributed.gather_parts(results.to_dict(result))
+    merged = results.from_dict(distributed.merge(parts))
+    if ctx.is_main:
+        _save_or_fail(merged, path)
+    return merged

@@ -2,23 +2,22 @@
 
 ``tests/test_distributed.py`` and ``benchmarks/bench_distributed.py`` run this file as
 ``python tests/distributed_driver.py --out DIR/name.json [--dtypes float32,float64]
-[--coordinator HOST:PORT --num-processes N --process-id I]``. It does what the CLI will do with
-:mod:`affjax.distributed` (the CLI's wiring is pending, docs/distributed.md): initialise,
-take this process's batches (``partition``), skip those already in its part file, score
-each batch of a tiny CNN (three activation calls, the zoo's ``EvalTransform`` on the
-``random`` dataset) on the local devices, append it to the part (as the CLI's
-``_merge_batch`` does) and rewrite the part atomically; then gather the parts through
-JAX and let process 0 write the merged file (one per dtype, ``name_float32.json``).
+[--coordinator HOST:PORT --num-processes N --process-id I]``, or as ``... --cli ARGS``:
+``affjax signature ARGS`` with a zoo of one tiny model. It runs what ``affjax signature
+--coordinator ...`` runs: :func:`affjax.distributed.initialize`, then
+:func:`affjax.run_signature` with this process's context, on a tiny CNN (three activation
+calls, the zoo's ``EvalTransform`` on the ``random`` dataset): the process scores its share
+of the batches into its part file (resuming it), the parts are gathered through JAX and
+process 0 writes the merged file (one per dtype, ``name_float32.json``).
 
-It prints one JSON line per event (``{"event": "batch", "batch": 3, ...}``), so the caller
-sees what was computed. ``--die-after K`` exits hard (``os._exit``, no cleanup, like a
-killed host) after scoring K batches (in every dtype).
+It prints one JSON line per event (``{"event": "batch", "batch": 3, ...}`` once a batch is
+saved in its part), so the caller sees what was computed. ``--die-after K`` exits hard
+(``os._exit``, no cleanup, like a killed host) once K batches are saved.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import os
 import socket
@@ -122,42 +121,47 @@ def _event(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def _new_part(args, dtype: str, num_examples: int) -> dict:
+def _report_saves(own_paths: dict[Path, str], die_after: int | None) -> None:
+    """Print an event for each batch the runner saves to a part; exit hard after K of them.
+
+    ``results.save`` is wrapped: after the real (atomic) save of this process's own file,
+    the batches new in it are reported, so a batch is counted once it is on disk.
+    """
     from affjax import results
 
-    return {"format": results.FORMAT, "model": "tiny", "weights": "random",
-            "dataset": "random", "split": None, "batch_size": args.batch_size,
-            "batches": str(args.batches), "covariance": "empirical", "metrics": False,
-            "seed": 987, "num_examples": num_examples, "batch_indices": [], "complete": False,
-            "versions": {"dtype": dtype}, "device": "cpu",
-            "timing": {"started": None, "updated": None, "seconds": 0.0, "batch_seconds": []},
-            "layers": []}
+    # What the files hold already (a resumed run): only what is saved from now on is new.
+    seen = {path: set(results.load(path).run.batch_indices) if path.exists() else set()
+            for path in own_paths}
+    real, saved = results.save, [0]
+
+    def save(result, path):
+        real(result, path)
+        path = Path(path)
+        if path not in own_paths:
+            return  # the merged file (process 0)
+        new = sorted(set(result.run.batch_indices) - seen[path])
+        seen[path].update(new)
+        for index in new:
+            _event(event="batch", batch=index, dtype=own_paths[path])
+            saved[0] += 1
+            if die_after is not None and saved[0] >= die_after:
+                os._exit(DIE_EXIT_CODE)  # a host lost mid-run: no cleanup, no shutdown
+
+    results.save = save
 
 
-def _add_batch(part: dict, index: int, rows: list[dict], seconds: float) -> None:
-    """As the CLI's ``_merge_batch``: lists in batch order, summaries recomputed."""
-    from affjax.results import summarise
-
-    if not part["layers"]:
-        part["layers"] = [{"name": r["name"], "kind": r["kind"], "dim": r["dim"],
-                           "score": None, "std": None, "scores": []} for r in rows]
-    at = bisect.bisect(part["batch_indices"], index)
-    for layer, row in zip(part["layers"], rows, strict=True):
-        layer["scores"].insert(at, row["score"])
-        layer["score"], layer["std"] = summarise(layer["scores"])
-    part["batch_indices"].insert(at, index)
-    part["timing"]["batch_seconds"].insert(at, seconds)
-    part["timing"]["seconds"] = float(sum(part["timing"]["batch_seconds"]))
-
-
-def _check_library(module, variables, x, layers, scores) -> dict:
+def _check_library(module, variables, x) -> dict:
     """The public signature equals score_layers to the bit; foreign devices are refused."""
     import jax
     import numpy as np
 
     import affjax
+    from affjax.capture import capture_layers
     from affjax.layer_scoring import score_layers
 
+    layers = capture_layers(module, variables, x)
+    scores = np.asarray(score_layers(layers))
+    assert scores.dtype == x.dtype, scores.dtype
     public = np.asarray(affjax.signature_scores(module, variables, x))
     checks = {"signature_scores_equal": bool(np.array_equal(public, scores)),
               "devices": [str(d) for d in jax.local_devices()]}
@@ -175,7 +179,32 @@ def _results_file(out: Path, dtype: str) -> Path:
     return out.with_name(f"{out.stem}_{dtype}{out.suffix}")
 
 
+def cli_main(argv: list[str]) -> int:
+    """``affjax signature ARGV`` with a zoo of one tiny model, ``tiny`` (as tests/test_cli)."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from affjax import cli
+    from affjax import models
+
+    module = _model()()
+
+    def create(name, *, seed=0, num_classes=1000):
+        return module, module.init(jax.random.key(seed), jnp.zeros((1, 12, 12, 3)))
+
+    transform = models.EvalTransform(resize_size=16, crop_size=12)
+    zoo = types.SimpleNamespace(list_models=lambda: ["tiny"], create=create,
+                                from_torchvision=None, eval_transform=lambda name: transform)
+    cli._model_api = lambda: zoo
+    return cli.main(["signature", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--cli"]:  # the command line itself; its arguments follow
+        return cli_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True,
                    help="the merged results file (.json); one per dtype, name_DTYPE.json")
@@ -187,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--coordinator")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
-    p.add_argument("--die-after", type=int, help="exit hard after scoring K batches")
+    p.add_argument("--die-after", type=int, help="exit hard after saving K batches")
     p.add_argument("--check-library", action="store_true")
     p.add_argument("--cache", help="a JAX persistent compilation cache folder, shared by the runs")
     args = p.parse_args(argv)
@@ -201,88 +230,39 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     from affjax import distributed
-    from affjax import results
 
     ctx = distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                  initialization_timeout=60 if args.coordinator else None)
     import jax.numpy as jnp
-    import numpy as np
 
     from affjax import data
     from affjax import models
-    from affjax.capture import capture_layers
-    from affjax.layer_scoring import score_layers
+    from affjax import runner
 
     dataset = data.load_dataset("random", models.EvalTransform(resize_size=16, crop_size=12),
                                 random_size=args.batches * args.batch_size)
     module = _model()(width=args.width)
     variables32 = module.init(jax.random.key(987), jnp.zeros((1, 12, 12, 3), jnp.float32))
+    files = {dtype: _results_file(Path(args.out), dtype) for dtype in dtypes}
+    _report_saves({ctx.own_path(f): d for d, f in files.items()}, args.die_after)
     mine = distributed.partition(range(args.batches), ctx.process_index, ctx.process_count)
-    parts, files = {}, {}
-    for dtype in dtypes:
-        files[dtype] = distributed.part_path(_results_file(Path(args.out), dtype),
-                                             ctx.process_index, ctx.process_count)
-        parts[dtype] = _new_part(args, dtype, dataset.num_examples())
-        if files[dtype].exists():
-            parts[dtype] = results.load(files[dtype])
-            if parts[dtype]["batches"] != str(args.batches):
-                raise SystemExit(f"{files[dtype]} belongs to another run")
-        stray = sorted(set(parts[dtype]["batch_indices"]) - set(mine))
-        if stray:
-            raise SystemExit(f"{files[dtype]} holds batches {stray}, not this process's")
     _event(event="start", process=ctx.process_index, count=ctx.process_count, mine=mine,
-           done={d: parts[d]["batch_indices"] for d in dtypes},
            seconds=time.perf_counter() - start)
-    scored = 0
-    for index in mine:
-        todo = [d for d in dtypes if index not in parts[d]["batch_indices"]]
-        if not todo:
-            continue
-        t0 = time.perf_counter()
-        images = dataset.batch(index, args.batch_size)
-        _event(event="images", process=ctx.process_index, batch=index,
-               seconds=time.perf_counter() - t0)
-        for dtype in todo:
-            t0 = time.perf_counter()
-            with jax.enable_x64(dtype == "float64"):
-                variables = jax.tree.map(lambda v, t=dtype: v.astype(t), variables32)
-                x = jnp.asarray(images, dtype)
-                layers = capture_layers(module, variables, x)
-                scores = np.asarray(score_layers(layers))
-                assert scores.dtype == dtype, scores.dtype
-                if args.check_library and scored == 0:
-                    _event(event="check", process=ctx.process_index, dtype=dtype,
-                           **_check_library(module, variables, x, layers, scores))
-            rows = [{"name": layer.name, "kind": layer.kind, "dim": int(layer.x.shape[1]),
-                     "score": float(s)} for layer, s in zip(layers, scores, strict=True)]
-            part = parts[dtype]
-            _add_batch(part, index, rows, time.perf_counter() - t0)
-            part["timing"]["started"] = part["timing"]["started"] or _now()
-            part["timing"]["updated"] = _now()
-            results.atomic_write_text(files[dtype], results.to_json(part))
-            _event(event="batch", process=ctx.process_index, batch=index, dtype=dtype,
-                   seconds=time.perf_counter() - t0)
-        scored += 1
-        if args.die_after is not None and scored >= args.die_after:
-            os._exit(DIE_EXIT_CODE)  # a host lost mid-run: no cleanup, no shutdown
-    gathered = 0.0
     for dtype in dtypes:
-        parts[dtype]["complete"] = True
-        results.atomic_write_text(files[dtype], results.to_json(parts[dtype]))
-        t0 = time.perf_counter()
-        everyone = distributed.gather_parts(parts[dtype])
-        gathered += time.perf_counter() - t0
-        if ctx.is_main:
-            merged = distributed.merge(everyone)
-            results.atomic_write_text(_results_file(Path(args.out), dtype),
-                                      results.to_json(merged))
-    _event(event="done", process=ctx.process_index, scored=scored, gather_seconds=gathered,
-           seconds=time.perf_counter() - start)
+        with jax.enable_x64(dtype == "float64"):
+            variables = jax.tree.map(lambda v, t=dtype: v.astype(t), variables32)
+            # What `affjax signature` runs, on this process's share of the batches.
+            sig = runner.run_signature(
+                module, variables, dataset, batch_size=args.batch_size,
+                batches=str(args.batches), path=files[dtype], processes=ctx,
+                info={"model": "tiny", "weights": "random", "dataset": "random", "seed": 987})
+            assert sig.run.complete and list(sig.run.batch_indices) == list(range(args.batches))
+            if args.check_library and mine:
+                x = jnp.asarray(dataset.batch(mine[0], args.batch_size), dtype)
+                _event(event="check", process=ctx.process_index, dtype=dtype,
+                       **_check_library(module, variables, x))
+    _event(event="done", process=ctx.process_index, seconds=time.perf_counter() - start)
     return 0
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import affjax
+from affjax import _batch
 from affjax import cli
 from affjax import data
 from affjax import metrics
@@ -583,8 +584,8 @@ def test_each_stage_of_a_batch_is_timed_and_saved(tiny, tmp_path, capsys, monkey
     zoo = types.SimpleNamespace(**{**vars(TINY_ZOO), "eval_transform": lambda name: slowed(
         TRANSFORM, delays["transform"])})
     monkeypatch.setattr(cli, "_model_api", lambda: zoo)
-    monkeypatch.setattr(runner, "_chunked_capture",
-                        slowed(runner._chunked_capture, delays["forward"]))
+    monkeypatch.setattr(_batch, "chunked_capture",
+                        slowed(_batch.chunked_capture, delays["forward"]))
     monkeypatch.setattr(signature_module, "score_layers",
                         slowed(signature_module.score_layers, delays["score"]))  # 1 group
     monkeypatch.setattr(metrics, "layer_metrics",

@@ -269,9 +269,11 @@ def _merged(out, dtype):
 
 
 def _same_run(a, b):
-    """Equal results but for the wall-clock fields (timing) and the process count."""
-    keys = [k for k in a if k != "timing"]
-    assert sorted(keys) == sorted(k for k in b if k != "timing")
+    """Equal results but for where and how long they ran (``device``: the devices of all the
+    processes; ``timing``: wall clock and the process count)."""
+    a, b = results.to_dict(a), results.to_dict(b)
+    keys = [k for k in a if k not in ("timing", "device")]
+    assert sorted(keys) == sorted(k for k in b if k not in ("timing", "device"))
     for k in keys:
         assert a[k] == b[k], k  # scores compared as floats: to the last bit
 
@@ -306,13 +308,14 @@ def test_two_processes_score_what_one_does(one_process, work):
     outcomes = _ok(_launch(2, out, "--cache", str(work["cache"]), "--check-library"))
     for dtype in DTYPES:
         merged = _merged(out, dtype)
-        assert merged["timing"]["processes"] == 2 and merged["complete"]
-        assert merged["batch_indices"] == list(range(BATCHES))
+        assert merged.run.timing["processes"] == 2 and merged.run.complete
+        assert list(merged.run.batch_indices) == list(range(BATCHES))
         _same_run(merged, one_process[dtype])
+        np.testing.assert_array_equal(merged.batch_scores, one_process[dtype].batch_scores)
         # Each process scored its own share, on its own device.
         for i in range(2):
             part = results.load(distributed.part_path(out.with_name(f"tiny_{dtype}.json"), i, 2))
-            assert part["batch_indices"] == distributed.partition(range(BATCHES), i, 2)
+            assert list(part.run.batch_indices) == distributed.partition(range(BATCHES), i, 2)
     checks = [e for o in outcomes for e in o["events"] if e["event"] == "check"]
     assert len(checks) == 2 * len(DTYPES)
     for check in checks:
@@ -324,8 +327,8 @@ def test_two_processes_score_what_one_does(one_process, work):
 def test_three_processes_resume_after_one_is_killed(one_process, work):
     out = work["root"] / "three" / "tiny.json"
     out.parent.mkdir()
-    # Process 1 (batches 1 and 4) dies after its first batch; the job is then lost, and the
-    # other processes are killed as a scheduler would.
+    # Process 1 (batches 1 and 4) dies once its first batch is saved (float32 runs first);
+    # the job is then lost, and the other processes are killed as a scheduler would.
     first = _launch(3, out, "--cache", str(work["cache"]), per_process={1: ["--die-after", "1"]},
                     expect_exit={1: driver.DIE_EXIT_CODE})
     assert first[1]["returncode"] == driver.DIE_EXIT_CODE, first[1]["stderr"][-3000:]
@@ -335,8 +338,9 @@ def test_three_processes_resume_after_one_is_killed(one_process, work):
         assert not merged_path.exists()
         saved[dtype] = sorted(b for i in range(3) if distributed.part_path(
             merged_path, i, 3).exists() for b in results.load(
-            distributed.part_path(merged_path, i, 3))["batch_indices"])
-        assert 1 in saved[dtype] and 4 not in saved[dtype]
+            distributed.part_path(merged_path, i, 3)).run.batch_indices)
+    assert 1 in saved["float32"] and 4 not in saved["float32"]
+    assert not {1, 4} & set(saved["float64"])
     # Everything on disk was scored in the first run, and nothing else was saved.
     assert all(set(saved[d]) <= set(_scored(first)[d]) for d in DTYPES)
 
@@ -346,5 +350,43 @@ def test_three_processes_resume_after_one_is_killed(one_process, work):
         assert not set(again[dtype]) & set(saved[dtype]), "a finished batch was recomputed"
         assert sorted(again[dtype] + saved[dtype]) == list(range(BATCHES))
         merged = _merged(out, dtype)
-        assert merged["timing"]["processes"] == 3 and merged["complete"]
+        assert merged.run.timing["processes"] == 3 and merged.run.complete
         _same_run(merged, one_process[dtype])
+
+
+def test_the_command_line_on_two_processes_writes_the_one_process_file(work):
+    # `affjax signature ... --coordinator HOST:PORT --num-processes 2 --process-id I`.
+    common = ["--cli", "--model", "tiny", "--dataset", "random", "--batch-size", "8",
+              "--batches", str(BATCHES), "--metrics", "--no-progress",
+              "--compilation-cache", str(work["cache"])]
+    runs = {}
+    for n in (1, 2):
+        out = work["root"] / f"cli{n}"
+        outcomes = _ok(driver.launch(n, [*common, "--out", str(out)], timeout=120))
+        runs[n] = results.load(out / "tiny_random.json")
+        if n == 2:
+            assert "process 1: its batches are in" in outcomes[1]["stderr"]
+            assert (out / "tiny_random.csv").exists() and (out / "tiny_random.png").exists()
+            for i in range(2):
+                part = results.load(out / f"tiny_random.part-{i}-of-2.json")
+                assert list(part.run.batch_indices) == distributed.partition(
+                    range(BATCHES), i, 2)
+    _same_run(runs[2], runs[1])  # scores and metrics of every batch, to the last bit
+    assert runs[2].run.complete and runs[2].run.timing["processes"] == 2
+    # Run again: nothing is recomputed, the merged file is written again, the same.
+    out = work["root"] / "cli2"
+    before = results.load(out / "tiny_random.part-1-of-2.json")
+    _ok(driver.launch(2, [*common, "--out", str(out)], timeout=120))
+    assert results.load(out / "tiny_random.part-1-of-2.json").run.timing == before.run.timing
+    _same_run(results.load(out / "tiny_random.json"), runs[1])
+
+
+def test_the_command_line_names_its_distributed_options(tmp_path):
+    outcome = driver.launch(1, ["--cli", "--coordinator", "127.0.0.1:1234", "--num-processes",
+                                "2", "--out", str(tmp_path), "--no-progress"], timeout=60)[0]
+    assert outcome["returncode"] == 2
+    said = " ".join(outcome["stderr"].split())
+    assert "(missing: process_id)" in said
+    assert "--coordinator HOST:PORT --num-processes N --process-id I" in said
+    assert "Traceback" not in outcome["stderr"]
+
