@@ -32,7 +32,9 @@ batch, in the order of ``batch_indices``. ``stages`` (``STAGES``, seconds) is th
 batch of reading the images, the evaluation transform, the forward pass with the capture,
 the scoring, the companion metrics and saving the results files; an entry is ``null`` where
 it was not measured (batches from before this field existed; the ``write`` of a run's last
-batch when the run was interrupted before saving again).
+batch when the run was interrupted before saving again). A file merged from the parts of
+several processes (:mod:`affjax.distributed`) adds ``"processes": N``; its ``device``
+counts the devices of all of them.
 """
 
 from __future__ import annotations
