@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         r["speedup"] = base["wall_s"] / r["wall_s"]
         r["scores_equal"] = r["scores"] == base["scores"]
     header = ("| processes | wall s | start-up s | images s (slowest) | scoring s (sum) "
-              "| scoring s (slowest) "
-              "| 1st batch s | warm batch s | after last batch s | batches each | speed-up | scores equal |")
+              "| scoring s (slowest) | 1st batch s | warm batch s | after last batch s "
+              "| batches each | speed-up | scores equal |")
     print(header)
     print("|---" * 12 + "|")
     for r in rows:
