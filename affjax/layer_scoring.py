@@ -369,6 +369,9 @@ def score_stacks(
     """
     n = stacks[0][0].shape[1]
     placement = _placement(devices, stacks[0][0])
+    # The fits use only these fields: one compiled fit per shape whatever the solver.
+    fit_options = ScoreOptions(covariance=options.covariance, ridge=options.ridge,
+                               path=options.path)
     out: list[Any] = [None] * len(stacks)
     fitted: list[tuple[int, StackFit, jax.Array]] = []
     assignment_solver: AssignmentSolver | None = None
@@ -382,7 +385,7 @@ def score_stacks(
         solver = _solver(options, n, xs.shape[2])
         if isinstance(solver, solvers.Matching):
             assignment_solver = solver.assignment
-            fit, costs = _settle(_run("fits", options, placement, xs, ys))
+            fit, costs = _settle(_run("fits", fit_options, placement, xs, ys))
             fitted.append((i, fit, costs))
             carry = costs
         else:
