@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import TINY_ZOO
+from test_cli import _run
+from test_cli import tiny  # noqa: F401 (the fixture)
 
-from affjax import cli
 from affjax import results
 from affjax import runner
 
@@ -24,14 +24,8 @@ FIXTURE_ARGS = ["--model", "tiny", "--batch-size", "8", "--batches", "3", "--met
                 "--compilation-cache", "off"]
 
 
-@pytest.fixture
-def tiny(monkeypatch):
-    monkeypatch.setattr(cli, "_model_api", lambda: TINY_ZOO)
-
-
 def _cli(capsys, *args):
-    code = cli.main(["signature", "--no-progress", *args])
-    out, err = capsys.readouterr()
+    code, out, err = _run(capsys, *args)
     assert code == 0, err
     return out, err
 
@@ -56,7 +50,8 @@ def _assert_same_result(a, b):
                                        rtol=1e-4, atol=1e-6)
 
 
-def test_an_old_results_file_loads_and_the_command_resumes_it(tiny, tmp_path, capsys,
+@pytest.mark.usefixtures("tiny")
+def test_an_old_results_file_loads_and_the_command_resumes_it(tmp_path, capsys,
                                                              monkeypatch):
     saved = results.to_dict(results.load(FIXTURE))
     assert saved["batch_indices"] == [0, 1] and not saved["complete"]
@@ -92,7 +87,8 @@ def _library_run(**kwargs):
     return affjax.run_signature(module, variables, dataset, batch_size=8, info=info, **kwargs)
 
 
-def test_the_library_runner_equals_the_command(tiny, tmp_path, capsys):
+@pytest.mark.usefixtures("tiny")
+def test_the_library_runner_equals_the_command(tmp_path, capsys):
     _cli(capsys, "--model", "tiny", "--batch-size", "8", "--batches", "3", "--metrics",
          "--out", str(tmp_path / "cli.json"))
     calls = []
